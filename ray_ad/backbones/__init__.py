@@ -1,0 +1,3 @@
+from ray_ad.backbones.extractor import BackboneConfig, FeatureExtractor
+
+__all__ = ["BackboneConfig", "FeatureExtractor"]

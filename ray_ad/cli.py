@@ -1,0 +1,172 @@
+"""``ray-ad``: train, evaluate and predict from the command line.
+
+The later Ray jobs and the Serve deployment call the same library functions as these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from ray_ad import storage
+from ray_ad.bundle import load_bundle, save_bundle
+from ray_ad.config import apply_overrides, load_file
+from ray_ad.data import load_samples, split_calibration
+from ray_ad.data.images import load_image, to_tensor
+from ray_ad.errors import DataError, RayADError
+from ray_ad.evaluation import compute_metrics, run_detector
+from ray_ad.methods import METHODS, Detector, build_detector, method_config
+
+METRIC_KEYS = (
+    "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+    "seconds_per_image",
+)
+
+
+def format_table(rows: dict[str, dict[str, Any]], keys: tuple[str, ...] = METRIC_KEYS) -> str:
+    """A plain-text table: one row per run, one column per metric."""
+    name_width = max(8, *(len(name) for name in rows))
+    header = f"{'':<{name_width}}  " + "  ".join(f"{k:>12}" for k in keys)
+    lines = [header]
+    for name, values in rows.items():
+        cells = []
+        for key in keys:
+            value = values.get(key)
+            cells.append(f"{'-':>12}" if value is None else f"{value:>12.4f}")
+        lines.append(f"{name:<{name_width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _evaluate_split(detector: Detector, data: str, split: str, progress: bool):
+    samples = load_samples(data, split)
+    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
+        raise DataError(f"split {split!r} of {data} needs both normal and anomalous labelled images")
+    results = run_detector(detector, samples, progress=progress)
+    return results, compute_metrics(results)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = load_file(args.config) if args.config else {}
+    overrides = apply_overrides(overrides, args.set or [])
+    if args.device:
+        overrides["device"] = args.device
+    config = method_config(args.method, overrides)
+    train = [s for s in load_samples(args.data, "train") if s.label == 0]
+    if not train:
+        raise DataError(f"{args.data}: the train split has no normal images")
+    train, calibration = split_calibration(train, args.calibration_fraction)
+    print(f"training {args.method} on {len(train)} normal images, {len(calibration)} held out for calibration")
+    detector = build_detector(args.method, config)
+    fit_info = detector.fit(train, calibration, progress=not args.quiet, cache_dir=args.cache_dir)
+    metrics: dict[str, Any] = {"fit": fit_info}
+    if not args.no_eval:
+        try:
+            _, test_metrics = _evaluate_split(detector, args.data, "test", not args.quiet)
+        except DataError as exc:
+            print(f"skipping evaluation: {exc}")
+        else:
+            metrics.update(test_metrics)
+            print(format_table({args.method: test_metrics}))
+    save_bundle(detector, args.out, metrics)
+    print(f"saved {args.method} bundle to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    detector = load_bundle(args.model, device=args.device)
+    if args.scoring:
+        if not hasattr(detector, "set_scoring"):
+            raise RayADError(f"--scoring applies to osd_irf bundles, not {detector.method}")
+        detector.set_scoring(args.scoring)
+    results, metrics = _evaluate_split(detector, args.data, args.split, not args.quiet)
+    print(format_table({detector.method: metrics}))
+    if args.json:
+        storage.write_text(args.json, json.dumps(metrics, indent=2))
+        print(f"wrote {args.json}")
+    if args.heatmaps:
+        from ray_ad.heatmaps import write_heatmaps
+
+        count = write_heatmaps(results, args.heatmaps)
+        print(f"wrote {count} heatmaps to {args.heatmaps}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = load_bundle(args.model, device=args.device)
+    failures = 0
+    rows = []
+    for path in args.images:
+        try:
+            image = load_image(path)
+        except RayADError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        tensor = to_tensor(image, detector.image_size, detector.extractor.mean, detector.extractor.std)
+        prediction = detector.predict(tensor[None])
+        score = float(prediction.pred_score[0])
+        anomalous = bool(score > detector.threshold)
+        rows.append({"path": path, "score": score, "is_anomaly": anomalous, "threshold": detector.threshold})
+        if not args.json:
+            print(f"{path}\tscore={score:.4f}\t{'ANOMALY' if anomalous else 'normal'}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-ad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a detector on the normal images of a dataset")
+    train.add_argument("--method", required=True, choices=sorted(METHODS))
+    train.add_argument("--data", required=True, help="MVTec folder URI, Parquet manifest URI, elpv:mono or elpv:poly")
+    train.add_argument("--out", required=True, help="URI of the bundle folder to write")
+    train.add_argument("--config", help="YAML/JSON file with method config values")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    train.add_argument("--calibration-fraction", type=float, default=0.1,
+                       help="share of training normals held out for calibration (default 0.1)")
+    train.add_argument("--cache-dir", help="local folder to cache backbone features in")
+    train.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's, auto)")
+    train.add_argument("--no-eval", action="store_true", help="skip evaluation on the test split")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a bundle on a labelled split")
+    evaluate.add_argument("--model", required=True, help="bundle URI")
+    evaluate.add_argument("--data", required=True, help="dataset URI (as for train)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--json", help="write the metrics as JSON to this URI")
+    evaluate.add_argument("--heatmaps", help="write overlay PNGs to this folder URI")
+    evaluate.add_argument("--scoring", choices=("one_step", "inversion"), help="osd_irf scoring mode")
+    evaluate.add_argument("--device")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score images with a bundle")
+    predict.add_argument("--model", required=True, help="bundle URI")
+    predict.add_argument("images", nargs="+", help="image URIs")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    predict.add_argument("--device")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    np.seterr(all="ignore")
+    try:
+        return args.func(args)
+    except RayADError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

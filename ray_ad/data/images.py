@@ -1,0 +1,81 @@
+"""Decoding images and masks from bytes, with errors that name the file."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ray_ad import storage
+from ray_ad.errors import DataError
+
+# Decompression bombs are refused outright rather than warned about.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image (grayscale and palette images become 3 channels)."""
+    if not data:
+        raise DataError(f"{name}: empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise DataError(
+                f"{name}: image of {image.width}x{image.height} pixels is over the limit of "
+                f"{max_pixels} pixels"
+            )
+        image.load()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{name}: not a readable image ({exc})") from exc
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale (common for industrial cameras): scale to 8 bits before RGB.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array / peak * 255.0).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_image(uri: str, max_pixels: int | None = None) -> Image.Image:
+    return decode_image(storage.read_bytes(uri), uri, max_pixels)
+
+
+def load_mask(uri: str, expected_size: tuple[int, int]) -> Image.Image:
+    """A binary mask (any nonzero pixel is defect) of the same size as its image."""
+    data = storage.read_bytes(uri)
+    try:
+        mask = Image.open(io.BytesIO(data))
+        mask.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{uri}: not a readable mask image ({exc})") from exc
+    if mask.size != expected_size:
+        raise DataError(
+            f"mask {uri} is {mask.size[0]}x{mask.size[1]} but its image is "
+            f"{expected_size[0]}x{expected_size[1]}"
+        )
+    return mask.convert("L")
+
+
+def to_tensor(
+    image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """PIL RGB -> normalised float tensor ``[3, size, size]``."""
+    resized = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (tensor - mean_t) / std_t
+
+
+def mask_to_tensor(mask: Image.Image | None, size: int) -> torch.Tensor:
+    """Binary mask ``[1, size, size]`` (zeros when there is no mask)."""
+    if mask is None:
+        return torch.zeros(1, size, size)
+    resized = mask.resize((size, size), Image.NEAREST)
+    return torch.from_numpy((np.asarray(resized) > 127).astype(np.float32))[None]

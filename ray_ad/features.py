@@ -1,0 +1,68 @@
+"""Backbone feature extraction over samples, with dihedral augmentation and an optional disk cache.
+
+Training a score network on CPU is only affordable because the frozen backbone runs once per image
+(and augmentation), not once per step: features are extracted up front and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ray_ad.backbones import FeatureExtractor
+from ray_ad.config import to_dict
+from ray_ad.data import ImageDataset, Sample
+
+
+def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 flips/rotations of a square image batch (k = 0 is the identity)."""
+    out = torch.rot90(images, k % 4, dims=(-2, -1))
+    return out.flip(-1) if k >= 4 else out
+
+
+def _cache_key(extractor: FeatureExtractor, samples: list[Sample], augment: int) -> str:
+    payload = json.dumps(
+        {"backbone": to_dict(extractor.config), "paths": [s.path for s in samples], "augment": augment},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: FeatureExtractor,
+    samples: list[Sample],
+    augment: int = 1,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    cache_dir: str | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor:
+    """Features ``[len(samples) * augment, C, G, G]`` (augmented copies follow the originals)."""
+    if not 1 <= augment <= 8:
+        raise ValueError(f"augment must be between 1 and 8 dihedral variants, got {augment}")
+    cache_file = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(cache_dir, f"{_cache_key(extractor, samples, augment)}.pt")
+        if os.path.exists(cache_file):
+            return torch.load(cache_file, weights_only=True)
+    dataset = ImageDataset(samples, extractor.config.image_size, extractor.mean, extractor.std, with_masks=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    per_variant: list[list[torch.Tensor]] = [[] for _ in range(augment)]
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = batch["image"].to(device)
+        for k in range(augment):
+            per_variant[k].append(extractor(dihedral(images, k)).float().cpu())
+    features = torch.cat([torch.cat(chunks) for chunks in per_variant])
+    if cache_file:
+        tmp = f"{cache_file}.tmp"
+        torch.save(features, tmp)
+        os.replace(tmp, cache_file)
+    return features

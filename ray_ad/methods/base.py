@@ -1,0 +1,117 @@
+"""The detector interface every method implements.
+
+A detector turns normalised images ``[B, 3, S, S]`` into ``Prediction(pred_score [B],
+anomaly_map [B, S, S])``. Jobs, Tune, Serve and the benchmarks only ever call:
+
+- ``fit(train_samples, calibration_samples)``: learn from training data, then calibrate;
+- ``training_step(batch_features)``: one loss for the distributed loop (methods that train);
+- ``predict(images)``: scores and maps;
+- ``tensors()`` / ``load_tensors()`` and ``state()`` / ``load_state()``: what a bundle stores.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_ad.backbones import FeatureExtractor
+from ray_ad.data import Sample
+
+
+@dataclass
+class Prediction:
+    pred_score: torch.Tensor  # [B]
+    anomaly_map: torch.Tensor  # [B, S, S]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, H, W]`` maps (sigma in pixels; 0 = off)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps[:, None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+def upsample_map(cell_map: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Cell map ``[B, G, G]`` -> pixel map ``[B, S, S]``: bilinear upsampling, then Gaussian blur."""
+    pixel = F.interpolate(cell_map[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(pixel, sigma)
+
+
+class Detector(ABC):
+    """Base class: a frozen feature extractor plus method-specific parts."""
+
+    method: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        # Seeded so that a "random" backbone (tests) is rebuilt identically from a bundle.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.extractor = FeatureExtractor(config.backbone).to(self.device)
+        self.threshold: float = float("inf")
+
+    @property
+    def image_size(self) -> int:
+        return self.config.backbone.image_size
+
+    @abstractmethod
+    def fit(
+        self,
+        train: list[Sample],
+        calibration: list[Sample],
+        progress: bool = True,
+        cache_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Train on ``train`` (normal images), calibrate on held-out ``calibration`` normals."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Scores and maps for a batch of normalised images."""
+
+    def training_step(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.method} has no trainable parts")
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every learned tensor, for the bundle's safetensors file."""
+
+    @abstractmethod
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``tensors`` (strict: missing or unexpected keys raise KeyError)."""
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able calibration state (threshold, normalisation constants)."""
+        return {"threshold": self.threshold}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.threshold = float(state["threshold"])
+
+    def set_threshold_from(self, normal_scores: np.ndarray, quantile: float) -> None:
+        """Threshold = the ``quantile`` of held-out normal image scores."""
+        self.threshold = float(np.quantile(normal_scores, quantile))
+
+
+def check_tensor_keys(expected: set[str], given: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = expected - set(given), set(given) - expected
+    if missing or unexpected:
+        raise KeyError(f"missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")

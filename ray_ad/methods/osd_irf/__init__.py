@@ -1,0 +1,3 @@
+from ray_ad.methods.osd_irf.model import OSDIRF, OSDIRFConfig
+
+__all__ = ["OSDIRF", "OSDIRFConfig"]

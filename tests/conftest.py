@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny generated datasets, the real magnetic_tile data when present, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MAGNETIC_TILE = REPO.parent / "shared" / "datasets" / "magnetic_tile"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A striped texture with noise: the 'normal' product surface."""
+    y, x = np.mgrid[0:size, 0:size]
+    phase = rng.uniform(0, 2 * np.pi)
+    base = 128 + 40 * np.sin(x / 3.0 + phase) + rng.normal(0, 6, (size, size))
+    return base.clip(0, 255).astype(np.uint8)
+
+
+def make_mvtec(root: Path, n_train: int = 12, n_good: int = 4, n_bad: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """A tiny MVTec-layout dataset: striped textures; defects are bright squares with masks."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("test", n_good)):
+        folder = root / split / "good"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(texture(rng, size)).save(folder / f"{i:03d}.png")
+    (root / "test" / "spot").mkdir(parents=True, exist_ok=True)
+    (root / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
+    for i in range(n_bad):
+        image = texture(rng, size)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        y, x = rng.integers(8, size - 24, 2)
+        image[y : y + 16, x : x + 16] = 250
+        mask[y : y + 16, x : x + 16] = 255
+        Image.fromarray(image).save(root / "test" / "spot" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "ground_truth" / "spot" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    return make_mvtec(tmp_path / "tiny")
+
+
+@pytest.fixture
+def magnetic_tile() -> Path:
+    if not MAGNETIC_TILE.exists():
+        pytest.skip(f"real dataset not present at {MAGNETIC_TILE} (only in the repo's shared/ checkout)")
+    return MAGNETIC_TILE
+
+
+def tiny_osd_irf_config(**extra: object) -> dict:
+    """An OSD-IRF config small enough to train in seconds on a CPU (real embedded backbone weights)."""
+    config = {
+        "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},
+        "score_net": {"hidden": 48, "depth": 1, "heads": 2},
+        "train": {"steps": 150, "batch_size": 8, "warmup_steps": 5, "lr": 1e-3, "ema_decay": 0.9},
+        "t": 250,
+        "map_sigma": 1.0,
+        "device": "cpu",
+    }
+    config.update(extra)
+    return config
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol endpoint on 127.0.0.1 (moto's ThreadedMotoServer, as s3fs's own tests use)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the loopback S3 endpoint; ray_ad.storage is pointed at it."""
+    import uuid
+
+    import s3fs
+
+    from ray_ad import storage
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    storage.configure_s3()
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_server, use_listings_cache=False).mkdir(bucket)
+    yield f"s3://{bucket}"
+    storage.configure_s3()
+
+
+def upload_folder(local: Path, uri: str) -> None:
+    from ray_ad import storage
+
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(uri, path.relative_to(local).as_posix()), path.read_bytes())

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ray_ad.backbones import BackboneConfig, FeatureExtractor
+from ray_ad.backbones.weights import load_state_dict
+from ray_ad.errors import WeightsError
+
+
+def test_embedded_package_weights_load_into_timm():
+    extractor = FeatureExtractor(BackboneConfig(layers=(1, 2, 3), grid_size=16, image_size=64))
+    state = load_state_dict("package:efficientnet-lite0", "tf_efficientnet_lite0")
+    # The first conv and a late block weight arrive unchanged (order-based name mapping).
+    assert torch.equal(extractor.body.conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(extractor.body.blocks[5][0].conv_pw.weight, state["_blocks.11._expand_conv.weight"])
+    features = extractor(torch.zeros(2, 3, 64, 64))
+    assert features.shape == (2, 24 + 40 + 112, 16, 16)
+    assert extractor.mean == (0.5, 0.5, 0.5)
+
+
+def test_random_init_only_by_name_and_missing_file_is_an_error(tmp_path):
+    FeatureExtractor(BackboneConfig(weights="random", image_size=64, grid_size=4))
+    with pytest.raises(WeightsError, match="weight file not found: .*missing.safetensors"):
+        FeatureExtractor(BackboneConfig(weights=str(tmp_path / "missing.safetensors"), image_size=64))
+
+
+def test_safetensors_file_and_shape_mismatch(tmp_path):
+    donor = FeatureExtractor(BackboneConfig(weights="random", layers=(1, 2), image_size=64, grid_size=4))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.body.state_dict().items()}, str(path))
+    loaded = FeatureExtractor(BackboneConfig(weights=str(path), layers=(1, 2), image_size=64, grid_size=4))
+    assert torch.equal(loaded.body.conv_stem.weight, donor.body.conv_stem.weight)
+    bad = {k: v for k, v in donor.body.state_dict().items()}
+    bad["conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(WeightsError, match="do not fit the model"):
+        FeatureExtractor(BackboneConfig(weights=str(tmp_path / "bad.safetensors"), layers=(1, 2), image_size=64))
+
+
+def test_pth_with_weights_only(tmp_path):
+    donor = FeatureExtractor(BackboneConfig(weights="random", layers=(1,), image_size=64, grid_size=4))
+    torch.save({"state_dict": donor.body.state_dict()}, tmp_path / "w.pth")
+    loaded = FeatureExtractor(BackboneConfig(weights=str(tmp_path / "w.pth"), layers=(1,), image_size=64, grid_size=4))
+    assert torch.equal(loaded.body.conv_stem.weight, donor.body.conv_stem.weight)
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(WeightsError, match="cannot read weights from .*junk.pth"):
+        FeatureExtractor(BackboneConfig(weights=str(tmp_path / "junk.pth"), image_size=64))
+
+
+def test_unknown_package_is_named():
+    with pytest.raises(WeightsError, match="unknown weight package 'efficientnet-lite9'"):
+        load_state_dict("package:efficientnet-lite9", "tf_efficientnet_lite0")
+
+
+def test_grid_is_pooled_and_frozen():
+    extractor = FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=64, local_pool=3))
+    extractor.train()
+    assert not extractor.body.training
+    assert all(not p.requires_grad for p in extractor.parameters())
+    assert extractor(torch.randn(1, 3, 64, 64)).shape == (1, 40 + 112, 8, 8)

@@ -1,0 +1,43 @@
+import torch
+from diffusers import DDPMScheduler
+
+from ray_ad.diffusion import DiT, NoiseSchedule, ScoreNetConfig, build_score_net
+from ray_ad.training import TrainConfig, lr_at, train_score_net
+
+
+def test_schedule_is_the_linear_ddpm_schedule():
+    schedule = NoiseSchedule()
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    assert torch.allclose(schedule.betas, betas)
+    assert torch.allclose(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-5)
+    x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    expected = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").add_noise(x0, noise, t)
+    assert torch.allclose(schedule.add_noise(x0, noise, t), expected, atol=1e-6)
+
+
+def test_dit_starts_as_the_zero_map_and_keeps_shape():
+    net = DiT(in_channels=6, grid_size=4, hidden=32, depth=2, heads=2)
+    out = net(torch.randn(2, 6, 4, 4), torch.tensor([3, 700]))
+    assert out.shape == (2, 6, 4, 4) and torch.count_nonzero(out) == 0
+
+
+def test_unet_variant_has_the_same_interface():
+    net = build_score_net(ScoreNetConfig(kind="unet", unet_channels=(16, 32)), in_channels=6, grid_size=8)
+    assert net(torch.randn(2, 6, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)
+
+
+def test_training_learns_the_noise_of_a_low_dimensional_distribution():
+    # Data on a 1-D line in 4 channels: a network that learns the score beats the zero prediction (loss 1).
+    torch.manual_seed(0)
+    direction = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    x0 = (torch.randn(512, 1, 1, 1) * direction.view(1, 4, 1, 1)).expand(512, 4, 2, 2).contiguous()
+    net = DiT(in_channels=4, grid_size=2, hidden=32, depth=1, heads=2)
+    config = TrainConfig(steps=250, batch_size=64, lr=3e-3, warmup_steps=10, ema_decay=0.9)
+    _, losses = train_score_net(net, x0, NoiseSchedule(), config, progress=False)
+    assert sum(losses[-30:]) / 30 < 0.75 * sum(losses[:10]) / 10
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(0, config) == 0.1 and lr_at(9, config) == 1.0
+    assert lr_at(99, config) < 0.2 and lr_at(50, config) < 1.0
