@@ -50,10 +50,11 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         try:
-            self.body = timm.create_model(
-                config.name, pretrained=False, features_only=True, out_indices=config.layers
-            )
-        except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+            self.body = timm.create_model(config.name, pretrained=False)
+            # Drop the head and every block after the last requested stage: they cost time, not features.
+            self.body.prune_intermediate_layers(indices=list(config.layers), prune_head=True)
+            self.out_channels = int(sum(self.body.feature_info[i]["num_chs"] for i in config.layers))
+        except (RuntimeError, ValueError, IndexError, AssertionError, AttributeError) as exc:
             raise ConfigError(
                 f"cannot build backbone {config.name!r} with layers {config.layers}: {exc}"
             ) from exc
@@ -64,7 +65,6 @@ class FeatureExtractor(nn.Module):
         pretrained = timm.get_pretrained_cfg(config.name)
         self.mean = tuple(pretrained.mean) if pretrained else (0.485, 0.456, 0.406)
         self.std = tuple(pretrained.std) if pretrained else (0.229, 0.224, 0.225)
-        self.out_channels = int(sum(self.body.feature_info.channels()))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # The backbone is frozen: batch-norm statistics must never move.
@@ -77,7 +77,10 @@ class FeatureExtractor(nn.Module):
         grid = self.config.grid_size
         stages = []
         pool = self.config.local_pool
-        for feature in self.body(images):
+        intermediates = self.body.forward_intermediates(
+            images, indices=list(self.config.layers), intermediates_only=True
+        )
+        for feature in intermediates:
             if pool > 1:
                 feature = F.avg_pool2d(feature, pool, stride=1, padding=pool // 2, count_include_pad=False)
             if feature.shape[-1] > grid:

@@ -12,7 +12,8 @@ def test_embedded_package_weights_load_into_timm():
     state = load_state_dict("package:efficientnet-lite0", "tf_efficientnet_lite0")
     # The first conv and a late block weight arrive unchanged (order-based name mapping).
     assert torch.equal(extractor.body.conv_stem.weight, state["_conv_stem.weight"])
-    assert torch.equal(extractor.body.blocks[5][0].conv_pw.weight, state["_blocks.11._expand_conv.weight"])
+    assert torch.equal(extractor.body.blocks[4][0].conv_pw.weight, state["_blocks.8._expand_conv.weight"])
+    assert len(extractor.body.blocks) == 5  # blocks after stage 3 are pruned
     features = extractor(torch.zeros(2, 3, 64, 64))
     assert features.shape == (2, 24 + 40 + 112, 16, 16)
     assert extractor.mean == (0.5, 0.5, 0.5)

@@ -6,9 +6,10 @@ from ray_ad.methods import method_config
 
 
 def test_overrides_parse_yaml_values_into_nested_keys():
-    data = apply_overrides({"train": {"lr": 0.1}}, ["train.steps=7", "backbone.layers=[2, 3]", "t=250"])
+    overrides = ["train.steps=7", "backbone.layers=[2, 3]", "t=250", "train.lr=3e-4"]
+    data = apply_overrides({"train": {"lr": 0.1}}, overrides)
     config = method_config("osd_irf", data)
-    assert config.train.steps == 7 and config.train.lr == 0.1
+    assert config.train.steps == 7 and config.train.lr == 3e-4
     assert config.backbone.layers == (2, 3)
     assert config.t == 250
 

@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark commands: data splits, timing and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_ad.data import ImageDataset, load_samples, split_calibration
+from ray_ad.methods.base import Detector
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
+
+
+def splits(data: str, calibration_fraction: float = 0.1):
+    """(train normals, held-out calibration normals, test) exactly as ``ray-ad train`` makes them."""
+    train = [s for s in load_samples(data, "train") if s.label == 0]
+    train, calibration = split_calibration(train, calibration_fraction)
+    return train, calibration, load_samples(data, "test")
+
+
+@torch.no_grad()
+def backbone_seconds_per_image(detector: Detector, samples, batch_size: int = 16, limit: int = 128) -> float:
+    """Time of the frozen backbone alone on decoded images (the floor any method pays)."""
+    dataset = ImageDataset(samples[:limit], detector.image_size, detector.extractor.mean, detector.extractor.std)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    start = time.perf_counter()
+    for chunk in images.split(batch_size):
+        detector.extractor(chunk.to(detector.device))
+    if detector.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(images)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+
+
+def save(name: str, payload: dict[str, Any], table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    print(f"saved {RESULTS / name}.json and .md")

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import yaml
+
+from ray_ad.cli import main
+
+KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+        "seconds_per_image")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from tests.conftest import tiny_osd_irf_config
+
+    config = tiny_osd_irf_config(train={"steps": 10, "batch_size": 4, "warmup_steps": 2})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_train_evaluate_predict_end_to_end(tiny_mvtec, tiny_config, tmp_path, capsys):
+    model = str(tmp_path / "model")
+    assert main(["train", "--method", "osd_irf", "--data", str(tiny_mvtec), "--out", model,
+                 "--config", tiny_config, "--set", "t=300", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "image_auroc" in out and f"saved osd_irf bundle to {model}" in out
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["t"] == 300
+
+    report = tmp_path / "metrics.json"
+    heatmaps = tmp_path / "heat"
+    assert main(["evaluate", "--model", model, "--data", str(tiny_mvtec), "--json", str(report),
+                 "--heatmaps", str(heatmaps), "--quiet"]) == 0
+    metrics = json.loads(report.read_text())
+    assert all(isinstance(metrics[k], float) for k in KEYS)
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["seconds_per_image"] > 0
+    assert len(list(heatmaps.glob("*.png"))) == 8
+
+    assert main(["evaluate", "--model", model, "--data", str(tiny_mvtec), "--scoring", "inversion",
+                 "--quiet"]) == 0
+
+    image = tiny_mvtec / "test" / "spot" / "000.png"
+    capsys.readouterr()
+    assert main(["predict", "--model", model, str(image), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["path"] == str(image) and isinstance(row["is_anomaly"], bool)
+    assert row["is_anomaly"] == (row["score"] > row["threshold"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--method", "osd_irf", "--data", "{missing}", "--out", "{out}"], "dataset folder not found"),
+        (["train", "--method", "osd_irf", "--data", "{data}", "--out", "{out}", "--set", "train.stepz=3"],
+         "unknown config key 'train.stepz'"),
+        (["train", "--method", "osd_irf", "--data", "{data}", "--out", "{out}", "--set", "t"], "key=value"),
+        (["train", "--method", "osd_irf", "--data", "elpv:cdte", "--out", "{out}"], "unknown elpv domain"),
+        (["train", "--method", "osd_irf", "--data", "{data}", "--out", "{out}", "--config", "{missing}"],
+         "file not found"),
+        (["evaluate", "--model", "{missing}", "--data", "{data}"], "no model bundle at"),
+        (["predict", "--model", "{missing}", "{data}/train/good/000.png"], "no model bundle at"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_code_2(argv, message, tiny_mvtec, tmp_path, capsys):
+    values = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out"), "data": str(tiny_mvtec)}
+    assert main([arg.format(**values) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_predict_reports_unreadable_images_and_exits_1(tiny_mvtec, tiny_config, tmp_path, capsys):
+    model = str(tmp_path / "model")
+    main(["train", "--method", "osd_irf", "--data", str(tiny_mvtec), "--out", model, "--config", tiny_config,
+          "--no-eval", "--quiet"])
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a png")
+    good = tiny_mvtec / "train" / "good" / "001.png"
+    capsys.readouterr()
+    assert main(["predict", "--model", model, str(junk), str(good)]) == 1
+    captured = capsys.readouterr()
+    assert "junk.png: not a readable image" in captured.err
+    assert str(good) in captured.out
+
+
+def test_unknown_method_is_rejected_by_argparse(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--method", "magic", "--data", "x", "--out", "y"])
+    assert info.value.code == 2
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
