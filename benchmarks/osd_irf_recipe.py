@@ -57,8 +57,7 @@ def main() -> None:
         detector.fit(train, calibration, cache_dir=args.cache_dir)
         fit_seconds = time.perf_counter() - start
         for t in args.t:
-            detector.config.t = t
-            detector.calibrate(calibration, progress=False, cache_dir=args.cache_dir)
+            detector.retarget(t, train, calibration, cache_dir=args.cache_dir)
             metrics = compute_metrics(run_detector(detector, test))
             row = {"variant": name, "t": t, "set": variant.get("set", []), "fit_seconds": fit_seconds, **metrics}
             rows[f"{name} @t={t}"] = row

@@ -59,3 +59,20 @@ def test_grid_is_pooled_and_frozen():
     assert not extractor.body.training
     assert all(not p.requires_grad for p in extractor.parameters())
     assert extractor(torch.randn(1, 3, 64, 64)).shape == (1, 40 + 112, 8, 8)
+
+
+def test_bundled_weights_classify_a_real_photo():
+    # matplotlib ships Grace Hopper's portrait; ImageNet class 652 is "military uniform".
+    import numpy as np
+    import timm
+    from matplotlib import cbook
+    from PIL import Image
+
+    from ray_ad.backbones.weights import apply_weights
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    apply_weights(model, load_state_dict("package:efficientnet-lite0", "tf_efficientnet_lite0"), "package")
+    image = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((224, 224))
+    x = (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 0.5) / 0.5
+    with torch.no_grad():
+        assert model(x).argmax().item() == 652

@@ -90,3 +90,16 @@ def test_end_to_end_on_generated_images_finds_the_defects(tmp_path, seed):
     # Both scoring modes are calibrated and can be switched on the same network.
     det.set_scoring("inversion")
     assert compute_metrics(run_detector(det, test, progress=False))["image_auroc"] >= 0.5
+
+
+def test_fitted_irf_gaussian_standardises_the_training_irfs(detector):
+    detector.config.irf_gaussian = "fitted"
+    x0 = torch.randn(64, 5, 3, 3) * 2 + 1
+    detector.fit_irf_gaussian(x0)
+    z = detector.latent(x0, "one_step")
+    assert torch.allclose(z.mean(0), torch.zeros_like(z[0]), atol=1e-5)
+    assert torch.allclose(z.std(0), torch.ones_like(z[0]), atol=1e-4)
+    # The inversion baseline keeps InvAD's standard Gaussian.
+    detector.config.irf_gaussian = "standard"
+    detector.fit_irf_gaussian(x0)
+    assert torch.equal(detector.latent(x0, "one_step"), detector.inverse_residual_field(x0))

@@ -36,6 +36,9 @@ class OSDIRFConfig:
     scoring: Literal["one_step", "inversion"] = "one_step"
     inversion_steps: int = 3  # InvAD baseline: DDIM inversion 0 -> ... -> T-1 in this many calls
     score_terms: Literal["diff+nll", "diff", "nll"] = "diff+nll"  # which terms of Eq. 9 to add
+    # The Gaussian the IRF is scored under: "standard" = N(0, I) as in Eq. 11; "fitted" = N(mu, diag sigma^2)
+    # per cell and channel, fitted to the IRFs of the training normals (see README).
+    irf_gaussian: Literal["standard", "fitted"] = "standard"
     map_sigma: float = 4.0  # Gaussian blur of the upsampled map, pixels (0 = bilinear only)
     threshold_quantile: float = 0.99
     seed: int = 0
@@ -64,6 +67,9 @@ class OSDIRF(Detector):
         # in scale by orders of magnitude, and the DDPM prior assumes data of roughly unit variance.
         self.feature_mean = torch.zeros(channels, device=self.device)
         self.feature_std = torch.ones(channels, device=self.device)
+        # The Gaussian of the one-step IRF: N(0, I) unless irf_gaussian == "fitted".
+        self.irf_mean = torch.zeros(channels, grid, grid, device=self.device)
+        self.irf_std = torch.ones(channels, grid, grid, device=self.device)
         # Min-max normalisation constants of s_diff and s_nll per scoring mode (InvAD), from held-out normals.
         self.calibration: dict[str, dict[str, float]] = {}
 
@@ -91,8 +97,28 @@ class OSDIRF(Detector):
         self.score_net, losses = train_score_net(
             self.score_net, x0, self.schedule, cfg.train, self.device, generator, progress
         )
+        self.fit_irf_gaussian(x0[: len(train)])  # un-augmented originals
         self.calibrate(calibration, progress=progress, cache_dir=cache_dir)
         return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-50:])), "steps": len(losses)}
+
+    @torch.no_grad()
+    def fit_irf_gaussian(self, x0: torch.Tensor) -> None:
+        """Fit N(mu, diag sigma^2) per cell and channel to the IRFs of normal features (when configured)."""
+        channels, grid = self.irf_mean.shape[0], self.irf_mean.shape[-1]
+        if self.config.irf_gaussian == "standard":
+            self.irf_mean = torch.zeros(channels, grid, grid, device=self.device)
+            self.irf_std = torch.ones(channels, grid, grid, device=self.device)
+            return
+        deltas = torch.cat([self.inverse_residual_field(chunk.to(self.device)) for chunk in x0.split(32)])
+        self.irf_mean = deltas.mean(0)
+        self.irf_std = deltas.std(0).clamp_min(1e-3)
+
+    def retarget(self, t: int, train: list[Sample], calibration: list[Sample], cache_dir: str | None = None) -> None:
+        """Score at another timestep with the same network: refit the IRF Gaussian and recalibrate."""
+        self.config.t = t
+        features = extract_features(self.extractor, train, device=self.device, cache_dir=cache_dir, progress=False)
+        self.fit_irf_gaussian(self.normalise(features.to(self.device)))
+        self.calibrate(calibration, progress=False, cache_dir=cache_dir)
 
     def training_step(self, x0: torch.Tensor) -> torch.Tensor:
         return epsilon_loss(self.score_net, self.schedule, x0)  # Eq. 4
@@ -121,8 +147,10 @@ class OSDIRF(Detector):
         return x
 
     def latent(self, x0: torch.Tensor, mode: str) -> torch.Tensor:
-        """The latent whose Gaussian typicality is scored: the IRF (one-step) or InvAD's x_T."""
-        return self.inverse_residual_field(x0) if mode == "one_step" else self.ddim_inversion(x0)
+        """The latent whose typicality under N(0, I) is scored: the standardised IRF or InvAD's x_T."""
+        if mode == "one_step":
+            return (self.inverse_residual_field(x0) - self.irf_mean) / self.irf_std
+        return self.ddim_inversion(x0)
 
     @staticmethod
     def raw_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,6 +225,8 @@ class OSDIRF(Detector):
         out = {f"score_net.{k}": v for k, v in self.score_net.state_dict().items()}
         out["feature_mean"] = self.feature_mean
         out["feature_std"] = self.feature_std
+        out["irf_mean"] = self.irf_mean
+        out["irf_std"] = self.irf_std
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -205,6 +235,8 @@ class OSDIRF(Detector):
         self.score_net.load_state_dict(net_state)
         self.feature_mean = tensors["feature_mean"].to(self.device)
         self.feature_std = tensors["feature_std"].to(self.device)
+        self.irf_mean = tensors["irf_mean"].to(self.device)
+        self.irf_std = tensors["irf_std"].to(self.device)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "calibration": self.calibration}
