@@ -61,7 +61,8 @@ class FeatureExtractor(nn.Module):
         state = load_state_dict(config.weight_source, config.name)
         if state is not None:
             apply_weights(self.body, state, config.weight_source)
-        self.body.eval().requires_grad_(False)
+        # channels_last runs depthwise convolutions markedly faster on CPU (and on tensor-core GPUs).
+        self.body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         pretrained = timm.get_pretrained_cfg(config.name)
         self.mean = tuple(pretrained.mean) if pretrained else (0.485, 0.456, 0.406)
         self.std = tuple(pretrained.std) if pretrained else (0.229, 0.224, 0.225)
@@ -78,7 +79,9 @@ class FeatureExtractor(nn.Module):
         stages = []
         pool = self.config.local_pool
         intermediates = self.body.forward_intermediates(
-            images, indices=list(self.config.layers), intermediates_only=True
+            images.contiguous(memory_format=torch.channels_last),
+            indices=list(self.config.layers),
+            intermediates_only=True,
         )
         for feature in intermediates:
             if pool > 1:
@@ -88,4 +91,4 @@ class FeatureExtractor(nn.Module):
             elif feature.shape[-1] < grid:
                 feature = F.interpolate(feature, size=(grid, grid), mode="bilinear", align_corners=False)
             stages.append(feature)
-        return torch.cat(stages, dim=1)
+        return torch.cat(stages, dim=1).contiguous()
