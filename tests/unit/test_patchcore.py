@@ -18,4 +18,5 @@ def test_nearest_neighbour_baseline_finds_generated_defects_and_round_trips(tiny
     assert metrics["image_auroc"] >= 0.9
     save_bundle(detector, str(tmp_path / "pc"))
     images = torch.randn(2, 3, 64, 64)
-    assert torch.equal(load_bundle(str(tmp_path / "pc")).predict(images).pred_score, detector.predict(images).pred_score)
+    reloaded = load_bundle(str(tmp_path / "pc"))
+    assert torch.equal(reloaded.predict(images).pred_score, detector.predict(images).pred_score)
