@@ -10,8 +10,6 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
-
 from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.config import apply_overrides, load_file
@@ -158,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    np.seterr(all="ignore")
     try:
         return args.func(args)
     except RayADError as exc:

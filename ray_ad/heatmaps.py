@@ -11,6 +11,7 @@ from PIL import Image
 
 from ray_ad import storage
 from ray_ad.data.images import load_image
+from ray_ad.evaluation import Results
 
 
 def overlay(image: Image.Image, anomaly_map: np.ndarray, vmax: float, alpha: float = 0.5) -> Image.Image:
@@ -35,7 +36,7 @@ def overlay_png(image: Image.Image, anomaly_map: np.ndarray, vmax: float, mask: 
     return sink.getvalue()
 
 
-def write_heatmaps(results, out_dir: str, vmax: float | None = None) -> int:
+def write_heatmaps(results: Results, out_dir: str, vmax: float | None = None) -> int:
     """One PNG per scored image under ``out_dir``, named after the image; returns the count."""
     vmax = float(np.quantile(results.maps, 0.999)) if vmax is None else vmax
     for i, path in enumerate(results.paths):
