@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, backbone_seconds_per_image, machine, save, splits  # noqa: E402
 
+from ray_ad.bundle import save_bundle  # noqa: E402
 from ray_ad.cli import METRIC_KEYS, format_table  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override an OSD-IRF config value")
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
     parser.add_argument("--name", default="magnetic_tile")
+    parser.add_argument("--save-model", default=str(Path(__file__).resolve().parent / "results" / "runs" / "osd_irf"),
+                        help="where to save the trained OSD-IRF bundle (re-score it later without retraining)")
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"error: dataset not found at {args.data} (pass --data)")
@@ -48,6 +51,7 @@ def main() -> None:
     start = time.perf_counter()
     extra["osd_irf_fit"] = osd.fit(train, calibration, cache_dir=args.cache_dir)
     extra["osd_irf_fit_seconds"] = time.perf_counter() - start
+    save_bundle(osd, args.save_model)
     multi = f"inversion ({osd_config.inversion_steps} steps)"
     for mode, label in (("one_step", "osd_irf (1 step)"), ("inversion", multi)):
         osd.set_scoring(mode)
