@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ray_ad.data import ImageDataset, load_samples, split_calibration
+from ray_ad.data import ImageDataset, load_samples, training_split
 from ray_ad.methods.base import Detector
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,8 +20,7 @@ DEFAULT_MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datase
 
 def splits(data: str, calibration_fraction: float = 0.1):
     """(train normals, held-out calibration normals, test) exactly as ``ray-ad train`` makes them."""
-    train = [s for s in load_samples(data, "train") if s.label == 0]
-    train, calibration = split_calibration(train, calibration_fraction)
+    train, calibration = training_split(data, calibration_fraction)
     return train, calibration, load_samples(data, "test")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.config import apply_overrides, load_file
-from ray_ad.data import load_samples, split_calibration
+from ray_ad.data import load_samples, training_split
 from ray_ad.data.images import load_image, to_tensor
 from ray_ad.errors import DataError, RayADError
 from ray_ad.evaluation import compute_metrics, run_detector
@@ -53,10 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     config = method_config(args.method, overrides)
-    train = [s for s in load_samples(args.data, "train") if s.label == 0]
-    if not train:
-        raise DataError(f"{args.data}: the train split has no normal images")
-    train, calibration = split_calibration(train, args.calibration_fraction)
+    train, calibration = training_split(args.data, args.calibration_fraction)
     print(f"training {args.method} on {len(train)} normal images, {len(calibration)} held out for calibration")
     detector = build_detector(args.method, config)
     fit_info = detector.fit(train, calibration, progress=not args.quiet, cache_dir=args.cache_dir)

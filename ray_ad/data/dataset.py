@@ -215,3 +215,11 @@ def split_calibration(samples: list[Sample], fraction: float) -> tuple[list[Samp
     count = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
     held_out = {s.path for s in ranked[:count]}
     return [s for s in samples if s.path not in held_out], [s for s in samples if s.path in held_out]
+
+
+def training_split(data: str, calibration_fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
+    """(train normals, held-out calibration normals) of a dataset, as every command makes them."""
+    normals = [s for s in load_samples(data, "train") if s.label == 0]
+    if not normals:
+        raise DataError(f"{data}: the train split has no normal images")
+    return split_calibration(normals, calibration_fraction)
