@@ -12,10 +12,10 @@ from typing import Any
 
 from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
-from ray_ad.config import apply_overrides, load_file
-from ray_ad.data import load_samples, training_split
+from ray_ad.config import apply_overrides, load_file, to_dict
+from ray_ad.data import Sample, load_samples, split_calibration, training_split
 from ray_ad.data.images import load_image, to_tensor
-from ray_ad.errors import DataError, RayADError
+from ray_ad.errors import ConfigError, DataError, RayADError
 from ray_ad.evaluation import compute_metrics, run_detector
 from ray_ad.methods import METHODS, Detector, build_detector, method_config
 
@@ -47,20 +47,71 @@ def _evaluate_split(detector: Detector, data: str, split: str, progress: bool):
     return results, compute_metrics(results)
 
 
+def _evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool) -> dict[str, Any]:
+    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
+        raise DataError(f"the {what} need both normal and anomalous labelled images")
+    return compute_metrics(run_detector(detector, samples, progress=progress))
+
+
+ADAPT_SECTIONS = ("cfa", "train")
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    detector = load_bundle(args.model, device=args.device)
+    if not hasattr(detector, "adapt"):
+        raise RayADError(f"{args.model} is a {detector.method} bundle; only ref_cfa source models can be adapted")
+    if args.set:
+        current = to_dict(detector.config)
+        changed = apply_overrides(current, args.set)
+        outside = sorted(k.split(".")[0] for k in (s.partition("=")[0] for s in args.set)
+                         if k.split(".")[0] not in ADAPT_SECTIONS)
+        if outside:
+            raise ConfigError(f"adapt can only change {', '.join(ADAPT_SECTIONS)}; not {', '.join(outside)}")
+        new = method_config(detector.method, changed)
+        detector.config.cfa, detector.config.train = new.cfa, new.train
+    # Only the image URIs of the target reach the detector: adaptation never sees a label or a mask.
+    target_images = [s.path for s in load_samples(args.target, args.target_split)]
+    print(f"adapting {args.model} to {len(target_images)} unlabeled images of {args.target}")
+    info = detector.adapt(target_images, progress=not args.quiet, cache_dir=args.cache_dir)
+    for key, value in info.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    metrics: dict[str, Any] = {"adapt": info}
+    if args.eval_split:
+        _, eval_metrics = _evaluate_split(detector, args.target, args.eval_split, not args.quiet)
+        metrics.update(eval_metrics)
+        print(format_table({f"{detector.method} (adapted)": eval_metrics}))
+    save_bundle(detector, args.out, metrics)
+    print(f"saved adapted bundle to {args.out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = load_file(args.config) if args.config else {}
     overrides = apply_overrides(overrides, args.set or [])
     if args.device:
         overrides["device"] = args.device
     config = method_config(args.method, overrides)
-    train, calibration = training_split(args.data, args.calibration_fraction)
-    print(f"training {args.method} on {len(train)} normal images, {len(calibration)} held out for calibration")
     detector = build_detector(args.method, config)
+    held_out: list[Sample] | None = None
+    if detector.uses_labels:
+        # Supervised source training: every labelled image of every split; a hashed share is held out
+        # for calibration (its normals) and for the evaluation printed below.
+        labelled = [s for s in load_samples(args.data) if s.label in (0, 1)]
+        train, held_out = split_calibration(labelled, args.calibration_fraction)
+        calibration = [s for s in held_out if s.label == 0]
+        print(f"training {args.method} on {len(train)} labelled images "
+              f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out)} held out")
+    else:
+        train, calibration = training_split(args.data, args.calibration_fraction)
+        print(f"training {args.method} on {len(train)} normal images, {len(calibration)} held out for calibration")
     fit_info = detector.fit(train, calibration, progress=not args.quiet, cache_dir=args.cache_dir)
     metrics: dict[str, Any] = {"fit": fit_info}
     if not args.no_eval:
         try:
-            _, test_metrics = _evaluate_split(detector, args.data, "test", not args.quiet)
+            if held_out is not None:
+                test_metrics = _evaluate_samples(detector, held_out, f"held-out images of {args.data}", not args.quiet)
+            else:
+                _, test_metrics = _evaluate_split(detector, args.data, "test", not args.quiet)
         except DataError as exc:
             print(f"skipping evaluation: {exc}")
         else:
@@ -141,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    adapt = sub.add_parser("adapt", help="adapt a ref_cfa source model to an unlabeled target domain (CFA)")
+    adapt.add_argument("--model", required=True, help="URI of the ref_cfa source bundle")
+    adapt.add_argument("--target", required=True, help="target dataset URI; only its image paths are used")
+    adapt.add_argument("--target-split", help="use only this split of the target (default: every image)")
+    adapt.add_argument("--out", required=True, help="URI of the adapted bundle to write")
+    adapt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override cfa.* or train.* (e.g. cfa.temporal=false, train.steps=300)")
+    adapt.add_argument("--eval-split", help="after adapting, evaluate on this labelled split of the target")
+    adapt.add_argument("--cache-dir", help="local folder to cache backbone features in")
+    adapt.add_argument("--device")
+    adapt.add_argument("--quiet", action="store_true")
+    adapt.set_defaults(func=cmd_adapt)
 
     predict = sub.add_parser("predict", help="score images with a bundle")
     predict.add_argument("--model", required=True, help="bundle URI")

@@ -60,6 +60,7 @@ class Detector(ABC):
     """Base class: a frozen feature extractor plus method-specific parts."""
 
     method: ClassVar[str]
+    uses_labels: ClassVar[bool] = False  # True: fit() takes labelled normal AND anomalous images
 
     def __init__(self, config: Any) -> None:
         self.config = config

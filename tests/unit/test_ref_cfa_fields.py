@@ -1,0 +1,180 @@
+"""REF residuals and statistics on cases with closed forms, and the CFA alignment transforms."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ray_ad.diffusion import NoiseSchedule
+from ray_ad.methods.ref_cfa.align import (
+    coral_loss,
+    covariance,
+    orthogonal_procrustes,
+    subspace_distance,
+    subspace_rotation,
+    temporal_reparameterisation,
+    top_left_singular,
+    whiten_recolor,
+)
+from ray_ad.methods.ref_cfa.fields import (
+    FieldConfig,
+    FieldSequence,
+    ResidualStep,
+    field_statistics,
+    reverse_residuals,
+    summarise_steps,
+    uniform_weights,
+)
+
+SCHEDULE = NoiseSchedule()
+
+
+class GaussianScore(nn.Module):
+    """Exact epsilon for data x_0 ~ N(0, I): eps*(x_t, t) = sqrt(1 - alpha_bar_t) x_t. Counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        a = SCHEDULE.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x
+
+
+class Scripted(nn.Module):
+    """Returns prescribed predictions, one per call (broadcast over the batch and cells)."""
+
+    def __init__(self, outputs: list[list[float]]) -> None:
+        super().__init__()
+        self.outputs = [torch.tensor(o, dtype=torch.float32).view(1, -1, 1, 1) for o in outputs]
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.outputs[self.calls].expand_as(x)
+        self.calls += 1
+        return out
+
+
+def test_residuals_of_the_exact_gaussian_score_have_closed_forms():
+    timesteps = [400, 250, 100]
+    x0 = torch.randn(2, 3, 4, 4)
+    net = GaussianScore()
+    steps = list(reverse_residuals(net, SCHEDULE, x0, timesteps))
+    assert net.calls == len(timesteps)  # K reverse steps cost exactly K score-network calls
+    a = [SCHEDULE.alphas_cumprod[t] for t in timesteps]
+    c = 1.0  # the chain's state is y_k = sqrt(a_k) c_k x0 with c_{k+1} = c_k a_k
+    for k, step in enumerate(steps):
+        sigma = (1 - a[k]).sqrt()
+        assert torch.allclose(step.R, sigma * a[k].sqrt() * c * x0, atol=1e-6)  # R_bar = eps
+        assert torch.allclose(step.Q, a[k].sqrt() * (c - 1) * x0 / sigma, atol=1e-6)  # drift from the mean path
+        assert torch.allclose(step.M, torch.zeros_like(x0), atol=1e-6)  # R is parallel to the score
+        c = c * a[k]
+
+
+def test_m_is_the_residual_orthogonal_to_the_score_at_the_projection():
+    # Call 1 predicts eps = (1, 0), call 2 (at the carried projection) eps = (1, 1).
+    net = Scripted([[1.0, 0.0], [1.0, 1.0]])
+    steps = list(reverse_residuals(net, SCHEDULE, torch.zeros(1, 2, 1, 1), [300, 100]))
+    assert net.calls == 2
+    assert torch.allclose(steps[0].R.flatten(), torch.tensor([1.0, 0.0]))
+    # M_1 = R_1 - <R_1, v> / ||v||^2 v with v ~ (1, 1): (1, 0) - 0.5 (1, 1) = (0.5, -0.5)
+    assert torch.allclose(steps[0].M.flatten(), torch.tensor([0.5, -0.5]))
+    # The last step keeps the previous reference direction; R_2 = (1, 1) is parallel to it.
+    assert torch.allclose(steps[1].M.flatten(), torch.zeros(2), atol=1e-6)
+
+
+def _vec(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def test_energy_non_stationarity_and_directional_variability_by_hand():
+    steps = [
+        ResidualStep(R=_vec(1, 0), M=_vec(0, 1), Q=_vec(0, 0)),
+        ResidualStep(R=_vec(1, 1), M=_vec(2, 0), Q=_vec(0, 3)),
+    ]
+    fields = summarise_steps(steps, basis=torch.eye(2), grid=1)
+    assert torch.allclose(fields.energy[0], torch.tensor([[1.0, 1.0, 0.0], [2.0, 4.0, 9.0]]))
+    assert torch.allclose(fields.change[0], torch.tensor([[0.0, 0.0, 0.0], [1.0, 5.0, 9.0]]))
+    assert torch.allclose(fields.turn[0], torch.tensor([0.0, 1.0]))  # M turned by 90 degrees
+    assert torch.allclose(fields.tokens[0, 1], torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]))
+    stats = field_statistics(fields, uniform_weights(2), ridge=0.5)
+    assert torch.allclose(stats.E[0], torch.tensor([1.5, 2.5, 4.5]))  # sum_t w_t ||X_t||^2
+    assert torch.allclose(stats.NS[0], torch.tensor([0.5 / 2.0, 2.5 / 3.0, 4.5 / 5.0]))  # / (E + ridge)
+    assert torch.allclose(stats.DV, torch.tensor([0.5]))
+    # Attention that puts all weight on the first step sees a stationary, zero-variability cell.
+    focused = field_statistics(fields, torch.tensor([[1.0, 0.0]]), ridge=0.5)
+    assert torch.allclose(focused.NS[0], torch.zeros(3)) and focused.DV.item() == 0.0
+
+
+def test_resampling_along_steps_interpolates_linearly():
+    energy = torch.tensor([[0.0, 10.0, 20.0]])[..., None].expand(1, 3, 3)
+    fields = FieldSequence(energy, torch.zeros(1, 3, 3), torch.tensor([[0.0, 1.0, 2.0]]), None, grid=1)
+    out = fields.resample(torch.tensor([0.5, 1.5, 2.0]))
+    assert torch.allclose(out.turn, torch.tensor([[0.5, 1.5, 2.0]]))
+    assert torch.allclose(out.energy[0, :, 0], torch.tensor([5.0, 15.0, 20.0]))
+
+
+@pytest.mark.parametrize("bad", [[100, 200], [500], [300, 300], [1000, 10]])
+def test_field_config_rejects_bad_timesteps(bad):
+    with pytest.raises(ValueError, match="timesteps"):
+        FieldConfig(timesteps=tuple(bad))
+
+
+def _random_rotation(dim: int, scale: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    skew = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * scale
+    return torch.linalg.matrix_exp(skew - skew.T)
+
+
+def test_procrustes_recovers_a_known_rotation():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 40, generator=generator, dtype=torch.float64)
+    omega = _random_rotation(5, 1.0, 1)
+    assert torch.allclose(orthogonal_procrustes(a, omega @ a), omega, atol=1e-8)
+
+
+def _stacked(dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    spectrum = torch.linspace(3.0, 0.2, dim, dtype=torch.float64)
+    return spectrum[:, None] * torch.randn(dim, 400, generator=generator, dtype=torch.float64)
+
+
+def test_subspace_rotation_undoes_a_rotation_of_the_m_fields():
+    dim = 6
+    x_source = _stacked(dim, 0)
+    rotation = _random_rotation(dim, 0.15, 2)  # the target's M fields are the source's, rotated
+    x_target = rotation @ x_source
+    # Full rank: the rotation itself is recovered (R = Q^T).
+    u_s = top_left_singular(x_source @ x_source.T, dim).double()
+    u_t = top_left_singular(x_target @ x_target.T, dim).double()
+    assert torch.allclose(subspace_rotation(u_t, u_s), rotation.T, atol=1e-5)
+    # Rank r < C: R is orthogonal and maps span(U_T) onto span(U_S).
+    u_s, u_t = u_s[:, :2], u_t[:, :2]
+    r = subspace_rotation(u_t, u_s)
+    assert torch.allclose(r @ r.T, torch.eye(dim, dtype=r.dtype), atol=1e-8)
+    assert subspace_distance(u_t, u_s) > 0.05
+    assert subspace_distance(r @ u_t, u_s) < 1e-6
+
+
+def test_whiten_recolor_matches_the_source_covariance():
+    generator = torch.Generator().manual_seed(0)
+    mixing_s, mixing_t = torch.randn(4, 4, generator=generator), torch.randn(4, 4, generator=generator)
+    z_source = torch.randn(5000, 4, generator=generator) @ mixing_s.T + 1.0
+    z_target = torch.randn(5000, 4, generator=generator) @ mixing_t.T - 2.0
+    mean_s, cov_s = z_source.mean(0), covariance(z_source)
+    a, b = whiten_recolor(z_target, mean_s, cov_s, eps=1e-9)
+    aligned = z_target @ a.T + b
+    assert torch.allclose(covariance(aligned), cov_s, atol=1e-3 * cov_s.abs().max())
+    assert torch.allclose(aligned.mean(0), mean_s, atol=1e-4)
+    assert coral_loss(aligned, cov_s) < 1e-6 < coral_loss(z_target, cov_s)
+
+
+def test_temporal_reparameterisation_recovers_a_shift_of_the_profile():
+    source = np.exp(-0.3 * np.arange(8.0))  # mean residual falling over the reverse steps
+    np.testing.assert_allclose(temporal_reparameterisation(source, source).numpy(), np.arange(8.0), atol=1e-6)
+    target = np.exp(-0.3 * (np.arange(8.0) - 1.5))  # the same curve, 1.5 steps later
+    positions = temporal_reparameterisation(target, source).numpy()
+    np.testing.assert_allclose(positions[:6], np.arange(6.0) + 1.5, atol=0.05)
+    assert positions[-1] == pytest.approx(7.0)  # clamped to the last target step
+    assert np.all(np.diff(positions) >= 0)  # psi is monotone
