@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/ref_cfa_cross_domain.py [--tasks mono-poly poly-mono tile-shift]
 
 Per task (source labelled, target unlabeled; target labels are used only to evaluate):
-- the full REF + CFA model (S1, S2 on the source; T1, T2 on the target's images only);
+- the full REF + CFA model (S1, S2 on the source; T1, T2 on the target's images only), with T1 trained
+  from scratch (the default) and fine-tuned from the source network (the base of the ablation rows);
 - "w/o CFA": the source model applied to the target as is;
 - CFA ablations: w/o TA, w/o DSA, w/o SFA (same target network, alignment refitted);
 - REF ablations: w/o R, w/o M, w/o Q, raw residuals (head retrained on the same source fields, then
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ HEAD_ABLATIONS = {
     "w/o Q": {"components": ["R", "M"]},
     "raw residuals (w/o REF)": {"representation": "raw"},
 }
+FULL = "REF+CFA (full, T1 fine-tuned from source)"
+SCRATCH = "REF+CFA (full, T1 from scratch: the default)"
 ALL_ON = {"temporal": True, "directional": True, "second_order": True}
 
 
@@ -94,6 +98,33 @@ def evaluate(detector, samples) -> dict[str, Any]:
     return {key: m[key] for key in ("image_auroc", "pixel_auroc", "seconds_per_image")}
 
 
+def score_net_stage(detector: REFCFA, role: str, task: str, paths: list[str], train) -> tuple[float, bool]:
+    """Run S1 / T1, or reuse the network a previous run trained with the same config on the same images.
+
+    Returns (training seconds as measured when it was trained, whether it was reused)."""
+    import hashlib
+
+    import torch
+
+    parts = [to_dict(detector.config.backbone), to_dict(detector.config.score_net),
+             to_dict(detector.config.train), detector.config.seed, sorted(paths)]
+    if role == "target" and detector.config.target_init != "scratch":
+        parts.append(detector.config.target_init)
+    key = json.dumps(parts, sort_keys=True)
+    path = CACHE / "score_nets" / f"{task}-{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        detector.load_domain_tensors(role, saved["tensors"])
+        print(f"reusing the {role} score network from {path}")
+        return float(saved["seconds"]), True
+    tick = time.perf_counter()
+    train()
+    seconds = time.perf_counter() - tick
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"tensors": detector.domain_tensors(role), "seconds": seconds}, path)
+    return seconds, False
+
+
 def head_variant(full: REFCFA, fields: dict[str, Any], cache_dir: str) -> REFCFA:
     """A detector with other field settings sharing ``full``'s source score network and basis."""
     config = method_config("ref_cfa", {**to_dict(full.config), "fields": {**to_dict(full.config.fields), **fields}})
@@ -111,11 +142,15 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
           f"target {len(target_images)} unlabeled, target test {len(target_test)}")
 
     tick = time.perf_counter()
-    full: REFCFA = build_detector("ref_cfa", method_config("ref_cfa", config))
+    # The ablation rows use T1 fine-tuned from the source network (target_init: source); the default,
+    # T1 from scratch, gets its own row below.
+    full: REFCFA = build_detector("ref_cfa", method_config("ref_cfa", {**config, "target_init": "source"}))
     source_cache: dict[str, Any] = {}
     normals = [s for s in fit_set if s.label == 0]
-    full.fit_source_score_net(normals, True, cache_dir)
-    s1_seconds = time.perf_counter() - tick
+    s1_seconds, reused = score_net_stage(full, "source", name, [s.path for s in normals],
+                                         lambda: full.fit_source_score_net(normals, True, cache_dir))
+    if reused:
+        full.fit_source_basis(normals, True, cache_dir)
     tick = time.perf_counter()
     full.fit_detector(fit_set, True, cache_dir, cache=source_cache)
     full.calibrate(calibration, False, cache_dir)
@@ -138,11 +173,10 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     osd.calibrate(calibration, progress=False, cache_dir=cache_dir)
     rows["OSD-IRF (source score net)"] = {**evaluate(osd, target_test), "fit_seconds": s1_seconds}
 
-    tick = time.perf_counter()
-    full.fit_target_score_net(target_images, True, cache_dir)
-    t1_seconds = time.perf_counter() - tick
+    t1_seconds, _ = score_net_stage(full, "target", name, target_images,
+                                 lambda: full.fit_target_score_net(target_images, True, cache_dir))
     target_cache: dict[str, Any] = {}
-    variants = {"REF+CFA (full)": {}, "w/o TA": {"temporal": False}, "w/o DSA": {"directional": False},
+    variants = {FULL: {}, "w/o TA": {"temporal": False}, "w/o DSA": {"directional": False},
                 "w/o SFA": {"second_order": False}}
     diagnostics = {}
     for label, off in variants.items():
@@ -152,7 +186,7 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
         rows[label] = {**evaluate(full, target_test), "fit_seconds": s1_seconds + s2_seconds + t1_seconds
                        + time.perf_counter() - tick}
         print(label, rows[label])
-        if label == "REF+CFA (full)":
+        if label == FULL:
             save_bundle(full, str(RESULTS / "runs" / f"ref_cfa_{name}"), {"target_test": rows[label]})
     full.config.cfa = dataclasses.replace(full.config.cfa, **ALL_ON)
 
@@ -164,6 +198,15 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
         variant.fit_alignment(target_images, False, cache_dir, cache=target_cache)
         rows[label] = {**evaluate(variant, target_test), "fit_seconds": time.perf_counter() - tick}
         print(label, rows[label])
+
+    # T1 from a fresh initialisation (the paper's wording: "train a target score network"), full CFA.
+    scratch = copy.deepcopy(full)
+    scratch.config.target_init = "scratch"
+    t1_scratch, _ = score_net_stage(scratch, "target", name, target_images,
+                                    lambda: scratch.fit_target_score_net(target_images, True, cache_dir))
+    scratch.fit_alignment(target_images, False, cache_dir)
+    rows[SCRATCH] = {**evaluate(scratch, target_test), "fit_seconds": s1_seconds + s2_seconds + t1_scratch}
+    print(SCRATCH, rows[SCRATCH])
 
     tick = time.perf_counter()
     knn_config = {"backbone": {"layers": [2, 3], "grid_size": 32}, "bank_fraction": 0.1}
@@ -197,6 +240,32 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines + seconds)
 
 
+def plot(results: dict[str, dict], path: Path) -> None:
+    """Horizontal bars: image AUROC of every variant, one colour per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    labels = list(next(iter(results.values()))["rows"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) * len(tasks) + 1.2))
+    height = 0.8 / len(tasks)
+    for i, task in enumerate(tasks):
+        values = [results[task]["rows"].get(label, {}).get("image_auroc") or 0.0 for label in labels]
+        ax.barh(np.arange(len(labels)) + i * height, values, height, label=task)
+    ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2, labels)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("target image AUROC")
+    ax.legend(loc="lower right")
+    ax.set_title("REF + CFA cross-domain ablations", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["mono-poly", "poly-mono", "tile-shift"])
@@ -204,7 +273,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--magnetic-tile", default=str(DEFAULT_MAGNETIC_TILE))
     parser.add_argument("--name", default="ref_cfa_cross_domain")
+    parser.add_argument("--plot-only", action="store_true", help="re-draw the plot from the saved JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        plot(saved["results"], RESULTS / f"{args.name}.png")
+        (RESULTS / f"{args.name}.md").write_text(table(saved["results"]) + "\n")
+        print(table(saved["results"]))
+        return
     config = apply_overrides(load_file(args.config), args.set)
     cache_dir = str(CACHE)
     results = {}
@@ -222,6 +298,7 @@ def main() -> None:
             sys.exit(f"error: unknown task {task!r}; use mono-poly, poly-mono or tile-shift")
         results[task] = run_task(task, *data, config, cache_dir)
         save(args.name, {"config": config, "machine": machine(), "results": results}, table(results))
+        plot(results, RESULTS / f"{args.name}.png")
     print(table(results))
 
 

@@ -157,7 +157,10 @@ def _cells(x: torch.Tensor) -> torch.Tensor:
 
 
 def summarise_steps(steps: list[ResidualStep], basis: torch.Tensor | None, grid: int) -> FieldSequence:
-    """Collapse full residual vectors to the per-step quantities of ``FieldSequence``."""
+    """Collapse full residual vectors to the per-step quantities of ``FieldSequence``.
+
+    ``basis`` [C, token_dim] projects R, M and Q alike; [3, C, token_dim] gives each its own basis.
+    """
     energy, change, turn, tokens = [], [], [], []
     previous: list[torch.Tensor] | None = None
     for step in steps:
@@ -171,7 +174,8 @@ def summarise_steps(steps: list[ResidualStep], basis: torch.Tensor | None, grid:
             cos = torch.nn.functional.cosine_similarity(vectors[1], previous[1], dim=1, eps=1e-8)
             turn.append(1 - cos)
         if basis is not None:
-            tokens.append(torch.stack([v @ basis for v in vectors], 1))
+            bases = basis if basis.dim() == 3 else [basis] * 3  # one basis per component, or shared
+            tokens.append(torch.stack([v @ b for v, b in zip(vectors, bases)], 1))
         previous = vectors
     return FieldSequence(
         torch.stack(energy, 1).cpu(), torch.stack(change, 1).cpu(), torch.stack(turn, 1).cpu(),

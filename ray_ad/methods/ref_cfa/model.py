@@ -100,6 +100,9 @@ class REFCFAConfig:
     fields: FieldConfig = field(default_factory=FieldConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     cfa: CFAConfig = field(default_factory=CFAConfig)
+    # T1 starts from a fresh initialisation ("scratch", the paper's "train a target score network") or
+    # from the source score network ("source": fine-tuning); the benchmark measures both.
+    target_init: Literal["source", "scratch"] = "scratch"
     top_p: float = 1.0  # image score = mean of the top p% pixels of the map
     map_sigma: float = 4.0
     threshold_quantile: float = 0.99
@@ -111,6 +114,8 @@ class REFCFAConfig:
             raise ValueError(f"top_p is a percentage in (0, 100], got {self.top_p}")
         if not 0 < self.threshold_quantile <= 1:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if self.target_init not in ("source", "scratch"):
+            raise ValueError(f"target_init must be 'source' or 'scratch', got {self.target_init!r}")
 
 
 @dataclass
@@ -246,7 +251,7 @@ class REFCFA(Detector):
         z, _ = self.signature(fields)
         if self.adapted and self.config.cfa.second_order:
             z = z @ self.align_a.to(z.device).T + self.align_b.to(z.device)  # SFA
-        return self.f_psi(z)  # y_hat(P) = sigmoid(f_psi(z(P)))
+        return self.f_psi(z)  # Eq. 9: y_hat(P) = sigmoid(f_psi(z(P)))
 
     # ---------------------------------------------------------------- inference
     def _domain_fields(self, x0_raw: torch.Tensor) -> FieldSequence:
@@ -258,17 +263,18 @@ class REFCFA(Detector):
         return fields
 
     def target_basis(self) -> torch.Tensor:
-        """Token basis for target fields: rotate target vectors into the source orientation first (DSA)."""
-        if self.config.cfa.directional:
-            return self.rotation.to(self.device).T @ self.basis
-        return self.basis
+        """Token bases for target fields (R, M, Q): DSA rotates the target's M into the source's
+        orientation subspace before projection (R^T B for M); R and Q keep the source basis."""
+        if not self.config.cfa.directional:
+            return self.basis
+        return torch.stack([self.basis, self.rotation.to(self.device).T @ self.basis, self.basis])
 
     def image_scores(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell probabilities [B, G, G] -> (image score = mean of the top p% pixels, pixel map)."""
         anomaly_map = upsample_map(probabilities, self.image_size, self.config.map_sigma)
         flat = anomaly_map.flatten(1)
         k = max(1, round(flat.shape[1] * self.config.top_p / 100))
-        return flat.topk(k, dim=1).values.mean(1), anomaly_map  # image score: top-p% mean
+        return flat.topk(k, dim=1).values.mean(1), anomaly_map  # Eq. 12: A(u) by upsampling; top-p% mean
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -300,6 +306,12 @@ class REFCFA(Detector):
     def fit_source_score_net(self, normals: list[Sample], progress: bool, cache_dir: str | None) -> dict[str, Any]:
         features = self._features(normals, cache_dir, progress, "source features")
         self.source, losses = self._train_domain(features, progress, "source")
+        self.fit_source_basis(normals, progress, cache_dir)
+        return {"source_loss_first": losses[0], "source_loss_last": float(np.mean(losses[-50:]))}
+
+    def fit_source_basis(self, normals: list[Sample], progress: bool, cache_dir: str | None) -> None:
+        """Token basis B and U_S from the REF of the source normals (after S1)."""
+        features = self._features(normals, cache_dir, progress, "source features")
         x0 = self.source.normalise(features.to(self.device))
         # Token basis: principal directions of the normal R fields, whitened so tokens have unit scale.
         _, gram = self.fields(self.source, x0, None, progress, grams=True, desc="source normal fields")
@@ -312,12 +324,22 @@ class REFCFA(Detector):
             )
         self.basis = (eigenvectors[:, order] / eigenvalues[order].clamp_min(1e-8).sqrt()).float().to(self.device)
         self.u_source = top_left_singular(gram["M"], self.config.cfa.rank).to(self.device)  # U_S
-        return {"source_loss_first": losses[0], "source_loss_last": float(np.mean(losses[-50:]))}
+
+    def domain_tensors(self, role: Literal["source", "target"]) -> dict[str, torch.Tensor]:
+        """One domain's score network and feature standardisation (to reuse a trained S1 or T1)."""
+        return {k: v for k, v in self.tensors().items() if k.startswith(f"{role}_")}
+
+    def load_domain_tensors(self, role: Literal["source", "target"], tensors: dict[str, torch.Tensor]) -> None:
+        domain = self._new_domain(self.config.seed + (0 if role == "source" else 1))
+        domain.net.load_state_dict({k[len(f"{role}_net."):]: v for k, v in tensors.items() if "_net." in k})
+        setattr(self, role, _Domain(domain.net, *(tensors[f"{role}_{k}"].to(self.device) for k in ("mean", "std"))))
 
     def _train_domain(self, features: torch.Tensor, progress: bool, name: str) -> tuple[_Domain, list[float]]:
         mean = features.mean(dim=(0, 2, 3)).to(self.device)
         std = features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(self.device)
         domain = self._new_domain(self.config.seed + (0 if name == "source" else 1))
+        if name == "target" and self.config.target_init == "source":
+            domain.net.load_state_dict(self.source.net.state_dict())
         x0 = _Domain(domain.net, mean, std).normalise(features.to(self.device))
         generator = torch.Generator().manual_seed(self.config.seed)
         torch.manual_seed(self.config.seed)
@@ -454,7 +476,7 @@ class REFCFA(Detector):
                 loss = loss + cfg.lambda_stat * l_stat
             # L_sp: total-variation spatial prior on the patch probability map.
             tv = (y_hat[:, 1:] - y_hat[:, :-1]).abs().mean() + (y_hat[:, :, 1:] - y_hat[:, :, :-1]).abs().mean()
-            loss = loss + cfg.lambda_sp * tv  # L_S = L_sup + lambda_stat L_stat + lambda_sp L_sp
+            loss = loss + cfg.lambda_sp * tv  # Eq. 10: L_S = L_sup + lambda_stat L_stat + lambda_sp L_sp
             for group in optimiser.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             optimiser.zero_grad(set_to_none=True)
@@ -525,7 +547,7 @@ class REFCFA(Detector):
             cache["target_pass1"] = (residual_profile(fields.energy[:, :, 0]), top_left_singular(gram["M"], cfa.rank))
         profile_target, u_target = cache["target_pass1"]
         info: dict[str, Any] = {}
-        # TA: psi matches the target's mean residual profile to the source's.
+        # Eq. 11, TA: psi matches the target's mean residual profile to the source's.
         k = len(self.config.fields.timesteps)
         self.positions = (
             temporal_reparameterisation(profile_target, self.profile_source.double().numpy())
@@ -534,13 +556,13 @@ class REFCFA(Detector):
         resampled = np.interp(self.positions.numpy(), np.arange(k), profile_target)
         info["ta_profile_gap_before"] = float(np.abs(profile_target - self.profile_source.numpy()).mean())
         info["ta_profile_gap_after"] = float(np.abs(resampled - self.profile_source.numpy()).mean())
-        # DSA: orthogonal Procrustes between the top-r subspaces of stacked M (U_T -> U_S).
+        # Eq. 11, DSA: orthogonal Procrustes between the top-r subspaces of stacked M (U_T -> U_S).
         u_target = u_target.to(self.device)
         identity = torch.eye(self.channels)
         self.rotation = subspace_rotation(u_target, self.u_source).cpu() if cfa.directional else identity
         info["dsa_subspace_distance_before"] = subspace_distance(u_target, self.u_source)
         info["dsa_subspace_distance_after"] = subspace_distance(self.rotation.to(self.device) @ u_target, self.u_source)
-        # SFA: whiten-recolor the target signatures onto the source's normal anchors (min. of CORAL).
+        # Eq. 11, SFA: whiten-recolor the target signatures onto the source's normal anchors (min. of CORAL).
         key = ("target_fields", cfa.directional)
         if key not in cache:
             cache[key] = self.fields(self.target, x0, self.target_basis(), progress, desc="target fields (2/2)")[0]

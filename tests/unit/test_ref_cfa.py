@@ -1,0 +1,203 @@
+"""REF + CFA end to end on tiny generated images: source training, adaptation, bundles, CLI."""
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ray_ad import cli
+from ray_ad.bundle import load_bundle, save_bundle
+from ray_ad.data import load_samples, write_manifest
+from ray_ad.data.synthetic import perlin_mask, synthesize_anomaly
+from ray_ad.errors import DataError
+from ray_ad.evaluation import compute_metrics, run_detector
+from ray_ad.methods import build_detector, method_config
+from tests.conftest import make_mvtec
+
+
+def tiny_ref_cfa_config(**extra: object) -> dict:
+    config = {
+        "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},
+        "score_net": {"hidden": 48, "depth": 1, "heads": 2},
+        "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 1e-3, "ema_decay": 0.9},
+        "fields": {"timesteps": [300, 200, 100], "token_dim": 4},
+        "head": {"steps": 60, "batch_images": 4, "d_model": 16, "heads": 2, "embed_dim": 4, "hidden": 16},
+        "cfa": {"rank": 3},
+        "map_sigma": 1.0,
+        "device": "cpu",
+    }
+    config.update(extra)
+    return config
+
+
+def shift_folder(source: Path, target: Path) -> Path:
+    """The same layout with every image darker and lower in contrast (a 'new camera'); masks copied."""
+    for path in source.rglob("*.png"):
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(path)
+        if "ground_truth" not in path.parts:
+            array = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((0.6 * array + 20).clip(0, 255).astype(np.uint8))
+        image.save(out)
+    return target
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ref_cfa")
+    source = make_mvtec(root / "source", n_train=12, n_good=6, n_bad=6, seed=0)
+    held_out = make_mvtec(root / "held_out", n_train=1, n_good=6, n_bad=6, seed=5)
+    target = shift_folder(make_mvtec(root / "target_raw", n_train=12, n_good=6, n_bad=6, seed=3), root / "target")
+    return {"root": root, "source": source, "held_out": held_out, "target": target}
+
+
+@pytest.fixture(scope="module")
+def source_model(domains):
+    detector = build_detector("ref_cfa", method_config("ref_cfa", tiny_ref_cfa_config()))
+    samples = load_samples(str(domains["source"]))
+    normals = [s for s in samples if s.label == 0]
+    info = detector.fit(samples, normals[:3], progress=False)
+    return detector, info
+
+
+def test_source_model_learns_from_masks_and_separates_unseen_anomalies(source_model, domains):
+    detector, info = source_model
+    assert info["synthetic_images"] == 0  # the source has real anomalies with masks
+    assert info["head_loss_last"] < info["head_loss_first"]
+    metrics = compute_metrics(run_detector(detector, load_samples(str(domains["held_out"]), "test"), progress=False))
+    assert metrics["image_auroc"] >= 0.9
+    assert metrics["pixel_auroc"] >= 0.8
+    assert np.isfinite(detector.threshold)
+
+
+def test_adapt_aligns_the_target_and_round_trips_through_a_bundle(source_model, domains, tmp_path):
+    detector = copy.deepcopy(source_model[0])
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    info = detector.adapt(target_images, progress=False)
+    assert detector.adapted and detector.target is not detector.source
+    # Each closed-form alignment does what its loss asks for.
+    assert info["dsa_subspace_distance_after"] < 1e-4 < info["dsa_subspace_distance_before"]
+    assert info["sfa_coral_after"] < 0.01 * info["sfa_coral_before"]
+    assert info["ta_profile_gap_after"] <= info["ta_profile_gap_before"]
+    assert torch.allclose(detector.rotation @ detector.rotation.T, torch.eye(detector.channels), atol=1e-4)
+    save_bundle(detector, str(tmp_path / "adapted"))
+    loaded = load_bundle(str(tmp_path / "adapted"))
+    assert loaded.adapted and loaded.threshold == pytest.approx(detector.threshold)
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded.predict(images).pred_score, detector.predict(images).pred_score, atol=1e-6)
+    # The source model is unchanged by adapting a copy, and scores the target differently.
+    assert not torch.allclose(source_model[0].predict(images).pred_score, detector.predict(images).pred_score)
+
+
+@pytest.mark.parametrize("fields", [{"components": ["M", "Q"]}, {"components": ["R"]}, {"representation": "raw"}])
+def test_ablated_field_settings_train_and_predict(domains, fields):
+    config = tiny_ref_cfa_config(fields={**tiny_ref_cfa_config()["fields"], **fields})
+    config["head"]["steps"] = 10
+    detector = build_detector("ref_cfa", method_config("ref_cfa", config))
+    samples = load_samples(str(domains["source"]))
+    detector.fit(samples, [s for s in samples if s.label == 0][:2], progress=False)
+    prediction = detector.predict(torch.randn(3, 3, 64, 64))
+    assert prediction.pred_score.shape == (3,) and prediction.anomaly_map.shape == (3, 64, 64)
+    assert torch.isfinite(prediction.pred_score).all()
+
+
+def test_normal_only_source_trains_on_synthetic_anomalies(domains):
+    config = tiny_ref_cfa_config()
+    config["head"].update(steps=10, synthetic_ratio=0.5)
+    detector = build_detector("ref_cfa", method_config("ref_cfa", config))
+    normals = load_samples(str(domains["source"]), "train")
+    info = detector.fit(normals[2:], normals[:2], progress=False)
+    assert info["synthetic_images"] == 5  # round(10 normals * 0.5)
+
+
+def test_synthetic_anomaly_changes_only_pixels_inside_its_mask():
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), 100, dtype=np.uint8)
+    donor = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    anomalous, mask = synthesize_anomaly(image, donor, rng)
+    assert mask.any() and not mask.all()
+    assert np.array_equal(anomalous[~mask], image[~mask])
+    assert (anomalous[mask] != 100).any()
+    again = perlin_mask(64, np.random.default_rng(7))
+    assert np.array_equal(again, perlin_mask(64, np.random.default_rng(7)))  # deterministic per seed
+
+
+def test_source_fit_rejects_unlabelled_samples(domains):
+    detector = build_detector("ref_cfa", method_config("ref_cfa", tiny_ref_cfa_config()))
+    samples = load_samples(str(domains["source"]))
+    samples[0] = dataclasses.replace(samples[0], label=-1)
+    with pytest.raises(DataError, match="labelled 0"):
+        detector.fit(samples, samples[:1], progress=False)
+
+
+def _write_config(path: Path) -> str:
+    path.write_text(yaml.safe_dump(tiny_ref_cfa_config()))
+    return str(path)
+
+
+def test_adapt_never_reads_a_target_label_or_mask(source_model, domains, tmp_path, monkeypatch):
+    """Two manifests of the same target images with different labels and masks adapt identically,
+    and no mask is ever opened."""
+    source_uri = str(tmp_path / "source_bundle")
+    save_bundle(source_model[0], source_uri)
+    samples = load_samples(str(domains["target"]))
+    rng = np.random.default_rng(0)
+    scrambled = [
+        dataclasses.replace(s, label=int(label), mask_path="does/not/exist.png" if label else None)
+        for s, label in zip(samples, rng.permutation([s.label for s in samples]))
+    ]
+    write_manifest(samples, str(tmp_path / "a.parquet"))
+    write_manifest(scrambled, str(tmp_path / "b.parquet"))
+
+    def no_masks(*args, **kwargs):
+        raise AssertionError("adaptation opened a mask")
+
+    monkeypatch.setattr("ray_ad.data.dataset.load_mask", no_masks)
+    for name in ("a", "b"):
+        code = cli.main(["adapt", "--model", source_uri, "--target", str(tmp_path / f"{name}.parquet"),
+                         "--out", str(tmp_path / f"adapted_{name}"), "--quiet"])
+        assert code == 0
+    a, b = load_bundle(str(tmp_path / "adapted_a")), load_bundle(str(tmp_path / "adapted_b"))
+    for key, value in a.tensors().items():
+        assert torch.equal(value, b.tensors()[key]), key
+    assert a.threshold == b.threshold
+
+
+def test_cli_train_adapt_evaluate(domains, tmp_path, capsys):
+    config = _write_config(tmp_path / "tiny.yaml")
+    source_uri, adapted_uri = str(tmp_path / "src"), str(tmp_path / "adapted")
+    assert cli.main(["train", "--method", "ref_cfa", "--data", str(domains["source"]), "--out", source_uri,
+                     "--config", config, "--quiet", "--calibration-fraction", "0.3"]) == 0
+    assert "labelled images" in capsys.readouterr().out
+    assert cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]), "--out", adapted_uri,
+                     "--set", "cfa.temporal=false", "--set", "train.steps=20", "--eval-split", "test",
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "dsa_subspace_distance_after" in out and "image_auroc" in out
+    adapted_config = json.loads((Path(adapted_uri) / "config.json").read_text())
+    assert adapted_config["state"]["adapted"] is True
+    assert adapted_config["config"]["cfa"]["temporal"] is False
+    assert cli.main(["evaluate", "--model", adapted_uri, "--data", str(domains["target"]), "--quiet"]) == 0
+    assert "ref_cfa" in capsys.readouterr().out
+
+
+def test_cli_adapt_errors_name_the_problem(domains, tmp_path, capsys, source_model):
+    source_uri = str(tmp_path / "src")
+    save_bundle(source_model[0], source_uri)
+    code = cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]),
+                     "--out", str(tmp_path / "x"), "--set", "backbone.grid_size=4"])
+    assert code == 2 and "adapt can only change cfa, train; not backbone" in capsys.readouterr().err
+    osd = build_detector("osd_irf", method_config("osd_irf", {"backbone": {"image_size": 64, "grid_size": 8,
+                                                                           "layers": [1, 2]}, "device": "cpu"}))
+    save_bundle(osd, str(tmp_path / "osd"))
+    code = cli.main(["adapt", "--model", str(tmp_path / "osd"), "--target", str(domains["target"]),
+                     "--out", str(tmp_path / "y")])
+    assert code == 2 and "only ref_cfa source models can be adapted" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
