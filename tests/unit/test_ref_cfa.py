@@ -194,10 +194,13 @@ def test_cli_adapt_errors_name_the_problem(domains, tmp_path, capsys, source_mod
     code = cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]),
                      "--out", str(tmp_path / "x"), "--set", "backbone.grid_size=4"])
     assert code == 2 and "adapt can only change cfa, train; not backbone" in capsys.readouterr().err
+    code = cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]),
+                     "--out", str(tmp_path / "z"), "--set", "cfa.rank=2"])
+    assert code == 2 and "cfa.rank=2 differs from the source model's U_S rank 3" in capsys.readouterr().err
     osd = build_detector("osd_irf", method_config("osd_irf", {"backbone": {"image_size": 64, "grid_size": 8,
                                                                            "layers": [1, 2]}, "device": "cpu"}))
     save_bundle(osd, str(tmp_path / "osd"))
     code = cli.main(["adapt", "--model", str(tmp_path / "osd"), "--target", str(domains["target"]),
                      "--out", str(tmp_path / "y")])
     assert code == 2 and "only ref_cfa source models can be adapted" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

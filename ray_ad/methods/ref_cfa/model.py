@@ -514,9 +514,17 @@ class REFCFA(Detector):
         """Adapt to an unlabeled target domain given only its image URIs (no label or mask exists here)."""
         if not target_images:
             raise DataError("adaptation needs at least one target image")
+        self._check_rank()  # before the expensive T1, not after
         info = self.fit_target_score_net(target_images, progress, cache_dir)
         info.update(self.fit_alignment(target_images, progress, cache_dir, cache))
         return info
+
+    def _check_rank(self) -> None:
+        if self.config.cfa.rank != self.u_source.shape[1]:
+            raise ConfigError(
+                f"cfa.rank={self.config.cfa.rank} differs from the source model's U_S rank "
+                f"{self.u_source.shape[1]}; the rank is fixed when the source model is trained"
+            )
 
     def _target_features(self, target_images: list[str], cache_dir: str | None, progress: bool) -> torch.Tensor:
         samples = [Sample(path, -1, None, "target", "target", "unknown") for path in target_images]
@@ -536,9 +544,14 @@ class REFCFA(Detector):
         self, target_images: list[str], progress: bool = True, cache_dir: str | None = None,
         cache: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """T2: fit TA, DSA and SFA (those enabled in ``cfa``) on the target's unlabeled REF."""
+        """T2: fit TA, DSA and SFA (those enabled in ``cfa``) on the target's unlabeled REF.
+
+        ``cache`` (optional) keeps the target's fields between calls for the same source model and
+        target network, so that alignment ablations do not recompute them.
+        """
         if self.target is None:
             raise RuntimeError("fit_alignment needs the target score network: run fit_target_score_net first")
+        self._check_rank()
         cfa = self.config.cfa
         cache = {} if cache is None else cache
         x0 = self.target.normalise(self._target_features(target_images, cache_dir, progress).to(self.device))
