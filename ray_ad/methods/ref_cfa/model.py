@@ -515,7 +515,8 @@ class REFCFA(Detector):
         if not target_images:
             raise DataError("adaptation needs at least one target image")
         self._check_rank()  # before the expensive T1, not after
-        info = self.fit_target_score_net(target_images, progress, cache_dir)
+        cache = {} if cache is None else cache  # T1 and T2 share the target's backbone features
+        info = self.fit_target_score_net(target_images, progress, cache_dir, cache)
         info.update(self.fit_alignment(target_images, progress, cache_dir, cache))
         return info
 
@@ -526,15 +527,20 @@ class REFCFA(Detector):
                 f"{self.u_source.shape[1]}; the rank is fixed when the source model is trained"
             )
 
-    def _target_features(self, target_images: list[str], cache_dir: str | None, progress: bool) -> torch.Tensor:
-        samples = [Sample(path, -1, None, "target", "target", "unknown") for path in target_images]
-        return self._features(samples, cache_dir, progress, "target features")
+    def _target_features(
+        self, target_images: list[str], cache_dir: str | None, progress: bool, cache: dict[str, Any]
+    ) -> torch.Tensor:
+        if "target_features" not in cache:
+            samples = [Sample(path, -1, None, "target", "target", "unknown") for path in target_images]
+            cache["target_features"] = self._features(samples, cache_dir, progress, "target features")
+        return cache["target_features"]
 
     def fit_target_score_net(
-        self, target_images: list[str], progress: bool = True, cache_dir: str | None = None
+        self, target_images: list[str], progress: bool = True, cache_dir: str | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """T1: a score network on the target images as they come (anomalies included)."""
-        features = self._target_features(target_images, cache_dir, progress)
+        features = self._target_features(target_images, cache_dir, progress, {} if cache is None else cache)
         self.target, losses = self._train_domain(features, progress, "target")
         return {"target_loss_first": losses[0], "target_loss_last": float(np.mean(losses[-50:])),
                 "target_images": len(target_images)}
@@ -554,7 +560,7 @@ class REFCFA(Detector):
         self._check_rank()
         cfa = self.config.cfa
         cache = {} if cache is None else cache
-        x0 = self.target.normalise(self._target_features(target_images, cache_dir, progress).to(self.device))
+        x0 = self.target.normalise(self._target_features(target_images, cache_dir, progress, cache).to(self.device))
         if "target_pass1" not in cache:
             fields, gram = self.fields(self.target, x0, None, progress, grams=True, desc="target fields (1/2)")
             cache["target_pass1"] = (residual_profile(fields.energy[:, :, 0]), top_left_singular(gram["M"], cfa.rank))
