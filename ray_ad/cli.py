@@ -53,7 +53,7 @@ def _evaluate_samples(detector: Detector, samples: list[Sample], what: str, prog
     return compute_metrics(run_detector(detector, samples, progress=progress))
 
 
-ADAPT_SECTIONS = ("cfa", "train")
+ADAPT_SECTIONS = ("cfa", "train", "target_init")  # what may differ between a source model and its adaptation
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -61,14 +61,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if not hasattr(detector, "adapt"):
         raise RayADError(f"{args.model} is a {detector.method} bundle; only ref_cfa source models can be adapted")
     if args.set:
-        current = to_dict(detector.config)
-        changed = apply_overrides(current, args.set)
-        outside = sorted(k.split(".")[0] for k in (s.partition("=")[0] for s in args.set)
-                         if k.split(".")[0] not in ADAPT_SECTIONS)
+        outside = sorted({item.partition("=")[0].split(".")[0] for item in args.set} - set(ADAPT_SECTIONS))
         if outside:
             raise ConfigError(f"adapt can only change {', '.join(ADAPT_SECTIONS)}; not {', '.join(outside)}")
-        new = method_config(detector.method, changed)
-        detector.config.cfa, detector.config.train = new.cfa, new.train
+        new = method_config(detector.method, apply_overrides(to_dict(detector.config), args.set))
+        for name in ADAPT_SECTIONS:
+            setattr(detector.config, name, getattr(new, name))
     # Only the image URIs of the target reach the detector: adaptation never sees a label or a mask.
     target_images = [s.path for s in load_samples(args.target, args.target_split)]
     print(f"adapting {args.model} to {len(target_images)} unlabeled images of {args.target}")
@@ -199,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--target-split", help="use only this split of the target (default: every image)")
     adapt.add_argument("--out", required=True, help="URI of the adapted bundle to write")
     adapt.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override cfa.* or train.* (e.g. cfa.temporal=false, train.steps=300)")
+                       help="override cfa.*, train.* or target_init (e.g. cfa.temporal=false, train.steps=300)")
     adapt.add_argument("--eval-split", help="after adapting, evaluate on this labelled split of the target")
     adapt.add_argument("--cache-dir", help="local folder to cache backbone features in")
     adapt.add_argument("--device")

@@ -193,7 +193,7 @@ def test_cli_adapt_errors_name_the_problem(domains, tmp_path, capsys, source_mod
     save_bundle(source_model[0], source_uri)
     code = cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]),
                      "--out", str(tmp_path / "x"), "--set", "backbone.grid_size=4"])
-    assert code == 2 and "adapt can only change cfa, train; not backbone" in capsys.readouterr().err
+    assert code == 2 and "adapt can only change cfa, train, target_init; not backbone" in capsys.readouterr().err
     code = cli.main(["adapt", "--model", source_uri, "--target", str(domains["target"]),
                      "--out", str(tmp_path / "z"), "--set", "cfa.rank=2"])
     assert code == 2 and "cfa.rank=2 differs from the source model's U_S rank 3" in capsys.readouterr().err
