@@ -14,7 +14,7 @@ README). The last step has no next call and keeps the previous reference directi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -190,7 +190,6 @@ class FieldStatistics:
     E: torch.Tensor  # [N, 3] energies E_R, E_M, E_Q
     NS: torch.Tensor  # [N, 3] non-stationarity NS_R, NS_M, NS_Q
     DV: torch.Tensor  # [N] directional variability
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def field_statistics(fields: FieldSequence, weights: torch.Tensor, ridge: float) -> FieldStatistics:
