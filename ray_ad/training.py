@@ -1,4 +1,4 @@
-"""A plain epsilon-prediction training loop for score networks over cached features.
+"""A plain, resumable epsilon-prediction training loop for score networks over cached features.
 
 Kept free of Ray so that the local CLI, the tests and the Ray Train worker run the same code.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -50,35 +52,112 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         ema_p.lerp_(p.detach(), 1 - decay)
 
 
+class ScoreNetTrainer(Protocol):
+    """Trains a score network on normalised features; returns (EMA network, loss curve).
+
+    ``train_score_net`` below runs in this process; ``ray_ad.distributed.train.RayScoreNetTrainer``
+    runs the same ``ScoreNetLoop`` on Ray Train workers. Methods only ever see this signature.
+    """
+
+    def __call__(
+        self, net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, config: TrainConfig,
+        device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
+    ) -> tuple[nn.Module, list[float]]: ...
+
+
+class ScoreNetLoop:
+    """One resumable epsilon-prediction run: network, EMA copy, optimiser, step, RNG and losses.
+
+    ``state_dict`` captures everything needed to continue bit-for-bit, which is what a Ray Train
+    checkpoint stores. ``model`` is what the forward/backward pass runs on: the network itself, or
+    its DistributedDataParallel wrapper on a Ray Train worker (gradients are then averaged across
+    workers, each sampling its batch share from its own shard of ``x0``).
+    """
+
+    def __init__(
+        self, net: nn.Module, schedule: NoiseSchedule, config: TrainConfig, device: torch.device | str = "cpu",
+        seed: int = 0, model: nn.Module | None = None,
+    ) -> None:
+        self.net = net.to(device).train()
+        self.model = model if model is not None else self.net
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.schedule, self.config, self.device = schedule, config, torch.device(device)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)  # batch indices
+        torch.manual_seed(seed)  # timesteps and noise
+        self.step = 0
+        self.losses: list[float] = []
+
+    def run(
+        self, x0: torch.Tensor, until: int | None = None, batch_size: int | None = None, progress: bool = True,
+        callback: Callable[[ScoreNetLoop], None] | None = None, every: int = 0,
+    ) -> None:
+        """Train from ``self.step`` up to step ``until`` (default: the whole budget).
+
+        ``callback(self)`` runs after every ``every``-th step (checkpointing, reporting).
+        """
+        config = self.config
+        until = config.steps if until is None else min(until, config.steps)
+        batch_size = batch_size or config.batch_size
+        bar = tqdm(total=until, initial=self.step, desc="train score net", disable=not progress)
+        self.model.train()
+        while self.step < until:
+            index = torch.randint(0, x0.shape[0], (batch_size,), generator=self.generator)
+            batch = x0[index].to(self.device)
+            for group in self.optimiser.param_groups:
+                group["lr"] = lr_at(self.step, config)
+            loss = epsilon_loss(self.model, self.schedule, batch)
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimiser.step()
+            ema_update(self.ema, self.net, config.ema_decay if self.step >= config.warmup_steps else 0.0)
+            self.losses.append(loss.item())
+            self.step += 1
+            bar.update(1)
+            if self.step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}")
+            if callback is not None and every > 0 and self.step % every == 0:
+                callback(self)
+        bar.close()
+        self.model.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimiser": self.optimiser.state_dict(),
+            "step": self.step, "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.step = int(state["step"])
+        self.losses = state["losses"].tolist()
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
 def train_score_net(
     net: nn.Module,
     x0: torch.Tensor,
     schedule: NoiseSchedule,
     config: TrainConfig,
     device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, list[float]]:
-    """Train ``net`` on normalised features ``x0`` ``[N, C, H, W]``; returns (EMA net, loss curve)."""
-    net.to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    losses: list[float] = []
-    bar = tqdm(range(config.steps), desc="train score net", disable=not progress)
-    for step in bar:
-        index = torch.randint(0, x0.shape[0], (config.batch_size,), generator=generator)
-        batch = x0[index].to(device)
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss = epsilon_loss(net, schedule, batch)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-        optimiser.step()
-        ema_update(ema, net, config.ema_decay if step >= config.warmup_steps else 0.0)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    net.eval()
-    return ema, losses
+    """Train ``net`` on normalised features ``x0`` ``[N, C, H, W]`` in this process.
+
+    Returns (EMA net, loss curve); the default ``ScoreNetTrainer``.
+    """
+    loop = ScoreNetLoop(net, schedule, config, device, seed)
+    loop.run(x0, progress=progress)
+    return loop.ema, loop.losses

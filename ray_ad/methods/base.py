@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ray_ad.backbones import FeatureExtractor
 from ray_ad.data import Sample
+from ray_ad.training import ScoreNetTrainer, train_score_net
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Detector(ABC):
             torch.manual_seed(config.seed)
             self.extractor = FeatureExtractor(config.backbone).to(self.device)
         self.threshold: float = float("inf")
+        # How score networks are trained: in this process by default; the Ray glue swaps in a
+        # Ray Train trainer (ray_ad.distributed.train) without the method knowing.
+        self.score_net_trainer: ScoreNetTrainer = train_score_net
 
     @property
     def image_size(self) -> int:

@@ -22,7 +22,7 @@ from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
 from ray_ad.features import extract_features
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
-from ray_ad.training import TrainConfig, epsilon_loss, train_score_net
+from ray_ad.training import TrainConfig, epsilon_loss
 
 SCORING_MODES = ("one_step", "inversion")
 
@@ -92,10 +92,8 @@ class OSDIRF(Detector):
         self.feature_mean = features.mean(dim=(0, 2, 3)).to(self.device)
         self.feature_std = features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(self.device)
         x0 = self.normalise(features.to(self.device))
-        generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.score_net, losses = train_score_net(
-            self.score_net, x0, self.schedule, cfg.train, self.device, generator, progress
+        self.score_net, losses = self.score_net_trainer(
+            self.score_net, x0, self.schedule, cfg.train, self.device, cfg.seed, progress
         )
         self.fit_irf_gaussian(x0[: len(train)])  # un-augmented originals
         self.calibrate(calibration, progress=progress, cache_dir=cache_dir)

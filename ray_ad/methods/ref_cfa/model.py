@@ -53,7 +53,7 @@ from ray_ad.methods.ref_cfa.fields import (
     uniform_weights,
 )
 from ray_ad.methods.ref_cfa.network import DetectionHead, FieldTransformer
-from ray_ad.training import TrainConfig, epsilon_loss, train_score_net
+from ray_ad.training import TrainConfig, epsilon_loss
 
 LOG_EPS = 1e-6
 
@@ -341,10 +341,8 @@ class REFCFA(Detector):
         if name == "target" and self.config.target_init == "source":
             domain.net.load_state_dict(self.source.net.state_dict())
         x0 = _Domain(domain.net, mean, std).normalise(features.to(self.device))
-        generator = torch.Generator().manual_seed(self.config.seed)
-        torch.manual_seed(self.config.seed)
-        net, losses = train_score_net(
-            domain.net, x0, self.schedule, self.config.train, self.device, generator, progress
+        net, losses = self.score_net_trainer(
+            domain.net, x0, self.schedule, self.config.train, self.device, self.config.seed, progress
         )
         return _Domain(net, mean, std), losses
 
