@@ -12,12 +12,11 @@ from typing import Any
 
 from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
-from ray_ad.config import apply_overrides, load_file, to_dict
-from ray_ad.data import Sample, load_samples, split_calibration, training_split
+from ray_ad.config import apply_overrides, load_file
 from ray_ad.data.images import load_image, to_tensor
-from ray_ad.errors import ConfigError, DataError, RayADError
-from ray_ad.evaluation import compute_metrics, run_detector
-from ray_ad.methods import METHODS, Detector, build_detector, method_config
+from ray_ad.errors import RayADError
+from ray_ad.methods import METHODS
+from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
 
 METRIC_KEYS = (
     "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
@@ -39,43 +38,18 @@ def format_table(rows: dict[str, dict[str, Any]], keys: tuple[str, ...] = METRIC
     return "\n".join(lines)
 
 
-def _evaluate_split(detector: Detector, data: str, split: str, progress: bool):
-    samples = load_samples(data, split)
-    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
-        raise DataError(f"split {split!r} of {data} needs both normal and anomalous labelled images")
-    results = run_detector(detector, samples, progress=progress)
-    return results, compute_metrics(results)
-
-
-def _evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool) -> dict[str, Any]:
-    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
-        raise DataError(f"the {what} need both normal and anomalous labelled images")
-    return compute_metrics(run_detector(detector, samples, progress=progress))
-
-
-ADAPT_SECTIONS = ("cfa", "train", "target_init")  # what may differ between a source model and its adaptation
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
     detector = load_bundle(args.model, device=args.device)
     if not hasattr(detector, "adapt"):
         raise RayADError(f"{args.model} is a {detector.method} bundle; only ref_cfa source models can be adapted")
-    if args.set:
-        outside = sorted({item.partition("=")[0].split(".")[0] for item in args.set} - set(ADAPT_SECTIONS))
-        if outside:
-            raise ConfigError(f"adapt can only change {', '.join(ADAPT_SECTIONS)}; not {', '.join(outside)}")
-        new = method_config(detector.method, apply_overrides(to_dict(detector.config), args.set))
-        for name in ADAPT_SECTIONS:
-            setattr(detector.config, name, getattr(new, name))
-    # Only the image URIs of the target reach the detector: adaptation never sees a label or a mask.
-    target_images = [s.path for s in load_samples(args.target, args.target_split)]
+    target_images = target_image_uris(args.target, args.target_split)
     print(f"adapting {args.model} to {len(target_images)} unlabeled images of {args.target}")
-    info = detector.adapt(target_images, progress=not args.quiet, cache_dir=args.cache_dir)
+    info = adapt_detector(detector, target_images, args.set, progress=not args.quiet, cache_dir=args.cache_dir)
     for key, value in info.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     metrics: dict[str, Any] = {"adapt": info}
     if args.eval_split:
-        _, eval_metrics = _evaluate_split(detector, args.target, args.eval_split, not args.quiet)
+        _, eval_metrics = evaluate_split(detector, args.target, args.eval_split, not args.quiet)
         metrics.update(eval_metrics)
         print(format_table({f"{detector.method} (adapted)": eval_metrics}))
     save_bundle(detector, args.out, metrics)
@@ -88,33 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = apply_overrides(overrides, args.set or [])
     if args.device:
         overrides["device"] = args.device
-    config = method_config(args.method, overrides)
-    detector = build_detector(args.method, config)
-    held_out: list[Sample] | None = None
-    if detector.uses_labels:
-        # Supervised source training: every labelled image of every split; a hashed share is held out
-        # for calibration (its normals) and for the evaluation printed below.
-        labelled = [s for s in load_samples(args.data) if s.label in (0, 1)]
-        train, held_out = split_calibration(labelled, args.calibration_fraction)
-        calibration = [s for s in held_out if s.label == 0]
-        print(f"training {args.method} on {len(train)} labelled images "
-              f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out)} held out")
-    else:
-        train, calibration = training_split(args.data, args.calibration_fraction)
-        print(f"training {args.method} on {len(train)} normal images, {len(calibration)} held out for calibration")
-    fit_info = detector.fit(train, calibration, progress=not args.quiet, cache_dir=args.cache_dir)
-    metrics: dict[str, Any] = {"fit": fit_info}
-    if not args.no_eval:
-        try:
-            if held_out is not None:
-                test_metrics = _evaluate_samples(detector, held_out, f"held-out images of {args.data}", not args.quiet)
-            else:
-                _, test_metrics = _evaluate_split(detector, args.data, "test", not args.quiet)
-        except DataError as exc:
-            print(f"skipping evaluation: {exc}")
-        else:
-            metrics.update(test_metrics)
-            print(format_table({args.method: test_metrics}))
+    detector, metrics = train_detector(
+        args.method, args.data, overrides, args.calibration_fraction, progress=not args.quiet,
+        cache_dir=args.cache_dir, evaluate=not args.no_eval,
+    )
+    if "image_auroc" in metrics:
+        print(format_table({args.method: metrics}))
     save_bundle(detector, args.out, metrics)
     print(f"saved {args.method} bundle to {args.out}")
     return 0
@@ -126,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not hasattr(detector, "set_scoring"):
             raise RayADError(f"--scoring applies to osd_irf bundles, not {detector.method}")
         detector.set_scoring(args.scoring)
-    results, metrics = _evaluate_split(detector, args.data, args.split, not args.quiet)
+    results, metrics = evaluate_split(detector, args.data, args.split, not args.quiet)
     print(format_table({detector.method: metrics}))
     if args.json:
         storage.write_text(args.json, json.dumps(metrics, indent=2))

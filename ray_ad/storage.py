@@ -118,3 +118,31 @@ def list_files(uri: str) -> list[str]:
         scheme = uri.split("://", 1)[0]
         return sorted(f"{scheme}://{p}" if not p.startswith(f"{scheme}://") else p for p in found)
     return sorted(found)
+
+
+def arrow_filesystem(uri: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for ``uri`` (Ray Train storage, Ray Data Parquet I/O).
+
+    Local URIs give ``(None, absolute path)`` so pyarrow picks its own local filesystem; anything else
+    wraps the same fsspec filesystem (and so the same S3 endpoint and credentials) as the rest of
+    ray_ad, which keeps s3fs, pyarrow and Ray pointed at one endpoint.
+    """
+    if protocol(uri) == "file":
+        path = uri.split("://", 1)[1] if uri.startswith("file://") else uri
+        return None, os.path.abspath(path)
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def environment_for_workers() -> dict[str, str]:
+    """The S3 settings of this process as environment variables, for Ray's ``runtime_env``.
+
+    Ray workers are other processes (other machines, on a cluster): ``configure_s3`` done here does
+    not reach them, the standard AWS variables do.
+    """
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    if "endpoint_url" in _S3_OPTIONS:
+        env["AWS_ENDPOINT_URL_S3"] = _S3_OPTIONS["endpoint_url"]
+    return env

@@ -1,0 +1,104 @@
+"""The library's workflows (train, adapt, evaluate), shared by the CLI, the Ray jobs and the service.
+
+Ray-free: the jobs pass a Ray Train ``score_net_trainer`` in; everything else is the same code path
+as ``ray-ad train`` / ``ray-ad adapt`` on a laptop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_ad import storage
+from ray_ad.config import apply_overrides, to_dict
+from ray_ad.data import Sample, load_samples, split_calibration, training_split
+from ray_ad.data.dataset import IMAGE_EXTENSIONS
+from ray_ad.errors import ConfigError, DataError, RayADError
+from ray_ad.evaluation import compute_metrics, run_detector
+from ray_ad.methods import Detector, build_detector, method_config
+from ray_ad.training import ScoreNetTrainer
+
+ADAPT_SECTIONS = ("cfa", "train", "target_init")  # what may differ between a source model and its adaptation
+
+
+def evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool = True) -> dict[str, Any]:
+    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
+        raise DataError(f"the {what} need both normal and anomalous labelled images")
+    return compute_metrics(run_detector(detector, samples, progress=progress))
+
+
+def evaluate_split(detector: Detector, data: str, split: str, progress: bool = True):
+    """(per-image results, metrics) of ``detector`` on a labelled split."""
+    samples = load_samples(data, split)
+    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
+        raise DataError(f"split {split!r} of {data} needs both normal and anomalous labelled images")
+    results = run_detector(detector, samples, progress=progress)
+    return results, compute_metrics(results)
+
+
+def train_detector(
+    method: str, data: str, overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
+    progress: bool = True, cache_dir: str | None = None, evaluate: bool = True,
+    score_net_trainer: ScoreNetTrainer | None = None,
+) -> tuple[Detector, dict[str, Any]]:
+    """Build ``method`` from ``overrides``, fit it on ``data``, evaluate it; returns (detector, metrics)."""
+    detector = build_detector(method, method_config(method, overrides or {}))
+    if score_net_trainer is not None:
+        detector.score_net_trainer = score_net_trainer
+    held_out: list[Sample] | None = None
+    if detector.uses_labels:
+        # Supervised source training: every labelled image of every split; a hashed share is held out
+        # for calibration (its normals) and for the evaluation below.
+        labelled = [s for s in load_samples(data) if s.label in (0, 1)]
+        train, held_out = split_calibration(labelled, calibration_fraction)
+        calibration = [s for s in held_out if s.label == 0]
+        print(f"training {method} on {len(train)} labelled images "
+              f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out)} held out")
+    else:
+        train, calibration = training_split(data, calibration_fraction)
+        print(f"training {method} on {len(train)} normal images, {len(calibration)} held out for calibration")
+    metrics: dict[str, Any] = {"fit": detector.fit(train, calibration, progress=progress, cache_dir=cache_dir)}
+    if evaluate:
+        try:
+            if held_out is not None:
+                metrics.update(evaluate_samples(detector, held_out, f"held-out images of {data}", progress))
+            else:
+                metrics.update(evaluate_split(detector, data, "test", progress)[1])
+        except DataError as exc:
+            print(f"skipping evaluation: {exc}")
+    return detector, metrics
+
+
+def target_image_uris(uri: str, split: str | None = None) -> list[str]:
+    """The image URIs of a target domain: a dataset (as for training) or any folder of images.
+
+    A landing batch is just a folder of images, so a folder that is not a dataset is read as one.
+    """
+    try:
+        return [s.path for s in load_samples(uri, split)]
+    except DataError:
+        if uri.startswith("elpv:") or uri.endswith(".parquet") or split is not None:
+            raise
+    images = [p for p in storage.list_files(uri) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {uri}")
+    return images
+
+
+def adapt_detector(
+    detector: Detector, target_images: list[str], overrides: list[str] | None = None, progress: bool = True,
+    cache_dir: str | None = None, score_net_trainer: ScoreNetTrainer | None = None,
+) -> dict[str, Any]:
+    """Adapt a ref_cfa source detector in place to unlabeled target images; returns the adaptation info."""
+    if not hasattr(detector, "adapt"):
+        raise RayADError(f"this is a {detector.method} model; only ref_cfa source models can be adapted")
+    if overrides:
+        outside = sorted({item.partition("=")[0].split(".")[0] for item in overrides} - set(ADAPT_SECTIONS))
+        if outside:
+            raise ConfigError(f"adapt can only change {', '.join(ADAPT_SECTIONS)}; not {', '.join(outside)}")
+        new = method_config(detector.method, apply_overrides(to_dict(detector.config), overrides))
+        for name in ADAPT_SECTIONS:
+            setattr(detector.config, name, getattr(new, name))
+    if score_net_trainer is not None:
+        detector.score_net_trainer = score_net_trainer
+    # Only image URIs reach the detector: adaptation never sees a label or a mask.
+    return detector.adapt(target_images, progress=progress, cache_dir=cache_dir)
