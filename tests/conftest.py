@@ -118,3 +118,24 @@ def upload_folder(local: Path, uri: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
             storage.write_bytes(storage.join(uri, path.relative_to(local).as_posix()), path.read_bytes())
+
+
+TEST_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A real local Ray cluster (2 CPUs) whose workers reach the loopback S3 endpoint."""
+    ray = pytest.importorskip("ray")
+    saved = {k: os.environ.get(k) for k in [*TEST_S3_ENV, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(TEST_S3_ENV, AWS_ENDPOINT_URL_S3=s3_server)
+    from ray_ad.distributed.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -9,7 +9,8 @@ run is the local loop, step for step.
 
 Checkpoints (weights, EMA, optimiser, step, losses, RNG) are reported to ``storage_path`` (local or
 ``s3://``) every ``checkpoint_every`` steps; after a worker dies, Ray Train restarts the group
-(``FailureConfig``) and the loop continues from the latest checkpoint, losing at most one interval.
+(``FailureConfig``) and the loop continues from the latest checkpoint the Train controller has
+registered: at most one interval is lost (plus the controller's 2 s report-collection period).
 Re-running with the same ``name`` and ``storage_path`` resumes a run too (Train V2 has no ``restore``).
 """
 
@@ -34,6 +35,7 @@ from ray_ad.errors import ConfigError
 from ray_ad.training import ScoreNetLoop, TrainConfig
 
 STATE_FILE = "state.pt"
+DRILL_GRACE_S = 3.0
 
 
 @dataclass
@@ -44,8 +46,8 @@ class RayTrainSettings:
     name: str = "score-net"  # run name; the same name + storage path resumes
     checkpoint_every: int = 100  # steps between checkpoints (the most a failure can cost)
     max_failures: int = 3
-    # Fault drill: kill the last worker (SIGKILL) once it has checkpointed this step, in a run that
-    # did not start from a checkpoint. Used by the tests to show recovery; never set in production.
+    # Fault drill: kill the last worker (SIGKILL) when it reaches this step, in a run that did not
+    # start from a checkpoint. Used by the tests to show recovery; never set in production.
     kill_worker_at_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -106,13 +108,17 @@ def score_net_worker(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, train_config.batch_size // world)
     kill_at = config["kill_worker_at_step"] if checkpoint is None else None
 
-    def on_checkpoint(current: ScoreNetLoop) -> None:
-        _report(current, rank, started, start_step, per_worker_batch * world)
-        if kill_at is not None and current.step >= kill_at and rank == world - 1:
-            os.kill(os.getpid(), signal.SIGKILL)  # the fault drill: this worker dies mid-run
+    def after_step(current: ScoreNetLoop) -> None:
+        if current.step % config["checkpoint_every"] == 0:
+            _report(current, rank, started, start_step, per_worker_batch * world)
+        if current.step == kill_at and rank == world - 1:
+            # The fault drill: this worker dies mid-interval. The Train controller collects reports
+            # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so wait for one collection, as the
+            # seconds of real training steps would, before dying.
+            time.sleep(DRILL_GRACE_S)
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    loop.run(shard, batch_size=per_worker_batch, progress=False, callback=on_checkpoint,
-             every=config["checkpoint_every"])
+    loop.run(shard, batch_size=per_worker_batch, progress=False, callback=after_step, every=1)
     if loop.step % config["checkpoint_every"] != 0 or loop.step == start_step:
         _report(loop, rank, started, start_step, per_worker_batch * world, final=True)
 

@@ -1,0 +1,44 @@
+"""Train a product line's detector on Ray Train, evaluate it, publish it to the registry.
+
+    python jobs/train_source.py --line tiles --method osd_irf --data s3://bucket/tiles --root s3://bucket/fleet
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_source.py ...
+
+The bundle lands in <root>/models/<line>/<version>/ and <root>/models/<line>/CURRENT is pointed at it
+only after it is complete and loads. Re-running with the same --version resumes its training.
+"""
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from ray_ad.distributed.job_args import add_common, config_overrides, setup, train_flags
+from ray_ad.errors import RayADError
+from ray_ad.methods import METHODS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--line", required=True, help="product line name (lower-case letters, digits, - and _)")
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    parser.add_argument("--data", required=True, help="training data URI: MVTec folder, Parquet manifest, elpv:mono|poly")
+    parser.add_argument("--config", help="YAML/JSON file with method config values")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--version", help="version name to publish (default: a new time-stamped one)")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    try:
+        setup(args)
+        from ray_ad.distributed.lines import train_line
+
+        train_line(args.line, args.method, args.data, args.root, config_overrides(args.config, args.set),
+                   version=args.version, progress=not args.quiet, cache_dir=args.cache_dir, **train_flags(args))
+    except RayADError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Flags shared by the ``jobs/`` entry points (each job adds its own)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ray_ad.config import apply_overrides, load_file
+
+
+def add_common(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    parser.add_argument("--root", required=True,
+                        help="storage root URI (local folder or s3://bucket/prefix) holding models/, jobs/, ray_train/")
+    parser.add_argument("--address", help="Ray address to join (default: RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job (default: all)")
+    parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--cache-dir", help="local folder to cache backbone features in")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if training:
+        parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+        parser.add_argument("--gpus", action="store_true", help="one GPU per Ray Train worker")
+        parser.add_argument("--checkpoint-every", type=int, default=100,
+                            help="score-net steps between Ray Train checkpoints (default 100)")
+        parser.add_argument("--max-failures", type=int, default=3,
+                            help="worker failures Ray Train recovers from (default 3)")
+
+
+def config_overrides(config_file: str | None, sets: list[str] | None) -> dict[str, Any]:
+    overrides = load_file(config_file) if config_file else {}
+    return apply_overrides(overrides, sets or [])
+
+
+def train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"workers": args.workers, "use_gpu": args.gpus, "checkpoint_every": args.checkpoint_every,
+            "max_failures": args.max_failures}
+
+
+def setup(args: argparse.Namespace) -> None:
+    """S3 endpoint first (it must reach the Ray workers' environment), then Ray."""
+    from ray_ad import storage
+    from ray_ad.distributed.runtime import init_ray, cluster_summary
+
+    if args.s3_endpoint:
+        storage.configure_s3(endpoint_url=args.s3_endpoint)
+    init_ray(args.address, args.num_cpus)
+    print(f"Ray: {cluster_summary()}")
