@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ray_ad.backbones import FeatureExtractor
+from ray_ad.backbones import BackboneConfig, FeatureExtractor
 from ray_ad.config import to_dict
 from ray_ad.data import ImageDataset, Sample
 
@@ -25,9 +26,18 @@ def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
     return out.flip(-1) if k >= 4 else out
 
 
-def _cache_key(extractor: FeatureExtractor, samples: list[Sample], augment: int) -> str:
+class FeatureBackend(Protocol):
+    """Computes features ``[len(samples) * augment, C, G, G]`` somewhere else (e.g. a Ray Data actor pool)."""
+
+    def __call__(
+        self, backbone: BackboneConfig, samples: list[Sample], augment: int, progress: bool
+    ) -> torch.Tensor: ...
+
+
+def cache_key(backbone: BackboneConfig, samples: list[Sample], augment: int) -> str:
+    """Features are reused when the backbone config, the image list and the augmentation match."""
     payload = json.dumps(
-        {"backbone": to_dict(extractor.config), "paths": [s.path for s in samples], "augment": augment},
+        {"backbone": to_dict(backbone), "paths": [s.path for s in samples], "augment": augment},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -43,16 +53,35 @@ def extract_features(
     cache_dir: str | None = None,
     progress: bool = True,
     desc: str = "features",
+    backend: FeatureBackend | None = None,
 ) -> torch.Tensor:
-    """Features ``[len(samples) * augment, C, G, G]`` (augmented copies follow the originals)."""
+    """Features ``[len(samples) * augment, C, G, G]`` (augmented copies follow the originals).
+
+    With a ``backend``, cache misses are computed there instead of in this process.
+    """
     if not 1 <= augment <= 8:
         raise ValueError(f"augment must be between 1 and 8 dihedral variants, got {augment}")
     cache_file = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        cache_file = os.path.join(cache_dir, f"{_cache_key(extractor, samples, augment)}.pt")
+        cache_file = os.path.join(cache_dir, f"{cache_key(extractor.config, samples, augment)}.pt")
         if os.path.exists(cache_file):
             return torch.load(cache_file, weights_only=True)
+    if backend is not None:
+        features = backend(extractor.config, samples, augment, progress)
+    else:
+        features = _extract_here(extractor, samples, augment, batch_size, device, progress, desc)
+    if cache_file:
+        tmp = f"{cache_file}.tmp"
+        torch.save(features, tmp)
+        os.replace(tmp, cache_file)
+    return features
+
+
+def _extract_here(
+    extractor: FeatureExtractor, samples: list[Sample], augment: int, batch_size: int, device: torch.device | str,
+    progress: bool, desc: str,
+) -> torch.Tensor:
     dataset = ImageDataset(samples, extractor.config.image_size, extractor.mean, extractor.std, with_masks=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     per_variant: list[list[torch.Tensor]] = [[] for _ in range(augment)]
@@ -60,9 +89,4 @@ def extract_features(
         images = batch["image"].to(device)
         for k in range(augment):
             per_variant[k].append(extractor(dihedral(images, k)).float().cpu())
-    features = torch.cat([torch.cat(chunks) for chunks in per_variant])
-    if cache_file:
-        tmp = f"{cache_file}.tmp"
-        torch.save(features, tmp)
-        os.replace(tmp, cache_file)
-    return features
+    return torch.cat([torch.cat(chunks) for chunks in per_variant])

@@ -38,7 +38,7 @@ def train_flags(args: argparse.Namespace) -> dict[str, Any]:
 def setup(args: argparse.Namespace) -> None:
     """S3 endpoint first (it must reach the Ray workers' environment), then Ray."""
     from ray_ad import storage
-    from ray_ad.distributed.runtime import init_ray, cluster_summary
+    from ray_ad.distributed.runtime import cluster_summary, init_ray
 
     if args.s3_endpoint:
         storage.configure_s3(endpoint_url=args.s3_endpoint)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ray_ad.backbones import FeatureExtractor
 from ray_ad.data import Sample
+from ray_ad.features import FeatureBackend, extract_features
 from ray_ad.training import ScoreNetTrainer, train_score_net
 
 
@@ -74,6 +75,16 @@ class Detector(ABC):
         # How score networks are trained: in this process by default; the Ray glue swaps in a
         # Ray Train trainer (ray_ad.distributed.train) without the method knowing.
         self.score_net_trainer: ScoreNetTrainer = train_score_net
+        # Where backbone features are computed on a cache miss: here, or a Ray Data actor pool.
+        self.feature_backend: FeatureBackend | None = None
+
+    def extract_features(
+        self, samples: list[Sample], augment: int = 1, cache_dir: str | None = None, progress: bool = True,
+        desc: str = "features",
+    ) -> torch.Tensor:
+        """Backbone features of ``samples`` (through the feature cache and the configured backend)."""
+        return extract_features(self.extractor, samples, augment, device=self.device, cache_dir=cache_dir,
+                                progress=progress, desc=desc, backend=self.feature_backend)
 
     @property
     def image_size(self) -> int:

@@ -22,7 +22,8 @@ def _features() -> torch.Tensor:
 
 def test_one_ray_worker_trains_exactly_like_the_local_loop(ray_cluster, tmp_path):
     local_net, local_losses = train_score_net(_net(), _features(), NoiseSchedule(), CONFIG, seed=3, progress=False)
-    trainer = RayScoreNetTrainer(RayTrainSettings(workers=1, storage_path=str(tmp_path), name="one", checkpoint_every=15))
+    settings = RayTrainSettings(workers=1, storage_path=str(tmp_path), name="one", checkpoint_every=15)
+    trainer = RayScoreNetTrainer(settings)
     ray_net, ray_losses = trainer(_net(), _features(), NoiseSchedule(), CONFIG, seed=3, progress=False)
     assert len(ray_losses) == CONFIG.steps
     assert ray_losses == local_losses  # same seed, same batches, same noise: the same run

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
-from ray_ad.features import extract_features
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
 from ray_ad.training import TrainConfig, epsilon_loss
 
@@ -65,11 +64,11 @@ class OSDIRF(Detector):
             self.score_net = build_score_net(config.score_net, channels, grid).to(self.device).eval()
         # Per-channel standardisation of backbone features, fitted on the training set: stages differ
         # in scale by orders of magnitude, and the DDPM prior assumes data of roughly unit variance.
-        self.feature_mean = torch.zeros(channels, device=self.device)
-        self.feature_std = torch.ones(channels, device=self.device)
+        self.feature_mean = torch.zeros(channels)
+        self.feature_std = torch.ones(channels)
         # The Gaussian of the one-step IRF: N(0, I) unless irf_gaussian == "fitted".
-        self.irf_mean = torch.zeros(channels, grid, grid, device=self.device)
-        self.irf_std = torch.ones(channels, grid, grid, device=self.device)
+        self.irf_mean = torch.zeros(channels, grid, grid)
+        self.irf_std = torch.ones(channels, grid, grid)
         # Min-max normalisation constants of s_diff and s_nll per scoring mode (InvAD), from held-out normals.
         self.calibration: dict[str, dict[str, float]] = {}
 
@@ -85,10 +84,7 @@ class OSDIRF(Detector):
         cache_dir: str | None = None,
     ) -> dict[str, Any]:
         cfg = self.config
-        features = extract_features(
-            self.extractor, train, cfg.train.augment, device=self.device, cache_dir=cache_dir,
-            progress=progress, desc="train features",
-        )
+        features = self.extract_features(train, cfg.train.augment, cache_dir, progress, "train features")
         self.feature_mean = features.mean(dim=(0, 2, 3)).to(self.device)
         self.feature_std = features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(self.device)
         x0 = self.normalise(features.to(self.device))
@@ -104,8 +100,8 @@ class OSDIRF(Detector):
         """Fit N(mu, diag sigma^2) per cell and channel to the IRFs of normal features (when configured)."""
         channels, grid = self.irf_mean.shape[0], self.irf_mean.shape[-1]
         if self.config.irf_gaussian == "standard":
-            self.irf_mean = torch.zeros(channels, grid, grid, device=self.device)
-            self.irf_std = torch.ones(channels, grid, grid, device=self.device)
+            self.irf_mean = torch.zeros(channels, grid, grid)
+            self.irf_std = torch.ones(channels, grid, grid)
             return
         deltas = torch.cat([self.inverse_residual_field(chunk.to(self.device)) for chunk in x0.split(32)])
         self.irf_mean = deltas.mean(0)
@@ -114,7 +110,7 @@ class OSDIRF(Detector):
     def retarget(self, t: int, train: list[Sample], calibration: list[Sample], cache_dir: str | None = None) -> None:
         """Score at another timestep with the same network: refit the IRF Gaussian and recalibrate."""
         self.config.t = t
-        features = extract_features(self.extractor, train, device=self.device, cache_dir=cache_dir, progress=False)
+        features = self.extract_features(train, cache_dir=cache_dir, progress=False)
         self.fit_irf_gaussian(self.normalise(features.to(self.device)))
         self.calibrate(calibration, progress=False, cache_dir=cache_dir)
 
@@ -188,10 +184,7 @@ class OSDIRF(Detector):
         """Normalisation constants and threshold from held-out normal images, for both modes."""
         if not normals:
             raise ValueError("calibration needs at least one held-out normal image")
-        features = extract_features(
-            self.extractor, normals, device=self.device, cache_dir=cache_dir, progress=progress,
-            desc="calibration features",
-        )
+        features = self.extract_features(normals, 1, cache_dir, progress, "calibration features")
         x0 = self.normalise(features.to(self.device))
         for mode in SCORING_MODES:
             diffs, nlls = [], []

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
-from ray_ad.features import extract_features
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
 
 
@@ -38,7 +37,7 @@ class PatchCore(Detector):
 
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
-        self.bank = torch.zeros(0, self.extractor.out_channels, device=self.device)
+        self.bank = torch.zeros(0, self.extractor.out_channels)
 
     def fit(
         self,
@@ -47,17 +46,13 @@ class PatchCore(Detector):
         progress: bool = True,
         cache_dir: str | None = None,
     ) -> dict[str, Any]:
-        features = extract_features(
-            self.extractor, train, device=self.device, cache_dir=cache_dir, progress=progress,
-            desc="memory bank",
-        )
+        features = self.extract_features(train, 1, cache_dir, progress, "memory bank")
         patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         keep = max(1, int(len(patches) * self.config.bank_fraction))
         generator = torch.Generator().manual_seed(self.config.seed)
         self.bank = patches[torch.randperm(len(patches), generator=generator)[:keep]].to(self.device)
         scores = []
-        calib = extract_features(self.extractor, calibration, device=self.device, cache_dir=cache_dir,
-                                 progress=progress, desc="calibration features")
+        calib = self.extract_features(calibration, 1, cache_dir, progress, "calibration features")
         for chunk in tqdm(calib.split(8), desc="calibrate", disable=not progress, leave=False):
             scores.append(self._cell_scores(chunk.to(self.device)).flatten(1).amax(1).cpu())
         self.set_threshold_from(torch.cat(scores).numpy(), self.config.threshold_quantile)

@@ -31,7 +31,6 @@ from ray_ad.data.images import load_image, to_tensor
 from ray_ad.data.synthetic import synthesize_anomaly
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
 from ray_ad.errors import ConfigError, DataError
-from ray_ad.features import extract_features
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
 from ray_ad.methods.ref_cfa.align import (
     coral_loss,
@@ -144,8 +143,8 @@ class REFCFA(Detector):
         self.target: _Domain | None = None
         self.components = [COMPONENTS.index(c) for c in config.fields.components]
         k, d = len(config.fields.timesteps), config.fields.token_dim
-        self.basis = torch.zeros(channels, d, device=self.device)  # whitened principal directions of R
-        self.u_source = torch.zeros(channels, config.cfa.rank, device=self.device)  # U_S of stacked M
+        self.basis = torch.zeros(channels, d)  # whitened principal directions of R
+        self.u_source = torch.zeros(channels, config.cfa.rank)  # U_S of stacked M
         self.profile_source = torch.zeros(k)
         signature_dim = self._signature_dim()
         self.stat_mean = torch.zeros(self._scalar_dim())
@@ -190,14 +189,12 @@ class REFCFA(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = build_score_net(self.config.score_net, self.channels, self.grid).to(self.device).eval()
-        zeros, ones = torch.zeros(self.channels, device=self.device), torch.ones(self.channels, device=self.device)
+        zeros, ones = torch.zeros(self.channels), torch.ones(self.channels)
         return _Domain(net, zeros, ones)
 
     # ---------------------------------------------------------------- fields
     def _features(self, samples: list[Sample], cache_dir: str | None, progress: bool, desc: str) -> torch.Tensor:
-        return extract_features(
-            self.extractor, samples, device=self.device, cache_dir=cache_dir, progress=progress, desc=desc
-        )
+        return self.extract_features(samples, cache_dir=cache_dir, progress=progress, desc=desc)
 
     @torch.no_grad()
     def fields(
@@ -445,7 +442,7 @@ class REFCFA(Detector):
         top_k = max(1, round(cells * self.config.top_p / 100))
         positives = (targets[known] > 0.5).sum().item()
         negatives = known.sum().item() * cells - positives
-        pos_weight = torch.tensor(min(20.0, negatives / max(positives, 1)), device=self.device)
+        pos_weight = torch.tensor(min(20.0, negatives / max(positives, 1)))
         losses: list[float] = []
         self.g_phi.train()
         self.f_psi.train()
