@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--line", required=True, help="product line name (lower-case letters, digits, - and _)")
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
-    parser.add_argument("--data", required=True, help="training data URI: MVTec folder, Parquet manifest, elpv:mono|poly")
+    parser.add_argument("--data", required=True, help="training data URI: MVTec folder, Parquet manifest, elpv:...")
     parser.add_argument("--config", help="YAML/JSON file with method config values")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--version", help="version name to publish (default: a new time-stamped one)")

@@ -114,6 +114,14 @@ class OSDIRF(Detector):
         self.fit_irf_gaussian(self.normalise(features.to(self.device)))
         self.calibrate(calibration, progress=False, cache_dir=cache_dir)
 
+    def use_score_net(self, net: torch.nn.Module, calibration: list[Sample], cache_dir: str | None = None) -> None:
+        """Score with ``net`` (e.g. a partly trained EMA network) and recalibrate.
+
+        What a sweep needs to report a validation metric between rounds of training.
+        """
+        self.score_net = net
+        self.calibrate(calibration, progress=False, cache_dir=cache_dir)
+
     def training_step(self, x0: torch.Tensor) -> torch.Tensor:
         return epsilon_loss(self.score_net, self.schedule, x0)  # Eq. 4
 

@@ -1,0 +1,162 @@
+"""The jobs on a real local Ray cluster, with a real S3 endpoint on 127.0.0.1 where it matters."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from ray_ad import registry, storage
+from ray_ad.methods import method_config
+from tests.conftest import REPO, make_mvtec, tiny_osd_irf_config, upload_folder
+from tests.unit.test_ref_cfa import shift_folder, tiny_ref_cfa_config
+
+JOBS = ("train_source", "adapt_target", "sweep", "evaluate", "score_batch")
+
+
+def load_job(name: str):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+
+
+def write_config(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_documents_its_flags(job):
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--root" in out and "ray job submit" in out
+
+
+def test_train_source_with_two_workers_publishes_to_s3(ray_cluster, s3_bucket, tmp_path):
+    upload_folder(make_mvtec(tmp_path / "data"), f"{s3_bucket}/data/tiles")
+    config = write_config(tmp_path / "c.yaml", tiny_osd_irf_config(train={"steps": 40, "batch_size": 8,
+                                                                          "warmup_steps": 5, "lr": 1e-3}))
+    root = f"{s3_bucket}/fleet"
+    code = load_job("train_source").main([
+        "--line", "tiles", "--method", "osd_irf", "--data", f"{s3_bucket}/data/tiles", "--root", root,
+        "--config", config, "--workers", "2", "--checkpoint-every", "10", "--quiet",
+    ])
+    assert code == 0
+    detector, version = registry.load_current(root, "tiles", device="cpu")
+    metrics = json.loads(storage.read_text(storage.join(registry.version_uri(root, "tiles", version), "metrics.json")))
+    assert metrics["ray_train"]["workers"] == 2 and metrics["fit"]["steps"] == 40
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    assert storage.list_files(f"{root}/ray_train")  # the checkpoints went to S3 too
+    prediction = detector.predict(torch.zeros(1, 3, 64, 64))
+    assert torch.isfinite(prediction.pred_score).all()
+
+
+def test_a_bad_source_line_is_refused_with_its_name(ray_cluster, tmp_path, capsys):
+    code = load_job("adapt_target").main(["--line", "new", "--source-line", "missing", "--target", str(tmp_path),
+                                          "--root", str(tmp_path / "root"), "--quiet"])
+    assert code == 2
+    assert "'missing' has no published model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ref_cfa_fleet(ray_cluster, tmp_path_factory):
+    """A local storage root with a ref_cfa source line trained on Ray Train, and a shifted target domain."""
+    from ray_ad.distributed.lines import train_line
+
+    base = tmp_path_factory.mktemp("fleet")
+    source = make_mvtec(base / "source", n_train=10, n_good=4, n_bad=4)
+    target = shift_folder(make_mvtec(base / "raw_target", n_train=10, n_good=4, n_bad=4, seed=5), base / "target")
+    root = str(base / "root")
+    train_line("src", "ref_cfa", str(source), root, tiny_ref_cfa_config(), progress=False)
+    return root, target
+
+
+def test_adapt_target_publishes_a_new_line_once_per_target(ref_cfa_fleet, capsys):
+    root, target = ref_cfa_fleet
+    job = load_job("adapt_target")
+    argv = ["--line", "shifted", "--source-line", "src", "--target", str(target), "--root", root,
+            "--eval-data", str(target), "--quiet"]
+    assert job.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "src (source, no CFA)" in out and "shifted (REF+CFA)" in out  # the before/after table
+    detector, version = registry.load_current(root, "shifted", device="cpu")
+    assert detector.adapted
+    assert torch.isfinite(detector.predict(torch.zeros(2, 3, 64, 64)).pred_score).all()
+    [status_file] = storage.list_files(storage.join(root, "jobs"))
+    status = json.loads(storage.read_text(status_file))
+    assert status["state"] == "succeeded" and status["version"] == version and status["source_line"] == "src"
+    # The same target again: nothing is trained or published.
+    assert job.main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert registry.list_versions(root, "shifted") == [version]
+
+
+def test_score_batch_writes_one_parquet_row_per_image(ref_cfa_fleet, tmp_path):
+    root, target = ref_cfa_fleet
+    images = sorted((target / "test").rglob("*.png"))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i, path in enumerate(images):
+        (folder / f"{i:02d}.png").write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = load_job("score_batch").main(["--line", "src", "--images", str(folder), "--root", root,
+                                         "--actors", "2", "--batch-size", "3"])
+    assert code == 0
+    version = registry.current_version(root, "src")
+    table = pq.read_table(f"{folder}_scores/src/{version}").to_pylist()
+    assert len(table) == len(images) + 1
+    assert {row["model_version"] for row in table} == {version}
+    broken = [row for row in table if row["path"].endswith("broken.png")]
+    assert broken[0]["error"] and broken[0]["decision"] is False
+    good = [row for row in table if not row["path"].endswith("broken.png")]
+    assert all(row["error"] is None and row["score"] == row["score"] for row in good)  # finite, no NaN
+
+
+def test_evaluate_job_writes_image_metrics(ref_cfa_fleet):
+    root, target = ref_cfa_fleet
+    assert load_job("evaluate").main(["--line", "src", "--data", str(target), "--root", root, "--actors", "2"]) == 0
+    version = registry.current_version(root, "src")
+    metrics = json.loads(storage.read_text(storage.join(root, "evaluations", "src", version, "evaluation.json")))
+    assert metrics["images"] == 8 and 0 <= metrics["image_auroc"] <= 1
+
+
+def test_sweep_writes_table_plot_and_a_best_config_that_trains(ray_cluster, tmp_path):
+    data = make_mvtec(tmp_path / "data", n_train=14)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"search": "random", "rounds": 2, "params": {
+        "t": {"choice": [150, 400]}, "train.lr": {"loguniform": [3e-4, 3e-3]},
+    }}))
+    config = write_config(tmp_path / "base.yaml", tiny_osd_irf_config(train={"steps": 30, "batch_size": 8,
+                                                                           "warmup_steps": 5}))
+    root = tmp_path / "root"
+    code = load_job("sweep").main(["--method", "osd_irf", "--data", str(data), "--root", str(root),
+                                   "--space", str(space), "--samples", "3", "--config", config, "--name", "t"])
+    assert code == 0
+    folder = root / "sweeps" / "t"
+    rows = (folder / "summary.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("t,train.lr,val_image_auroc") and len(rows) == 4
+    assert (folder / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert best["t"] in (150, 400) and 3e-4 <= best["train"]["lr"] <= 3e-3
+    assert best["train"]["steps"] == 30  # the base config is carried over
+    method_config("osd_irf", best)
+    assert list((folder / "tune").rglob("events.out.tfevents*"))  # TensorBoard finds the trials
+    assert not any("test" in p.parts for p in (folder / "validation").rglob("*"))
+
+
+def test_a_space_with_an_unknown_key_fails_before_any_trial(ray_cluster, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"params": {"train.lrr": {"choice": [0.1]}}}))
+    code = load_job("sweep").main(["--method", "osd_irf", "--data", str(make_mvtec(tmp_path / "d")),
+                                   "--root", str(tmp_path / "r"), "--space", str(space), "--samples", "1"])
+    assert code == 2
+    assert "train.lrr" in capsys.readouterr().err
