@@ -14,10 +14,19 @@ from ray_ad.data import Sample, load_samples, split_calibration, training_split
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
 from ray_ad.errors import ConfigError, DataError, RayADError
 from ray_ad.evaluation import compute_metrics, run_detector
+from ray_ad.features import FeatureBackend
 from ray_ad.methods import Detector, build_detector, method_config
 from ray_ad.training import ScoreNetTrainer
 
 ADAPT_SECTIONS = ("cfa", "train", "target_init")  # what may differ between a source model and its adaptation
+
+
+def _use(detector: Detector, trainer: ScoreNetTrainer | None, backend: FeatureBackend | None) -> None:
+    """Where the detector trains score networks and computes features (default: this process)."""
+    if trainer is not None:
+        detector.score_net_trainer = trainer
+    if backend is not None:
+        detector.feature_backend = backend
 
 
 def evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool = True) -> dict[str, Any]:
@@ -38,12 +47,11 @@ def evaluate_split(detector: Detector, data: str, split: str, progress: bool = T
 def train_detector(
     method: str, data: str, overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
     progress: bool = True, cache_dir: str | None = None, evaluate: bool = True,
-    score_net_trainer: ScoreNetTrainer | None = None,
+    score_net_trainer: ScoreNetTrainer | None = None, feature_backend: FeatureBackend | None = None,
 ) -> tuple[Detector, dict[str, Any]]:
     """Build ``method`` from ``overrides``, fit it on ``data``, evaluate it; returns (detector, metrics)."""
     detector = build_detector(method, method_config(method, overrides or {}))
-    if score_net_trainer is not None:
-        detector.score_net_trainer = score_net_trainer
+    _use(detector, score_net_trainer, feature_backend)
     held_out: list[Sample] | None = None
     if detector.uses_labels:
         # Supervised source training: every labelled image of every split; a hashed share is held out
@@ -87,6 +95,7 @@ def target_image_uris(uri: str, split: str | None = None) -> list[str]:
 def adapt_detector(
     detector: Detector, target_images: list[str], overrides: list[str] | None = None, progress: bool = True,
     cache_dir: str | None = None, score_net_trainer: ScoreNetTrainer | None = None,
+    feature_backend: FeatureBackend | None = None,
 ) -> dict[str, Any]:
     """Adapt a ref_cfa source detector in place to unlabeled target images; returns the adaptation info."""
     if not hasattr(detector, "adapt"):
@@ -98,7 +107,6 @@ def adapt_detector(
         new = method_config(detector.method, apply_overrides(to_dict(detector.config), overrides))
         for name in ADAPT_SECTIONS:
             setattr(detector.config, name, getattr(new, name))
-    if score_net_trainer is not None:
-        detector.score_net_trainer = score_net_trainer
+    _use(detector, score_net_trainer, feature_backend)
     # Only image URIs reach the detector: adaptation never sees a label or a mask.
     return detector.adapt(target_images, progress=progress, cache_dir=cache_dir)

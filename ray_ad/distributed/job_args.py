@@ -23,6 +23,8 @@ def add_common(parser: argparse.ArgumentParser, training: bool = True) -> None:
                             help="score-net steps between Ray Train checkpoints (default 100)")
         parser.add_argument("--max-failures", type=int, default=3,
                             help="worker failures Ray Train recovers from (default 3)")
+        parser.add_argument("--feature-actors", type=int, default=0,
+                            help="Ray Data actors for backbone features (default 0: in the job's driver)")
 
 
 def config_overrides(config_file: str | None, sets: list[str] | None) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def config_overrides(config_file: str | None, sets: list[str] | None) -> dict[st
 
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"workers": args.workers, "use_gpu": args.gpus, "checkpoint_every": args.checkpoint_every,
-            "max_failures": args.max_failures}
+            "max_failures": args.max_failures, "feature_actors": args.feature_actors}
 
 
 def setup(args: argparse.Namespace) -> None:

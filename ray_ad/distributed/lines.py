@@ -19,6 +19,7 @@ from typing import Any
 from ray_ad import registry, storage
 from ray_ad.bundle import load_bundle
 from ray_ad.cli import format_table
+from ray_ad.distributed.batch import RayFeatureBackend
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import DataError, RayADError
 from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
@@ -38,7 +39,7 @@ def train_settings(root: str, run_name: str, workers: int, use_gpu: bool, **extr
 def train_line(
     line: str, method: str, data: str, root: str, overrides: dict[str, Any] | None = None,
     workers: int = 1, use_gpu: bool = False, version: str | None = None, progress: bool = True,
-    cache_dir: str | None = None, **settings: Any,
+    cache_dir: str | None = None, feature_actors: int = 0, **settings: Any,
 ) -> dict[str, Any]:
     """Train ``method`` on ``data`` with Ray Train, evaluate, publish as a new version of ``line``.
 
@@ -48,13 +49,19 @@ def train_line(
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"{line}-{version}", workers, use_gpu, **settings))
     detector, metrics = train_detector(method, data, overrides, progress=progress, cache_dir=cache_dir,
-                                       score_net_trainer=trainer)
+                                       score_net_trainer=trainer,
+                                       feature_backend=_feature_backend(feature_actors, use_gpu))
     metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu, **_train_figures(trainer)}
     registry.publish(detector, root, line, metrics, version=version)
     print(f"published {method} as {line}/{version} under {root}")
     if "image_auroc" in metrics:
         print(format_table({f"{line}/{version}": metrics}, TABLE_KEYS))
     return {"line": line, "version": version, "metrics": metrics}
+
+
+def _feature_backend(actors: int, use_gpu: bool) -> RayFeatureBackend | None:
+    """Backbone features on a Ray Data actor pool of ``actors`` actors (0: in the driver)."""
+    return RayFeatureBackend(actors, use_gpu) if actors > 0 else None
 
 
 def _train_figures(trainer: RayScoreNetTrainer) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def adapt_line(
     new_line: str, source_line: str, target: str, root: str, target_split: str | None = None,
     overrides: list[str] | None = None, eval_data: str | None = None, eval_split: str = "test",
     workers: int = 1, use_gpu: bool = False, progress: bool = True, cache_dir: str | None = None,
-    **settings: Any,
+    feature_actors: int = 0, **settings: Any,
 ) -> dict[str, Any]:
     """REF+CFA adaptation of ``source_line``'s current model to the unlabeled ``target``, published as
     a new version of ``new_line``. Idempotent: a target already adapted returns its status unchanged.
@@ -123,7 +130,8 @@ def adapt_line(
         print(f"{job_id}: adapting {source_line}/{source_version} to {len(images)} unlabeled images of {target}")
         trainer = RayScoreNetTrainer(train_settings(root, job_id, workers, use_gpu, **settings))
         info = adapt_detector(detector, images, overrides, progress=progress, cache_dir=cache_dir,
-                              score_net_trainer=trainer)
+                              score_net_trainer=trainer,
+                              feature_backend=_feature_backend(feature_actors, use_gpu))
         metrics: dict[str, Any] = {"adapt": info, "ray_train": {"workers": workers, **_train_figures(trainer)}}
         if eval_data:
             before = load_bundle(registry.version_uri(root, source_line, source_version))
