@@ -19,6 +19,8 @@ def add_common(parser: argparse.ArgumentParser, training: bool = True) -> None:
     if training:
         parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
         parser.add_argument("--gpus", action="store_true", help="one GPU per Ray Train worker")
+        parser.add_argument("--cpus-per-worker", type=float, default=1,
+                            help="CPUs (and torch threads) per Ray Train worker (default 1)")
         parser.add_argument("--checkpoint-every", type=int, default=100,
                             help="score-net steps between Ray Train checkpoints (default 100)")
         parser.add_argument("--max-failures", type=int, default=3,
@@ -33,7 +35,8 @@ def config_overrides(config_file: str | None, sets: list[str] | None) -> dict[st
 
 
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"workers": args.workers, "use_gpu": args.gpus, "checkpoint_every": args.checkpoint_every,
+    return {"workers": args.workers, "use_gpu": args.gpus, "cpus_per_worker": args.cpus_per_worker,
+            "checkpoint_every": args.checkpoint_every,
             "max_failures": args.max_failures, "feature_actors": args.feature_actors}
 
 

@@ -22,7 +22,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         address=address,
         num_cpus=None if address else num_cpus,
         runtime_env={"env_vars": env_vars} if env_vars else None,
-        include_dashboard=False if not address else None,
         log_to_driver=True,
     )
 

@@ -42,6 +42,8 @@ DRILL_GRACE_S = 3.0
 class RayTrainSettings:
     workers: int = 1
     use_gpu: bool = False
+    # CPUs reserved per worker; Ray caps each worker's torch threads at this (OMP_NUM_THREADS).
+    cpus_per_worker: float = 1
     storage_path: str = "runs/ray_train"  # URI: local folder or s3://bucket/prefix
     name: str = "score-net"  # run name; the same name + storage path resumes
     checkpoint_every: int = 100  # steps between checkpoints (the most a failure can cost)
@@ -53,6 +55,8 @@ class RayTrainSettings:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -72,6 +76,9 @@ def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batc
         "started_from_step": start_step,  # > 0 after a resume from a checkpoint
         "final": final,
     }
+    if rank == 0:  # progress in the job's log (workers have no progress bar)
+        print(f"score net step {loop.step}/{loop.config.steps}  loss {metrics['loss']:.4f}  "
+              f"{metrics['images_per_s']:.1f} images/s", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         state = loop.state_dict()
         rng = {k: state.pop(k) for k in ("generator", "torch_rng", "cuda_rng") if k in state}
@@ -148,7 +155,8 @@ class RayScoreNetTrainer:
                 "net": net.cpu(), "x0": ray.put(x0.detach().cpu()), "train": config, "seed": seed,
                 "checkpoint_every": s.checkpoint_every, "kill_worker_at_step": s.kill_worker_at_step,
             },
-            scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu),
+            scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                                   resources_per_worker={"CPU": s.cpus_per_worker}),
             run_config=ray.train.RunConfig(
                 name=self.run_name(), storage_path=path, storage_filesystem=fs,
                 failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
