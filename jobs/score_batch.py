@@ -4,7 +4,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/score_batch.py ...
 
 Writes Parquet with one row per image (path, score, decision, model_version, error) to --out, by
-default next to the input: <images>_scores/<line>/<version>/. An unreadable image gets a row with
+default next to an input folder: <images>_scores/<line>/<version>/ (for elpv:... or a manifest:
+<root>/scores/<line>/<version>/). An unreadable image gets a row with
 its error instead of stopping the job.
 """
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--line", required=True, help="product line whose CURRENT model scores the images")
     parser.add_argument("--images", required=True, help="folder of images, or a dataset URI (labels unused)")
     parser.add_argument("--split", help="only this split of a dataset")
-    parser.add_argument("--out", help="Parquet folder URI (default: next to the input)")
+    parser.add_argument("--out", help="Parquet folder URI (default: next to the input folder)")
     parser.add_argument("--actors", type=int, default=1, help="scoring actors, one model load each (default 1)")
     parser.add_argument("--gpus", action="store_true", help="one GPU per actor")
     parser.add_argument("--batch-size", type=int, default=16, help="images per actor batch (default 16)")

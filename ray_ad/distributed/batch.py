@@ -114,8 +114,11 @@ class ScoreActor:
         }, schema=SCORE_SCHEMA)
 
 
-def default_scores_uri(images_uri: str, line: str, version: str) -> str:
-    """Next to the input: ``<images>_scores/<line>/<version>/``."""
+def default_scores_uri(root: str, images_uri: str, line: str, version: str) -> str:
+    """Next to an input folder (``<images>_scores/<line>/<version>/``); under ``<root>/scores/`` for
+    inputs that are not folders (``elpv:...``, a Parquet manifest)."""
+    if images_uri.startswith("elpv:") or images_uri.endswith(".parquet"):
+        return storage.join(root, "scores", line, version)
     return storage.join(images_uri.rstrip("/") + "_scores", line, version)
 
 
@@ -148,7 +151,7 @@ def score_batch(
     if not images:
         raise DataError(f"no images to score under {images_uri}")
     version = _pinned_version(root, line)
-    out_uri = out_uri or default_scores_uri(images_uri, line, version)
+    out_uri = out_uri or default_scores_uri(root, images_uri, line, version)
     filesystem, path = storage.arrow_filesystem(out_uri)
     _scored(root, line, version, images, actors, use_gpu, batch_size).write_parquet(path, filesystem=filesystem)
     return out_uri, version
