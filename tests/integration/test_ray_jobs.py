@@ -160,3 +160,18 @@ def test_a_space_with_an_unknown_key_fails_before_any_trial(ray_cluster, tmp_pat
                                    "--root", str(tmp_path / "r"), "--space", str(space), "--samples", "1"])
     assert code == 2
     assert "train.lrr" in capsys.readouterr().err
+
+
+def test_a_failed_adaptation_is_recorded_and_publishes_nothing(ref_cfa_fleet, tmp_path, capsys):
+    root, _ = ref_cfa_fleet
+    empty = tmp_path / "landing" / "b1"
+    empty.mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    code = load_job("adapt_target").main(["--line", "broken", "--source-line", "src", "--target", str(empty),
+                                          "--root", root, "--quiet"])
+    assert code == 2
+    assert "no images (.png" in capsys.readouterr().err
+    failed = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(root, "jobs"))]
+    [status] = [s for s in failed if s["new_line"] == "broken"]
+    assert status["state"] == "failed" and str(empty) in status["error"]
+    assert registry.current_version(root, "broken") is None
