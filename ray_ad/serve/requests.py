@@ -1,0 +1,83 @@
+"""Turning an HTTP request body into images, with a 4xx status and a clear message for every bad input.
+
+Accepted bodies for ``POST /v1/lines/{line}/detect``:
+
+- one image as raw bytes (``image/*`` or ``application/octet-stream``);
+- a JSON batch: ``{"images": [{"name": "a.png", "data": "<base64>"}, ...]}`` (or plain base64 strings);
+- multipart form files (decoded by the app, each part passed to ``decode_part``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ray_ad.data.images import decode_image
+from ray_ad.errors import DataError, RayADError
+
+
+class BadRequest(RayADError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = 4096 * 4096  # per image
+    max_images: int = 64  # per request
+    max_bytes: int = 64 * 1024 * 1024  # per request body
+
+
+def decode_part(data: bytes, name: str, limits: Limits) -> Image.Image:
+    """One image's bytes -> RGB image; 413 over the pixel limit, 422 when it is not a readable image."""
+    if not data:
+        raise BadRequest(400, f"{name}: empty image")
+    try:
+        return decode_image(data, name, limits.max_pixels)
+    except DataError as exc:
+        status = 413 if "over the limit" in str(exc) else 422
+        raise BadRequest(status, str(exc)) from exc
+
+
+def images_from_body(body: bytes, content_type: str | None, limits: Limits) -> list[tuple[str, Image.Image]]:
+    """(name, image) pairs from a raw-image or JSON body."""
+    if not body:
+        raise BadRequest(400, "empty request body: send an image, or JSON {\"images\": [...]}")
+    if len(body) > limits.max_bytes:
+        raise BadRequest(413, f"request body of {len(body)} bytes is over the limit of {limits.max_bytes}")
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        return _json_batch(body, limits)
+    if kind.startswith("image/") or kind in ("application/octet-stream", ""):
+        return [("image", decode_part(body, "image", limits))]
+    raise BadRequest(415, f"unsupported content type {kind!r}: use image/*, application/octet-stream, "
+                          "application/json or multipart/form-data")
+
+
+def _json_batch(body: bytes, limits: Limits) -> list[tuple[str, Image.Image]]:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"malformed JSON body: {exc}") from exc
+    items = document.get("images") if isinstance(document, dict) else None
+    if not isinstance(items, list) or not items:
+        raise BadRequest(400, 'the JSON body must be {"images": [...]} with at least one image')
+    if len(items) > limits.max_images:
+        raise BadRequest(413, f"{len(items)} images in one request; the limit is {limits.max_images}")
+    out = []
+    for i, item in enumerate(items):
+        name, data = (item.get("name", f"images[{i}]"), item.get("data")) if isinstance(item, dict) else (
+            f"images[{i}]", item)
+        if not isinstance(data, str) or not isinstance(name, str):
+            raise BadRequest(400, f"images[{i}]: expected a base64 string (or {{'name', 'data'}})")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest(400, f"{name}: malformed base64 ({exc})") from exc
+        out.append((name, decode_part(raw, name, limits)))
+    return out

@@ -1,0 +1,106 @@
+"""Access tokens and request decoding for the service (Ray-free)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_ad.errors import ConfigError
+from ray_ad.serve.auth import AccessDenied, Tokens
+from ray_ad.serve.requests import BadRequest, Limits, images_from_body
+
+A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
+
+
+def png(size: tuple[int, int] = (32, 24), mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, size[::-1], dtype=np.uint8)).convert(mode).save(
+        buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tokens() -> Tokens:
+    return Tokens.from_mapping({"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, "test")
+
+
+def test_a_line_token_opens_its_line_only(tokens):
+    tokens.check_line("line-a", f"Bearer {A}")
+    tokens.check_line("line-a", f"Bearer {ADMIN}")  # the admin reads every line
+    with pytest.raises(AccessDenied) as denied:
+        tokens.check_line("line-b", f"Bearer {A}")
+    assert denied.value.status == 403 and "line-b" in str(denied.value)
+    with pytest.raises(AccessDenied) as missing:
+        tokens.check_line("line-a", None)
+    assert missing.value.status == 401
+    with pytest.raises(AccessDenied) as malformed:
+        tokens.check_line("line-a", A)  # no "Bearer"
+    assert malformed.value.status == 401
+    with pytest.raises(AccessDenied) as not_admin:
+        tokens.check_admin(f"Bearer {A}")
+    assert not_admin.value.status == 403
+    tokens.check_admin(f"bearer {ADMIN}")
+
+
+def test_tokens_load_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"admin: {ADMIN}\nlines:\n  line-a: {A}\n")
+    assert Tokens.load(str(path)).lines == {"line-a": A}
+    monkeypatch.setenv("RAY_AD_TOKENS", json.dumps({"lines": {"line-b": B}}))
+    assert Tokens.load().lines == {"line-b": B} and Tokens.load().admin is None
+    monkeypatch.delenv("RAY_AD_TOKENS")
+    with pytest.raises(ConfigError, match="RAY_AD_TOKENS"):
+        Tokens.load()
+
+
+@pytest.mark.parametrize(("data", "named"), [
+    ({"lines": {"Line/../b": A}}, "Line/../b"),
+    ({"lines": {"line-a": "short"}}, "line 'line-a'"),
+    ({"admin": "has space in it......"}, "admin token"),
+    ({"users": {}}, "expected a mapping"),
+])
+def test_bad_token_files_name_the_bad_entry(data, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        Tokens.from_mapping(data, "tokens.yaml")
+
+
+def test_raw_and_json_bodies_decode_to_rgb_images():
+    [(name, image)] = images_from_body(png(), "image/png", Limits())
+    assert name == "image" and image.mode == "RGB" and image.size == (32, 24)
+    body = json.dumps({"images": [{"name": "x.png", "data": base64.b64encode(png()).decode()},
+                                  base64.b64encode(png((16, 16), "RGB")).decode()]}).encode()
+    decoded = images_from_body(body, "application/json; charset=utf-8", Limits())
+    assert [n for n, _ in decoded] == ["x.png", "images[1]"] and decoded[1][1].size == (16, 16)
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "named"), [
+    (b"", "image/png", 400, "empty request body"),
+    (b"hello, not an image", "image/png", 422, "not a readable image"),
+    (png()[:60], "image/png", 422, "not a readable image"),  # truncated PNG
+    (png((300, 300)), "image/png", 413, "over the limit"),
+    (b"{not json", "application/json", 400, "malformed JSON"),
+    (b'{"images": []}', "application/json", 400, "at least one image"),
+    (b'{"images": ["%%%not-base64"]}', "application/json", 400, "malformed base64"),
+    (b'{"images": [42]}', "application/json", 400, "images[0]"),
+    (png(), "text/plain", 415, "text/plain"),
+])
+def test_every_bad_body_gets_its_4xx_and_a_message(body, content_type, status, named):
+    with pytest.raises(BadRequest) as error:
+        images_from_body(body, content_type, Limits(max_pixels=200 * 200))
+    assert error.value.status == status
+    assert named in str(error.value)
+
+
+def test_batch_and_body_size_limits():
+    one = base64.b64encode(png()).decode()
+    with pytest.raises(BadRequest, match="limit is 2") as error:
+        images_from_body(json.dumps({"images": [one] * 3}).encode(), "application/json", Limits(max_images=2))
+    assert error.value.status == 413
+    with pytest.raises(BadRequest, match="over the limit of 10") as error:
+        images_from_body(png(), "image/png", Limits(max_bytes=10))
+    assert error.value.status == 413
