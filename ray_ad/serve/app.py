@@ -1,0 +1,189 @@
+"""The Serve application: a FastAPI ingress and a multiplexed, batching per-line scorer.
+
+    GET  /healthz                      liveness
+    GET  /v1/lines                     the lines this token may read
+    GET  /v1/lines/{line}              current version, threshold, metrics
+    POST /v1/lines/{line}/detect       raw image bytes or a JSON batch -> score, is_anomaly, threshold,
+                                       model_version per image (?heatmap=true adds a PNG overlay, base64)
+
+The ingress resolves a line to its CURRENT version (re-read every ``poll_s`` seconds), so a newly
+published version is served without a restart; the model id ``<line>@<version>`` routes each request
+to a ``LineScorer`` replica that holds that model (Serve model multiplexing). Requests are batched per
+model id with ``@serve.batch``. A request already routed to the old id finishes on the old model.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real types
+# (a string annotation of ``Request`` is not resolved through Serve's class wrapper).
+import asyncio
+import base64
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ray_ad import registry, storage
+from ray_ad.bundle import METRICS_FILE, load_bundle
+from ray_ad.data.images import to_tensor
+from ray_ad.errors import BundleError, ConfigError, RayADError
+from ray_ad.serve.auth import AccessDenied, Tokens
+from ray_ad.serve.requests import BadRequest, Limits, images_from_body
+
+api = FastAPI(title="ray_ad fleet service", version="1",
+              description="Anomaly detection per product line; models from the ray_ad registry.")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (e.g. a line name with '/' in it) answer in the same {"error": ...} shape."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code)
+
+
+def _overlay_png(image: Image.Image, anomaly_map: np.ndarray) -> str:
+    """Base64 PNG: the image with the anomaly map (min-max scaled) as a red overlay."""
+    base = np.asarray(image.resize(anomaly_map.shape[::-1]), dtype=np.float32)
+    heat = (anomaly_map - anomaly_map.min()) / max(float(np.ptp(anomaly_map)), 1e-12)
+    red = np.zeros_like(base)
+    red[..., 0] = 255
+    blended = base * (1 - 0.5 * heat[..., None]) + red * 0.5 * heat[..., None]
+    buffer = io.BytesIO()
+    Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _allowed(tokens: Tokens, line: str, header: str | None) -> bool:
+    try:
+        tokens.check_line(line, header)
+    except AccessDenied:
+        return False
+    return True
+
+
+def _respond(make: Any, need_token: str | None | bool = True) -> Any:
+    try:
+        if need_token is None:
+            raise AccessDenied(401, "missing 'Authorization: Bearer <token>' header")
+        return make()
+    except (AccessDenied, BadRequest) as exc:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    except RayADError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
+
+MODELS_PER_REPLICA = 4  # detectors a scorer replica keeps loaded (least recently used goes first)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class LineScorer:
+    """Holds a few lines' detectors (LRU, by model id) and scores batches of images per model."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, model_id: str):
+        line, _, version = model_id.partition("@")
+        return load_bundle(registry.version_uri(self.root, line, version), device="auto")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score(self, images: list[np.ndarray], heatmaps: list[bool]) -> list[dict[str, Any]]:
+        model_id = serve.get_multiplexed_model_id()
+        detector = await self.get_model(model_id)
+        pil = [Image.fromarray(array) for array in images]
+        batch = torch.stack([to_tensor(p, detector.image_size, detector.extractor.mean, detector.extractor.std)
+                             for p in pil])
+        with torch.no_grad():
+            prediction = detector.predict(batch)
+        out = []
+        for i, want_heatmap in enumerate(heatmaps):
+            score = float(prediction.pred_score[i])
+            row = {"score": score, "is_anomaly": bool(score > detector.threshold),
+                   "threshold": float(detector.threshold), "model_version": model_id.partition("@")[2]}
+            if want_heatmap:
+                row["heatmap_png"] = _overlay_png(pil[i], prediction.anomaly_map[i].numpy())
+            out.append(row)
+        return out
+
+    def check_health(self) -> None:
+        """Fails (and Serve replaces the replica) when the registry root cannot be read."""
+        storage.exists(storage.join(self.root, "models"))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class FleetAPI:
+    def __init__(self, scorer: Any, root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
+                 poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64) -> None:
+        self.scorer, self.root, self.poll_s = scorer, root, poll_s
+        self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
+        self.limits = Limits(max_pixels=max_pixels, max_images=max_images)
+        self._versions: dict[str, tuple[float, str]] = {}
+
+    def _current(self, line: str) -> str:
+        """CURRENT of ``line``, re-read at most every ``poll_s`` seconds."""
+        cached = self._versions.get(line)
+        if cached and time.monotonic() - cached[0] < self.poll_s:
+            return cached[1]
+        version = registry.current_version(self.root, line)
+        if version is None:
+            raise BadRequest(404, f"unknown line {line!r}: nothing is published under it")
+        self._versions[line] = (time.monotonic(), version)
+        return version
+
+    def _guard(self, request: Request, line: str) -> None:
+        try:
+            registry.check_name("line", line)
+        except ConfigError as exc:
+            raise BadRequest(400, str(exc)) from exc
+        self.tokens.check_line(line, request.headers.get("authorization"))
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/lines")
+    def lines(self, request: Request) -> Any:
+        header = request.headers.get("authorization")
+        return _respond(lambda: {"lines": [line for line in registry.list_lines(self.root)
+                                           if _allowed(self.tokens, line, header)]}, need_token=header)
+
+    @api.get("/v1/lines/{line}")
+    def line_info(self, line: str, request: Request) -> Any:
+        def info() -> dict[str, Any]:
+            self._guard(request, line)
+            version = self._current(line)
+            uri = registry.version_uri(self.root, line, version)
+            config = json.loads(storage.read_text(storage.join(uri, "config.json")))
+            metrics = json.loads(storage.read_text(storage.join(uri, METRICS_FILE)))
+            return {"line": line, "version": version, "method": config["method"],
+                    "threshold": config["state"]["threshold"], "versions": registry.list_versions(self.root, line),
+                    "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
+        return _respond(info)
+
+    @api.post("/v1/lines/{line}/detect")
+    async def detect(self, line: str, request: Request, heatmap: bool = False) -> Any:
+        try:
+            self._guard(request, line)
+            images = images_from_body(await request.body(), request.headers.get("content-type"), self.limits)
+            model_id = f"{line}@{self._current(line)}"
+            handle = self.scorer.options(multiplexed_model_id=model_id)
+            rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
+        except (AccessDenied, BadRequest) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except BundleError as exc:
+            return JSONResponse({"error": f"line {line!r} cannot be served: {exc}"}, status_code=503)
+        return {"line": line, "results": [{"name": name, **row} for (name, _), row in zip(images, rows)]}
+
+
+def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
+              poll_s: float = 2.0) -> Any:
+    """The Serve application graph: the ingress and the scorer it routes to."""
+    scorer = LineScorer.bind(root)
+    return FleetAPI.bind(scorer, root, tokens, token_file, poll_s)

@@ -1,0 +1,127 @@
+"""The Serve application on a real local Ray, HTTP on 127.0.0.1: detect, tokens, bad input, new versions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_ad import registry
+from ray_ad.methods import build_detector, method_config
+from tests.conftest import _free_port, make_mvtec, tiny_osd_irf_config
+
+A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
+
+
+def call(url: str, body: bytes | None = None, token: str | None = None, content_type: str = "image/png"):
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    if body is not None:
+        request.add_header("Content-Type", content_type)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from ray_ad.data import load_samples
+    from ray_ad.serve.app import build_app
+
+    base = tmp_path_factory.mktemp("serve")
+    data = make_mvtec(base / "data")
+    root = str(base / "root")
+    config = tiny_osd_irf_config(train={"steps": 30, "batch_size": 8, "warmup_steps": 5})
+    detector = build_detector("osd_irf", method_config("osd_irf", config))
+    normals = load_samples(str(data), "train")
+    detector.fit(normals[:-2], normals[-2:], progress=False)
+    for line in ("line-a", "line-b"):
+        registry.publish(detector, root, line, {"image_auroc": 1.0})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(root, {"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, poll_s=0.5),
+              name="fleet", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", root, detector, data
+    serve.shutdown()
+
+
+def test_detect_scores_images_and_tokens_guard_lines(service):
+    url, root, _, data = service
+    image = (data / "test" / "spot" / "000.png").read_bytes()
+    status, body = call(f"{url}/v1/lines/line-a/detect", image, A)
+    assert status == 200, body
+    [row] = body["results"]
+    assert row["model_version"] == registry.current_version(root, "line-a")
+    assert isinstance(row["score"], float) and row["is_anomaly"] == (row["score"] > row["threshold"])
+    assert call(f"{url}/v1/lines/line-b/detect", image, A)[0] == 403
+    assert call(f"{url}/v1/lines/line-a/detect", image)[0] == 401
+    status, body = call(f"{url}/v1/lines", token=A)
+    assert status == 200 and body["lines"] == ["line-a"]
+    assert call(f"{url}/v1/lines", token=ADMIN)[1]["lines"] == ["line-a", "line-b"]
+    status, info = call(f"{url}/v1/lines/line-b", token=B)
+    assert status == 200 and info["method"] == "osd_irf" and info["metrics"]["image_auroc"] == 1.0
+
+
+def test_json_batches_and_heatmaps(service):
+    url, _, _, data = service
+    images = [base64.b64encode((data / "test" / d / "000.png").read_bytes()).decode() for d in ("good", "spot")]
+    body = json.dumps({"images": [{"name": "good.png", "data": images[0]}, images[1]]}).encode()
+    status, out = call(f"{url}/v1/lines/line-a/detect?heatmap=true", body, A, "application/json")
+    assert status == 200 and [r["name"] for r in out["results"]] == ["good.png", "images[1]"]
+    heatmap = base64.b64decode(out["results"][1]["heatmap_png"])
+    assert Image.open(io.BytesIO(heatmap)).size == (64, 64)
+    assert out["results"][1]["score"] > out["results"][0]["score"]  # the bright square scores higher
+
+
+@pytest.mark.parametrize(("path", "body", "content_type", "status"), [
+    ("line-a", b"", "image/png", 400),
+    ("line-a", b"not an image", "image/png", 422),
+    ("line-a", png(np.zeros((64, 64), np.uint8))[:50], "image/png", 422),
+    ("line-a", b"{oops", "application/json", 400),
+    ("line-a", b'{"images": ["***"]}', "application/json", 400),
+    ("line-a", png(np.zeros((5000, 4000), np.uint8)), "image/png", 413),
+    ("no-such-line", png(np.zeros((8, 8), np.uint8)), "image/png", 403),
+    ("Line.A", png(np.zeros((8, 8), np.uint8)), "image/png", 400),
+    ("..%2Fline-a", png(np.zeros((8, 8), np.uint8)), "image/png", 404),
+])
+def test_bad_input_gets_a_4xx_and_the_service_keeps_answering(service, path, body, content_type, status):
+    url, _, _, data = service
+    code, out = call(f"{url}/v1/lines/{path}/detect", body, ADMIN if path != "no-such-line" else A, content_type)
+    assert code == status and out["error"]
+    good = call(f"{url}/v1/lines/line-a/detect", (data / "test" / "good" / "000.png").read_bytes(), A)
+    assert good[0] == 200
+
+
+def test_a_new_version_is_served_without_a_restart(service):
+    import time
+
+    url, root, detector, data = service
+    image = (data / "test" / "good" / "000.png").read_bytes()
+    before = call(f"{url}/v1/lines/line-b/detect", image, B)[1]["results"][0]["model_version"]
+    detector.threshold = detector.threshold * 2
+    new = registry.publish(detector, root, "line-b")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        row = call(f"{url}/v1/lines/line-b/detect", image, B)[1]["results"][0]
+        if row["model_version"] == new:
+            break
+        time.sleep(0.3)
+    assert before != new and row["model_version"] == new
+    assert row["threshold"] == pytest.approx(detector.threshold)
