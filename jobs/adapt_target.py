@@ -19,7 +19,7 @@ from ray_ad.distributed.job_args import add_common, setup, train_flags
 from ray_ad.errors import RayADError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--line", required=True, help="the new line to publish the adapted model as")
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", help="labelled target data to compare before/after on (e.g. elpv:poly)")
     parser.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
     add_common(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         setup(args)
         from ray_ad.distributed.lines import adapt_line

@@ -183,7 +183,26 @@ class FleetAPI:
 
 
 def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
-              poll_s: float = 2.0) -> Any:
+              poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64) -> Any:
     """The Serve application graph: the ingress and the scorer it routes to."""
     scorer = LineScorer.bind(root)
-    return FleetAPI.bind(scorer, root, tokens, token_file, poll_s)
+    return FleetAPI.bind(scorer, root, tokens, token_file, poll_s, max_pixels, max_images)
+
+
+APP_ARGS = {"root", "token_file", "poll_s", "max_pixels", "max_images"}
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry point for ``serve run`` / ``serve deploy`` configs (``import_path: ray_ad.serve.app:app_builder``).
+
+    ``args``: ``root`` (required), ``token_file`` (else ``RAY_AD_TOKENS``), ``poll_s``, ``max_pixels``,
+    ``max_images``. An unknown or missing key is an error naming it.
+    """
+    unknown = set(args) - APP_ARGS
+    if unknown:
+        raise ConfigError(f"unknown application args {sorted(unknown)}; allowed: {sorted(APP_ARGS)}")
+    if not args.get("root"):
+        raise ConfigError("application args need 'root': the storage root URI holding models/")
+    Tokens.load(args.get("token_file"))  # fail at deploy time, not on the first request
+    return build_app(args["root"], None, args.get("token_file"), float(args.get("poll_s", 2.0)),
+                     int(args.get("max_pixels", 4096 * 4096)), int(args.get("max_images", 64)))
