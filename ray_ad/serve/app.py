@@ -77,6 +77,34 @@ def _respond(make: Any, need_token: str | None | bool = True) -> Any:
         return JSONResponse({"error": str(exc)}, status_code=503)
 
 
+class LineMetrics:
+    """Custom Prometheus metrics per line, next to Serve's own (exported by Ray's metrics agent)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter("ray_ad_requests", "detect requests per line and HTTP status",
+                                tag_keys=("line", "status"))
+        self.images = Counter("ray_ad_images", "images scored per line", tag_keys=("line",))
+        self.anomalies = Counter("ray_ad_anomalies", "images flagged anomalous per line", tag_keys=("line",))
+        self.latency = Histogram("ray_ad_detect_latency_ms", "detect request latency per line (ms)",
+                                 boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000], tag_keys=("line",))
+        self.version = Gauge("ray_ad_model_version", "1 for the version a line serves", tag_keys=("line", "version"))
+
+    def request(self, line: str, status: int, started: float, rows: list[dict[str, Any]] | None = None,
+                version: str | None = None) -> None:
+        # Only lines the caller was allowed to use become tag values (bounded label cardinality).
+        tag = line if status not in (400, 401, 403, 404) else "-"
+        self.requests.inc(tags={"line": tag, "status": str(status)})
+        self.latency.observe((time.perf_counter() - started) * 1000, tags={"line": tag})
+        if rows:
+            self.images.inc(len(rows), tags={"line": line})
+            flagged = sum(r["is_anomaly"] for r in rows)
+            if flagged:  # Counter.inc refuses 0
+                self.anomalies.inc(flagged, tags={"line": line})
+            self.version.set(1, tags={"line": line, "version": version or ""})
+
+
 MODELS_PER_REPLICA = 4  # detectors a scorer replica keeps loaded (least recently used goes first)
 
 
@@ -125,6 +153,7 @@ class FleetAPI:
         self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
         self.limits = Limits(max_pixels=max_pixels, max_images=max_images)
         self._versions: dict[str, tuple[float, str]] = {}
+        self.metrics = LineMetrics()
 
     def _current(self, line: str) -> str:
         """CURRENT of ``line``, re-read at most every ``poll_s`` seconds."""
@@ -169,16 +198,20 @@ class FleetAPI:
 
     @api.post("/v1/lines/{line}/detect")
     async def detect(self, line: str, request: Request, heatmap: bool = False) -> Any:
+        started = time.perf_counter()
         try:
             self._guard(request, line)
             images = images_from_body(await request.body(), request.headers.get("content-type"), self.limits)
-            model_id = f"{line}@{self._current(line)}"
-            handle = self.scorer.options(multiplexed_model_id=model_id)
+            version = self._current(line)
+            handle = self.scorer.options(multiplexed_model_id=f"{line}@{version}")
             rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
         except (AccessDenied, BadRequest) as exc:
+            self.metrics.request(line, exc.status, started)
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except BundleError as exc:
+            self.metrics.request(line, 503, started)
             return JSONResponse({"error": f"line {line!r} cannot be served: {exc}"}, status_code=503)
+        self.metrics.request(line, 200, started, rows, version)
         return {"line": line, "results": [{"name": name, **row} for (name, _), row in zip(images, rows)]}
 
 
