@@ -11,7 +11,6 @@ watcher submits). Score networks train on Ray Train; everything is written under
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import traceback
 from typing import Any
@@ -21,7 +20,8 @@ from ray_ad.bundle import load_bundle
 from ray_ad.cli import format_table
 from ray_ad.distributed.batch import RayFeatureBackend
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
-from ray_ad.errors import DataError, RayADError
+from ray_ad.errors import RayADError
+from ray_ad.job_status import adapt_job_id, job_status_uri, read_job_status
 from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
 
 TABLE_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "seconds_per_image")
@@ -69,26 +69,6 @@ def _train_figures(trainer: RayScoreNetTrainer) -> dict[str, Any]:
     if result is None:  # the method trains no score network
         return {}
     return {key: result.metrics[key] for key in ("images_per_s", "started_from_step") if key in result.metrics}
-
-
-def adapt_job_id(new_line: str, source_line: str, source_version: str, target: str) -> str:
-    """One id per (new line, source model, target): re-submitting the same target finds the same job."""
-    digest = hashlib.sha256(f"{new_line}\n{source_line}\n{source_version}\n{target}".encode()).hexdigest()
-    return f"adapt-{new_line}-{digest[:12]}"
-
-
-def job_status_uri(root: str, job_id: str) -> str:
-    return storage.join(root, "jobs", f"{job_id}.json")
-
-
-def read_job_status(root: str, job_id: str) -> dict[str, Any] | None:
-    uri = job_status_uri(root, job_id)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"job status {uri} is not valid JSON: {exc}") from exc
 
 
 def _write_status(root: str, status: dict[str, Any]) -> None:
