@@ -15,8 +15,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from ray_ad.distributed.job_args import add_common, setup, train_flags
-from ray_ad.errors import RayADError
+from ray_ad.distributed.job_args import add_common, run, train_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,18 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        setup(args)
+
+    def body() -> None:
         from ray_ad.distributed.lines import adapt_line
 
         status = adapt_line(args.line, args.source_line, args.target, args.root, args.target_split, args.set,
                             args.eval_data, args.eval_split, progress=not args.quiet, cache_dir=args.cache_dir,
                             **train_flags(args))
-    except RayADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"job {status['job_id']}: {status['state']}, {status['new_line']}/{status['version']}")
-    return 0
+        print(f"job {status['job_id']}: {status['state']}, {status['new_line']}/{status['version']}")
+
+    return run(args, body)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from ray_ad.distributed.job_args import add_common, setup
-from ray_ad.errors import RayADError
+from ray_ad.distributed.job_args import add_common, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,18 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", action="store_true", help="one GPU per actor")
     add_common(parser, training=False)
     args = parser.parse_args(argv)
-    try:
-        setup(args)
+
+    def body() -> None:
         from ray_ad.distributed.batch import evaluate_line
 
         metrics, uri = evaluate_line(args.root, args.line, args.data, args.split, args.version, args.json,
                                      args.name, args.actors, args.gpus)
-    except RayADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {uri}")
-    return 0
+        print(json.dumps(metrics, indent=2))
+        print(f"wrote {uri}")
+
+    return run(args, body)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from ray_ad.distributed.job_args import add_common, setup
-from ray_ad.errors import RayADError
+from ray_ad.distributed.job_args import add_common, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,19 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="images per actor batch (default 16)")
     add_common(parser, training=False)
     args = parser.parse_args(argv)
-    try:
-        setup(args)
+
+    def body() -> None:
         from ray_ad.distributed.batch import score_batch
         from ray_ad.pipeline import target_image_uris
 
         images = target_image_uris(args.images, args.split)
         out, version = score_batch(args.root, args.line, images, args.out, args.images, args.actors, args.gpus,
                                    args.batch_size)
-    except RayADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"scored {len(images)} images with {args.line}/{version}: {out}")
-    return 0
+        print(f"scored {len(images)} images with {args.line}/{version}: {out}")
+
+    return run(args, body)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from ray_ad.distributed.job_args import add_common, config_overrides, setup
-from ray_ad.errors import RayADError
+from ray_ad.distributed.job_args import add_common, config_overrides, run
 from ray_ad.methods import METHODS
 
 
@@ -36,19 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="search and validation-set seed (default 0)")
     add_common(parser, training=False)
     args = parser.parse_args(argv)
-    try:
-        if args.samples < 1:
-            raise RayADError(f"--samples must be >= 1, got {args.samples}")
-        setup(args)
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, got {args.samples}")
+
+    def body() -> None:
         from ray_ad.distributed.sweep import load_space, run_sweep
 
         run_sweep(args.method, args.data, args.root, load_space(args.space), args.samples,
                   config_overrides(args.config, args.set), args.name, args.cpus_per_trial, args.gpus_per_trial,
                   args.max_concurrent, args.cache_dir, args.seed)
-    except RayADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(args, body)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from ray_ad.distributed.job_args import add_common, config_overrides, setup, train_flags
-from ray_ad.errors import RayADError
+from ray_ad.distributed.job_args import add_common, config_overrides, run, train_flags
 from ray_ad.methods import METHODS
 
 
@@ -28,16 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="version name to publish (default: a new time-stamped one)")
     add_common(parser)
     args = parser.parse_args(argv)
-    try:
-        setup(args)
+
+    def body() -> None:
         from ray_ad.distributed.lines import train_line
 
         train_line(args.line, args.method, args.data, args.root, config_overrides(args.config, args.set),
                    version=args.version, progress=not args.quiet, cache_dir=args.cache_dir, **train_flags(args))
-    except RayADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(args, body)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from ray_ad.config import apply_overrides, load_file
@@ -49,3 +51,16 @@ def setup(args: argparse.Namespace) -> None:
         storage.configure_s3(endpoint_url=args.s3_endpoint)
     init_ray(args.address, args.num_cpus)
     print(f"Ray: {cluster_summary()}")
+
+
+def run(args: argparse.Namespace, body: Callable[[], None]) -> int:
+    """S3 + Ray setup, then ``body``; an input error ends as one ``error: ...`` line and exit code 2."""
+    from ray_ad.errors import RayADError
+
+    try:
+        setup(args)
+        body()
+    except RayADError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

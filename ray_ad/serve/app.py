@@ -71,7 +71,7 @@ def _respond(make: Any, need_token: str | None | bool = True) -> Any:
         if need_token is None:
             raise AccessDenied(401, "missing 'Authorization: Bearer <token>' header")
         return make()
-    except (AccessDenied, BadRequest) as exc:
+    except BadRequest as exc:  # AccessDenied included
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
     except RayADError as exc:
         return JSONResponse({"error": str(exc)}, status_code=503)
@@ -205,7 +205,7 @@ class FleetAPI:
             version = self._current(line)
             handle = self.scorer.options(multiplexed_model_id=f"{line}@{version}")
             rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
-        except (AccessDenied, BadRequest) as exc:
+        except BadRequest as exc:  # AccessDenied included
             self.metrics.request(line, exc.status, started)
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except BundleError as exc:

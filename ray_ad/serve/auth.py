@@ -23,19 +23,16 @@ from typing import Any
 import yaml
 
 from ray_ad import storage
-from ray_ad.errors import ConfigError, RayADError
+from ray_ad.errors import ConfigError
 from ray_ad.registry import check_name
+from ray_ad.serve.requests import BadRequest
 
 ENV_VAR = "RAY_AD_TOKENS"
 MIN_TOKEN_LENGTH = 16
 
 
-class AccessDenied(RayADError):
+class AccessDenied(BadRequest):
     """401 (no or malformed credentials) or 403 (credentials that do not grant this resource)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

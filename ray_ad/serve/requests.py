@@ -21,6 +21,8 @@ from ray_ad.errors import DataError, RayADError
 
 
 class BadRequest(RayADError):
+    """An input error the service answers with HTTP ``status`` (4xx) and this message."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
