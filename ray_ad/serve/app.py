@@ -5,6 +5,9 @@
     GET  /v1/lines/{line}              current version, threshold, metrics
     POST /v1/lines/{line}/detect       raw image bytes or a JSON batch -> score, is_anomaly, threshold,
                                        model_version per image (?heatmap=true adds a PNG overlay, base64)
+    POST /v1/lines/{line}/adapt        admin: {"target", "source_line"} -> job_id (Ray Jobs API)
+    GET  /v1/jobs/{job_id}             admin: Ray job state + the job's status object
+    POST /v1/landing/poll              admin: one landing-zone pass now
 
 The ingress resolves a line to its CURRENT version (re-read every ``poll_s`` seconds), so a newly
 published version is served without a restart; the model id ``<line>@<version>`` routes each request
@@ -18,6 +21,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 from typing import Any
 
@@ -144,12 +148,63 @@ class LineScorer:
         storage.exists(storage.join(self.root, "models"))
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1)
+class Watcher:
+    """Polls ``<root>/landing/`` every ``interval_s`` and submits adaptation jobs (see ray_ad.serve.landing).
+
+    One replica is enough; a second one (or a restart) is harmless: job ids are deterministic.
+    """
+
+    def __init__(self, root: str, interval_s: float = 10.0, default_source: dict[str, str] | None = None,
+                 jobs_address: str = "http://127.0.0.1:8265") -> None:
+        from ray_ad.serve.jobs_api import RayJobs
+        from ray_ad.serve.landing import LandingWatcher
+
+        self.jobs = RayJobs(jobs_address)
+        self.watcher = LandingWatcher(root, self.jobs.submit, self.jobs.state, default_source)
+        self.interval_s = interval_s
+        self.last_error: str | None = None
+        self._lock = threading.Lock()  # one pass at a time: the timer thread and POST /v1/landing/poll
+        if interval_s > 0:
+            threading.Thread(target=self._loop, name="landing-watcher", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            self._poll()
+
+    def _poll(self) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                events = self.watcher.poll_once()
+            except Exception as exc:  # noqa: BLE001 - any failure must reach the health check, not end the loop
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                return [{"event": "error", "error": self.last_error}]
+            self.last_error = None
+            return events
+
+    async def poll(self) -> list[dict[str, Any]]:
+        """One pass now (what ``POST /v1/landing/poll`` triggers); errors are kept for the health check."""
+        return await asyncio.to_thread(self._poll)
+
+    async def submit(self, job_id: str, argv: list[str]) -> None:
+        await asyncio.to_thread(self.jobs.submit, job_id, argv)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.jobs.info, job_id)
+
+    def check_health(self) -> None:
+        if self.last_error:
+            raise RuntimeError(f"landing watcher: {self.last_error}")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class FleetAPI:
-    def __init__(self, scorer: Any, root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
-                 poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64) -> None:
-        self.scorer, self.root, self.poll_s = scorer, root, poll_s
+    def __init__(self, scorer: Any, watcher: Any, root: str, tokens: dict[str, Any] | None = None,
+                 token_file: str | None = None, poll_s: float = 2.0, max_pixels: int = 4096 * 4096,
+                 max_images: int = 64) -> None:
+        self.scorer, self.watcher, self.root, self.poll_s = scorer, watcher, root, poll_s
         self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
         self.limits = Limits(max_pixels=max_pixels, max_images=max_images)
         self._versions: dict[str, tuple[float, str]] = {}
@@ -196,6 +251,60 @@ class FleetAPI:
                     "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
         return _respond(info)
 
+    @api.post("/v1/lines/{line}/adapt")
+    async def adapt(self, line: str, request: Request) -> Any:
+        """Admin: adapt ``source_line``'s current model to the images at ``target`` as line ``line``."""
+        from ray_ad.job_status import adapt_job_id
+        from ray_ad.serve.landing import Batch, adapt_argv
+
+        try:
+            self.tokens.check_admin(request.headers.get("authorization"))
+            try:
+                registry.check_name("line", line)
+                body = json.loads(await request.body() or b"null")
+            except (ConfigError, json.JSONDecodeError) as exc:
+                raise BadRequest(400, str(exc)) from exc
+            if not isinstance(body, dict) or not isinstance(body.get("target"), str) \
+                    or not isinstance(body.get("source_line"), str):
+                raise BadRequest(400, 'the body must be JSON {"target": URI, "source_line": LINE}')
+            version = registry.current_version(self.root, body["source_line"])
+            if version is None:
+                raise BadRequest(404, f"source line {body['source_line']!r} has no published model")
+            job_id = adapt_job_id(line, body["source_line"], version, body["target"])
+            batch = Batch(line, job_id, body["target"], body["source_line"])
+            await self.watcher.submit.remote(job_id, adapt_argv(batch, body["source_line"], self.root))
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return {"job_id": job_id}
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job(self, job_id: str, request: Request) -> Any:
+        """Admin: the Ray job's state and the status object the adaptation job writes."""
+        from ray_ad.job_status import read_job_status
+
+        try:
+            self.tokens.check_admin(request.headers.get("authorization"))
+            try:
+                registry.check_name("job id", job_id)
+            except ConfigError as exc:
+                raise BadRequest(400, str(exc)) from exc
+            ray_info = await self.watcher.job.remote(job_id)
+            status = read_job_status(self.root, job_id)
+            if ray_info is None and status is None:
+                raise BadRequest(404, f"no job {job_id!r}")
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return {"job_id": job_id, "ray": ray_info, "status": status}
+
+    @api.post("/v1/landing/poll")
+    async def poll_landing(self, request: Request) -> Any:
+        """Admin: one landing-zone pass now (the watcher also polls on its own)."""
+        try:
+            self.tokens.check_admin(request.headers.get("authorization"))
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return {"events": await self.watcher.poll.remote()}
+
     @api.post("/v1/lines/{line}/detect")
     async def detect(self, line: str, request: Request, heatmap: bool = False) -> Any:
         started = time.perf_counter()
@@ -216,13 +325,17 @@ class FleetAPI:
 
 
 def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
-              poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64) -> Any:
-    """The Serve application graph: the ingress and the scorer it routes to."""
+              poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64,
+              landing_interval_s: float = 10.0, default_source: dict[str, str] | None = None,
+              jobs_address: str = "http://127.0.0.1:8265") -> Any:
+    """The Serve application graph: the ingress, the scorer it routes to, the landing watcher."""
     scorer = LineScorer.bind(root)
-    return FleetAPI.bind(scorer, root, tokens, token_file, poll_s, max_pixels, max_images)
+    watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address)
+    return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images)
 
 
-APP_ARGS = {"root", "token_file", "poll_s", "max_pixels", "max_images"}
+APP_ARGS = {"root", "token_file", "poll_s", "max_pixels", "max_images", "landing_interval_s", "default_source",
+            "jobs_address"}
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -238,4 +351,6 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ConfigError("application args need 'root': the storage root URI holding models/")
     Tokens.load(args.get("token_file"))  # fail at deploy time, not on the first request
     return build_app(args["root"], None, args.get("token_file"), float(args.get("poll_s", 2.0)),
-                     int(args.get("max_pixels", 4096 * 4096)), int(args.get("max_images", 64)))
+                     int(args.get("max_pixels", 4096 * 4096)), int(args.get("max_images", 64)),
+                     float(args.get("landing_interval_s", 10.0)), args.get("default_source"),
+                     args.get("jobs_address", "http://127.0.0.1:8265"))

@@ -16,6 +16,7 @@ deployment passes the Ray Jobs API in.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ def write_state(batch: Batch, state: str, job_id: str, source_line: str | None =
 
 
 def adapt_argv(batch: Batch, source_line: str, root: str) -> list[str]:
-    return ["python", str(JOBS_DIR / "adapt_target.py"), "--line", batch.line, "--source-line", source_line,
+    # This interpreter: on a cluster the job's driver runs in the same image as the service.
+    return [sys.executable, str(JOBS_DIR / "adapt_target.py"), "--line", batch.line, "--source-line", source_line,
             "--target", batch.uri, "--root", root, "--quiet"]
 
 
