@@ -327,9 +327,14 @@ class FleetAPI:
 def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
               poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64,
               landing_interval_s: float = 10.0, default_source: dict[str, str] | None = None,
-              jobs_address: str = "http://127.0.0.1:8265") -> Any:
-    """The Serve application graph: the ingress, the scorer it routes to, the landing watcher."""
-    scorer = LineScorer.bind(root)
+              jobs_address: str = "http://127.0.0.1:8265", scorer_cpus: float | None = None) -> Any:
+    """The Serve application graph: the ingress, the scorer it routes to, the landing watcher.
+
+    ``scorer_cpus`` overrides the scorer replica's CPUs (Ray caps its torch threads at that); configs
+    set it per deployment instead.
+    """
+    scorer_deployment = LineScorer.options(ray_actor_options={"num_cpus": scorer_cpus}) if scorer_cpus else LineScorer
+    scorer = scorer_deployment.bind(root)
     watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address)
     return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images)
 

@@ -1,0 +1,140 @@
+"""Load on the Serve application over loopback: concurrent clients on several lines at once, against
+in-process scoring of the same images with the same models, measured in one run.
+
+    .venv/bin/python benchmarks/serve_load.py [--root runs/fleet] [--lines elpv-mono,elpv-poly]
+        [--clients 8] [--requests 400] [--seconds 120] [--scorer-cpus 2]
+
+Needs published lines (the README's main job makes elpv-mono and elpv-poly under runs/fleet). Each
+request is one real elpv PNG (raw bytes). Reports images/s, p50/p99 latency, the error count and the
+ratio of HTTP throughput to in-process throughput (``detector.predict`` on batches of 16 decoded
+images, one process); figures go to benchmarks/results/serve_load.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine, save  # noqa: E402
+from ray_ad import registry  # noqa: E402
+from ray_ad.data import load_samples  # noqa: E402
+from ray_ad.data.images import decode_image, to_tensor  # noqa: E402
+
+
+def in_process(root: str, lines: list[str], payloads: list[bytes], batch: int = 16) -> float:
+    """Images/s of decode + preprocess + predict for every line, in this process."""
+    detectors = [registry.load_current(root, line, device="auto")[0] for line in lines]
+    start, count = time.perf_counter(), 0
+    for detector in detectors:
+        for i in range(0, len(payloads), batch):
+            images = [decode_image(p, "bench") for p in payloads[i : i + batch]]
+            tensors = torch.stack([to_tensor(im, detector.image_size, detector.extractor.mean,
+                                             detector.extractor.std) for im in images])
+            with torch.no_grad():
+                detector.predict(tensors)
+            count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/fleet")
+    parser.add_argument("--lines", default="elpv-mono,elpv-poly")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=400, help="requests in all (the bound)")
+    parser.add_argument("--seconds", type=float, default=120, help="time bound for the HTTP phase")
+    parser.add_argument("--scorer-cpus", type=float, default=2, help="CPUs of the scorer replica")
+    parser.add_argument("--images", type=int, default=64, help="distinct images cycled through")
+    args = parser.parse_args()
+    lines = args.lines.split(",")
+    missing = [line for line in lines if registry.current_version(args.root, line) is None]
+    if missing:
+        sys.exit(f"no published model for {missing} under {args.root}: run the README's main job first")
+    payloads = [Path(s.path).read_bytes() for s in load_samples("elpv:poly", "test")[: args.images]]
+
+    local = in_process(args.root, lines, payloads)
+    print(f"in-process: {local:.1f} images/s")
+
+    from ray import serve
+
+    from ray_ad.distributed.runtime import init_ray
+    from ray_ad.serve.app import build_app
+
+    init_ray(num_cpus=max(2, int(args.scorer_cpus)))
+    tokens = {"admin": secrets.token_hex(16), "lines": {line: secrets.token_hex(16) for line in lines}}
+    port = 8123
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args.root, tokens, landing_interval_s=0, scorer_cpus=args.scorer_cpus),
+              name="fleet", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/lines/{{}}/detect"
+
+    def post(line: str, body: bytes) -> int:
+        request = urllib.request.Request(url.format(line), data=body, method="POST", headers={
+            "Content-Type": "image/png", "Authorization": f"Bearer {tokens['lines'][line]}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+    for line in lines:  # warm-up: load every line's model once
+        post(line, payloads[0])
+    latencies: list[float] = []
+    errors = [0]
+    counter = iter(range(args.requests))
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.seconds
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            started = time.perf_counter()
+            status = post(lines[i % len(lines)], payloads[i % len(payloads)])
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                errors[0] += status != 200
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    serve.shutdown()
+    http = len(latencies) / wall
+    p50, p99 = (np.percentile(latencies, [50, 99]) * 1000).tolist()
+    rows = {"requests": len(latencies), "clients": args.clients, "lines": len(lines), "http_images_per_s": http,
+            "in_process_images_per_s": local, "ratio": http / local, "p50_ms": p50, "p99_ms": p99,
+            "errors": errors[0]}
+    table = "\n".join([
+        f"Serve load, {len(lines)} lines, {args.clients} clients, {len(latencies)} requests "
+        f"({machine()['cpu_count']} CPU, scorer replica {args.scorer_cpus} CPU):",
+        "",
+        "| HTTP images/s | in-process images/s | ratio | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {http:.1f} | {local:.1f} | {http / local:.2f} | {p50:.0f} | {p99:.0f} | {errors[0]} |",
+    ])
+    print(table)
+    save("serve_load", {"machine": machine(), "args": vars(args), "results": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
