@@ -23,6 +23,7 @@ import io
 import json
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,18 @@ class LineMetrics:
             self.version.set(1, tags={"line": line, "version": version or ""})
 
 
+def probe_detector(detector: Any, model_id: str) -> None:
+    """Score one grey image; raise when the model errors or returns a non-finite score."""
+    try:
+        image = torch.full((1, 3, detector.image_size, detector.image_size), 0.5)
+        with torch.no_grad():
+            score = detector.predict(image).pred_score
+    except Exception as exc:  # noqa: BLE001 - any failure makes the model unservable
+        raise RuntimeError(f"model {model_id} cannot score: {type(exc).__name__}: {exc}") from exc
+    if not torch.isfinite(score).all():
+        raise RuntimeError(f"model {model_id} gives a non-finite score")
+
+
 MODELS_PER_REPLICA = 4  # detectors a scorer replica keeps loaded (least recently used goes first)
 
 
@@ -118,11 +131,16 @@ class LineScorer:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        # The models this replica holds now (the multiplexing LRU drops them; weak refs follow it).
+        self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
         line, _, version = model_id.partition("@")
-        return load_bundle(registry.version_uri(self.root, line, version), device="auto")
+        detector = load_bundle(registry.version_uri(self.root, line, version), device="auto")
+        probe_detector(detector, model_id)  # never route requests to a model that cannot score
+        self.loaded[model_id] = detector
+        return detector
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score(self, images: list[np.ndarray], heatmaps: list[bool]) -> list[dict[str, Any]]:
@@ -144,8 +162,10 @@ class LineScorer:
         return out
 
     def check_health(self) -> None:
-        """Fails (and Serve replaces the replica) when the registry root cannot be read."""
+        """Fails (and Serve replaces the replica) when a held model cannot score or the root is unreadable."""
         storage.exists(storage.join(self.root, "models"))
+        for model_id, detector in list(self.loaded.items()):
+            probe_detector(detector, model_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1)
