@@ -63,6 +63,14 @@ def _overlay_png(image: Image.Image, anomaly_map: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _checked_name(kind: str, value: str) -> str:
+    """A line or job id from the URL must be a plain name (no path characters): else 400."""
+    try:
+        return registry.check_name(kind, value)
+    except ConfigError as exc:
+        raise BadRequest(400, str(exc)) from exc
+
+
 def _allowed(tokens: Tokens, line: str, header: str | None) -> bool:
     try:
         tokens.check_line(line, header)
@@ -71,10 +79,9 @@ def _allowed(tokens: Tokens, line: str, header: str | None) -> bool:
     return True
 
 
-def _respond(make: Any, need_token: str | None | bool = True) -> Any:
+def _respond(make: Any) -> Any:
+    """``make()``, with input errors as their 4xx and other ray_ad errors as 503, in the {"error"} shape."""
     try:
-        if need_token is None:
-            raise AccessDenied(401, "missing 'Authorization: Bearer <token>' header")
         return make()
     except BadRequest as exc:  # AccessDenied included
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -242,11 +249,7 @@ class FleetAPI:
         return version
 
     def _guard(self, request: Request, line: str) -> None:
-        try:
-            registry.check_name("line", line)
-        except ConfigError as exc:
-            raise BadRequest(400, str(exc)) from exc
-        self.tokens.check_line(line, request.headers.get("authorization"))
+        self.tokens.check_line(_checked_name("line", line), request.headers.get("authorization"))
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
@@ -255,8 +258,10 @@ class FleetAPI:
     @api.get("/v1/lines")
     def lines(self, request: Request) -> Any:
         header = request.headers.get("authorization")
+        if not header:
+            return JSONResponse({"error": "missing 'Authorization: Bearer <token>' header"}, status_code=401)
         return _respond(lambda: {"lines": [line for line in registry.list_lines(self.root)
-                                           if _allowed(self.tokens, line, header)]}, need_token=header)
+                                           if _allowed(self.tokens, line, header)]})
 
     @api.get("/v1/lines/{line}")
     def line_info(self, line: str, request: Request) -> Any:
@@ -275,15 +280,15 @@ class FleetAPI:
     async def adapt(self, line: str, request: Request) -> Any:
         """Admin: adapt ``source_line``'s current model to the images at ``target`` as line ``line``."""
         from ray_ad.job_status import adapt_job_id
-        from ray_ad.serve.landing import Batch, adapt_argv
+        from ray_ad.serve.landing import adapt_argv
 
         try:
             self.tokens.check_admin(request.headers.get("authorization"))
+            _checked_name("line", line)
             try:
-                registry.check_name("line", line)
                 body = json.loads(await request.body() or b"null")
-            except (ConfigError, json.JSONDecodeError) as exc:
-                raise BadRequest(400, str(exc)) from exc
+            except json.JSONDecodeError as exc:
+                raise BadRequest(400, f"malformed JSON body: {exc}") from exc
             if not isinstance(body, dict) or not isinstance(body.get("target"), str) \
                     or not isinstance(body.get("source_line"), str):
                 raise BadRequest(400, 'the body must be JSON {"target": URI, "source_line": LINE}')
@@ -291,8 +296,7 @@ class FleetAPI:
             if version is None:
                 raise BadRequest(404, f"source line {body['source_line']!r} has no published model")
             job_id = adapt_job_id(line, body["source_line"], version, body["target"])
-            batch = Batch(line, job_id, body["target"], body["source_line"])
-            await self.watcher.submit.remote(job_id, adapt_argv(batch, body["source_line"], self.root))
+            await self.watcher.submit.remote(job_id, adapt_argv(line, body["source_line"], body["target"], self.root))
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         return {"job_id": job_id}
@@ -304,11 +308,7 @@ class FleetAPI:
 
         try:
             self.tokens.check_admin(request.headers.get("authorization"))
-            try:
-                registry.check_name("job id", job_id)
-            except ConfigError as exc:
-                raise BadRequest(400, str(exc)) from exc
-            ray_info = await self.watcher.job.remote(job_id)
+            ray_info = await self.watcher.job.remote(_checked_name("job id", job_id))
             status = read_job_status(self.root, job_id)
             if ray_info is None and status is None:
                 raise BadRequest(404, f"no job {job_id!r}")

@@ -76,10 +76,10 @@ def write_state(batch: Batch, state: str, job_id: str, source_line: str | None =
         {"state": state, "job_id": job_id, "source_line": source_line, "error": error}, indent=2))
 
 
-def adapt_argv(batch: Batch, source_line: str, root: str) -> list[str]:
+def adapt_argv(line: str, source_line: str, target: str, root: str) -> list[str]:
     # This interpreter: on a cluster the job's driver runs in the same image as the service.
-    return [sys.executable, str(JOBS_DIR / "adapt_target.py"), "--line", batch.line, "--source-line", source_line,
-            "--target", batch.uri, "--root", root, "--quiet"]
+    return [sys.executable, str(JOBS_DIR / "adapt_target.py"), "--line", line, "--source-line", source_line,
+            "--target", target, "--root", root, "--quiet"]
 
 
 class LandingWatcher:
@@ -100,7 +100,7 @@ class LandingWatcher:
             if state:  # submitted earlier (by us or another watcher): has it ended?
                 ended = self.job_state(state["job_id"])
                 if ended is None:  # the submission itself was lost (e.g. a crash): the same id again
-                    self.submit(state["job_id"], adapt_argv(batch, state["source_line"], self.root))
+                    self.submit(state["job_id"], adapt_argv(batch.line, state["source_line"], batch.uri, self.root))
                     events.append({"batch": batch.uri, "event": "resubmitted", "job_id": state["job_id"]})
                 elif ended in TERMINAL:
                     error = self._job_error(state["job_id"]) if ended == "failed" else None
@@ -123,7 +123,7 @@ class LandingWatcher:
             return {"batch": batch.uri, "event": "failed", "error": error}
         job_id = adapt_job_id(batch.line, source, version, batch.uri)
         write_state(batch, "submitted", job_id, source)  # first, so that a crash right after never resubmits
-        self.submit(job_id, adapt_argv(batch, source, self.root))
+        self.submit(job_id, adapt_argv(batch.line, source, batch.uri, self.root))
         return {"batch": batch.uri, "event": "submitted", "job_id": job_id}
 
     def _job_error(self, job_id: str) -> str:
