@@ -29,17 +29,20 @@ def _use(detector: Detector, trainer: ScoreNetTrainer | None, backend: FeatureBa
         detector.feature_backend = backend
 
 
-def evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool = True) -> dict[str, Any]:
+def _require_both_labels(samples: list[Sample], what: str) -> None:
     if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
-        raise DataError(f"the {what} need both normal and anomalous labelled images")
+        raise DataError(f"{what} needs both normal and anomalous labelled images")
+
+
+def evaluate_samples(detector: Detector, samples: list[Sample], what: str, progress: bool = True) -> dict[str, Any]:
+    _require_both_labels(samples, what)
     return compute_metrics(run_detector(detector, samples, progress=progress))
 
 
 def evaluate_split(detector: Detector, data: str, split: str, progress: bool = True):
     """(per-image results, metrics) of ``detector`` on a labelled split."""
     samples = load_samples(data, split)
-    if not any(s.label == 1 for s in samples) or not any(s.label == 0 for s in samples):
-        raise DataError(f"split {split!r} of {data} needs both normal and anomalous labelled images")
+    _require_both_labels(samples, f"split {split!r} of {data}")
     results = run_detector(detector, samples, progress=progress)
     return results, compute_metrics(results)
 
@@ -68,7 +71,7 @@ def train_detector(
     if evaluate:
         try:
             if held_out is not None:
-                metrics.update(evaluate_samples(detector, held_out, f"held-out images of {data}", progress))
+                metrics.update(evaluate_samples(detector, held_out, f"the held-out share of {data}", progress))
             else:
                 metrics.update(evaluate_split(detector, data, "test", progress)[1])
         except DataError as exc:
