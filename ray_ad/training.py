@@ -28,6 +28,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     augment: int = 1  # dihedral variants of each training image (1 = none, up to 8)
+    # Train only on t < t_max (0 = every t of the schedule). A detector that scores at one timestep
+    # (OSD-IRF) spends its whole budget on the noise levels it will use; see the OSD-IRF README.
+    t_max: int = 0
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -38,9 +41,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def epsilon_loss(net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
-    """|| eps - eps_theta(x_t, t) ||^2 with t ~ U{0..T-1}   (DDPM objective, OSD-IRF Eq. 4)."""
-    t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
+def epsilon_loss(net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t_max: int = 0) -> torch.Tensor:
+    """|| eps - eps_theta(x_t, t) ||^2 with t ~ U{0..t_max-1}, t_max = T by default (OSD-IRF Eq. 4)."""
+    t = torch.randint(0, t_max or schedule.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = schedule.add_noise(x0, noise, t)  # Eq. 2 / 6
     return (net(x_t, t) - noise).pow(2).mean()
@@ -106,7 +109,7 @@ class ScoreNetLoop:
             batch = x0[index].to(self.device)
             for group in self.optimiser.param_groups:
                 group["lr"] = lr_at(self.step, config)
-            loss = epsilon_loss(self.model, self.schedule, batch)
+            loss = epsilon_loss(self.model, self.schedule, batch, config.t_max)
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

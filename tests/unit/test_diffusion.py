@@ -41,3 +41,26 @@ def test_learning_rate_warms_up_then_decays():
     config = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
     assert lr_at(0, config) == 0.1 and lr_at(9, config) == 1.0
     assert lr_at(99, config) < 0.2 and lr_at(50, config) < 1.0
+
+
+def test_t_max_limits_the_trained_timesteps_and_osd_irf_refuses_t_outside_them():
+    import pytest
+
+    from ray_ad.errors import ConfigError
+    from ray_ad.methods import method_config
+    from ray_ad.training import epsilon_loss
+
+    seen: list[torch.Tensor] = []
+
+    def recording_net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    for _ in range(50):
+        epsilon_loss(recording_net, NoiseSchedule(), torch.randn(64, 2, 2, 2), t_max=300)
+    t = torch.cat(seen)
+    assert t.max() < 300 and t.min() >= 0 and t.max() >= 290  # the whole range [0, 300), nothing above
+    config = {"train": {"t_max": 300}, "t": 150}
+    assert method_config("osd_irf", config).t == 150
+    with pytest.raises(ConfigError, match="t = 500 lies outside the trained range"):
+        method_config("osd_irf", {**config, "t": 500})

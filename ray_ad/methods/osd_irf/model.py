@@ -43,9 +43,14 @@ class OSDIRFConfig:
     seed: int = 0
     device: str = "auto"
 
+    def check_trained_range(self, t: int) -> None:
+        if self.train.t_max and t >= self.train.t_max:
+            raise ValueError(f"t = {t} lies outside the trained range: train.t_max = {self.train.t_max} (t < t_max)")
+
     def __post_init__(self) -> None:
         if not 0 <= self.t < 1000:
             raise ValueError(f"t must be in [0, 999], got {self.t}")
+        self.check_trained_range(self.t)
         if self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
         if not 0 < self.threshold_quantile <= 1:
@@ -109,6 +114,7 @@ class OSDIRF(Detector):
 
     def retarget(self, t: int, train: list[Sample], calibration: list[Sample], cache_dir: str | None = None) -> None:
         """Score at another timestep with the same network: refit the IRF Gaussian and recalibrate."""
+        self.config.check_trained_range(t)
         self.config.t = t
         features = self.extract_features(train, cache_dir=cache_dir, progress=False)
         self.fit_irf_gaussian(self.normalise(features.to(self.device)))
@@ -123,7 +129,7 @@ class OSDIRF(Detector):
         self.calibrate(calibration, progress=False, cache_dir=cache_dir)
 
     def training_step(self, x0: torch.Tensor) -> torch.Tensor:
-        return epsilon_loss(self.score_net, self.schedule, x0)  # Eq. 4
+        return epsilon_loss(self.score_net, self.schedule, x0, self.config.train.t_max)  # Eq. 4
 
     # ---------------------------------------------------------------- scoring
     @torch.no_grad()
