@@ -76,17 +76,37 @@ def _matrix_power(cov: torch.Tensor, power: float, eps: float) -> torch.Tensor:
     return (eigenvectors * scaled.pow(power)) @ eigenvectors.T
 
 
+def trimmed_moments(
+    z: torch.Tensor, trim: float, steps: int = 3, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of ``z`` without its ``trim`` share of outlying rows.
+
+    Concentration steps as in the minimum covariance determinant estimator: fit on the kept rows,
+    keep the (1 - trim) share with the smallest Mahalanobis distance under that fit, repeat. An
+    unlabeled target holds anomalies; left in, they would be whitened away with the domain shift.
+    """
+    keep = torch.ones(z.shape[0], dtype=torch.bool)
+    for _ in range(steps if trim > 0 else 0):
+        mean, cov = z[keep].mean(0), covariance(z[keep])
+        centred = (z - mean).double()
+        distance = (centred @ _matrix_power(cov, -1.0, eps) * centred).sum(1)
+        kept = max(2, int(round((1 - trim) * len(distance))))
+        keep = distance <= torch.kthvalue(distance, kept).values  # (torch.quantile caps its input size)
+    return z[keep].mean(0), covariance(z[keep])
+
+
 def whiten_recolor(
-    z_target: torch.Tensor, source_mean: torch.Tensor, source_cov: torch.Tensor, eps: float = 1e-4
+    z_target: torch.Tensor, source_mean: torch.Tensor, source_cov: torch.Tensor, eps: float = 1e-4, trim: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, b) with z' = A z + b: whiten with the target covariance, recolor with the source's.
 
     A = Cov_S^{1/2} Cov_T^{-1/2} and b = mu_S - A mu_T; Cov(A z + b) = Cov_S (up to the ridge eps),
-    which minimises the CORAL loss.
+    which minimises the CORAL loss. ``trim`` > 0 takes the target moments without that share of
+    outlying rows (``trimmed_moments``).
     """
-    target_mean = z_target.mean(0).double()
-    a = _matrix_power(source_cov, 0.5, eps) @ _matrix_power(covariance(z_target), -0.5, eps)
-    b = source_mean.double() - a @ target_mean
+    target_mean, target_cov = trimmed_moments(z_target, trim, eps=eps)
+    a = _matrix_power(source_cov, 0.5, eps) @ _matrix_power(target_cov, -0.5, eps)
+    b = source_mean.double() - a @ target_mean.double()
     return a.float(), b.float()
 
 

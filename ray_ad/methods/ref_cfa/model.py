@@ -89,6 +89,12 @@ class CFAConfig:
     second_order: bool = True  # SFA
     rank: int = 8  # r of the top-r singular subspaces of stacked M
     ridge: float = 1e-4  # added to covariance eigenvalues before whitening
+    # SFA: share of target cells left out of the target moments as outliers (0 = all cells, the paper)
+    sfa_trim: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sfa_trim < 1:
+            raise ValueError(f"cfa.sfa_trim must be in [0, 1), got {self.sfa_trim}")
 
 
 @dataclass
@@ -584,7 +590,7 @@ class REFCFA(Detector):
         z = torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in torch.arange(len(fields)).split(8192)])
         info["sfa_coral_before"] = coral_loss(z, self.anchor_cov)
         if cfa.second_order:
-            self.align_a, self.align_b = whiten_recolor(z, self.anchor_mean, self.anchor_cov, cfa.ridge)
+            self.align_a, self.align_b = whiten_recolor(z, self.anchor_mean, self.anchor_cov, cfa.ridge, cfa.sfa_trim)
         else:
             self.align_a, self.align_b = torch.eye(z.shape[1]), torch.zeros(z.shape[1])
         info["sfa_coral_after"] = coral_loss(z @ self.align_a.T + self.align_b, self.anchor_cov)
