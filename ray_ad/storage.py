@@ -52,6 +52,15 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's directory; any other URI unchanged.
+
+    For values handed to other processes (Serve replicas, submitted jobs) whose working directory
+    is not ours.
+    """
+    return os.path.abspath(uri) if protocol(uri) == "file" and not uri.startswith("file://") else uri
+
+
 def join(uri: str, *parts: str) -> str:
     if "://" in uri:
         scheme, rest = uri.split("://", 1)

@@ -101,7 +101,9 @@ class LineMetrics:
         self.anomalies = Counter("ray_ad_anomalies", "images flagged anomalous per line", tag_keys=("line",))
         self.latency = Histogram("ray_ad_detect_latency_ms", "detect request latency per line (ms)",
                                  boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000], tag_keys=("line",))
-        self.version = Gauge("ray_ad_model_version", "1 for the version a line serves", tag_keys=("line", "version"))
+        self.version = Gauge("ray_ad_model_version", "1 for the version a line serves, 0 for the one it served before",
+                             tag_keys=("line", "version"))
+        self._served: dict[str, str] = {}
 
     def request(self, line: str, status: int, started: float, rows: list[dict[str, Any]] | None = None,
                 version: str | None = None) -> None:
@@ -114,7 +116,16 @@ class LineMetrics:
             flagged = sum(r["is_anomaly"] for r in rows)
             if flagged:  # Counter.inc refuses 0
                 self.anomalies.inc(flagged, tags={"line": line})
-            self.version.set(1, tags={"line": line, "version": version or ""})
+            self.served(line, version or "")
+
+    def served(self, line: str, version: str) -> None:
+        previous = self._served.get(line)
+        if previous == version:
+            return
+        if previous is not None:
+            self.version.set(0, tags={"line": line, "version": previous})
+        self.version.set(1, tags={"line": line, "version": version})
+        self._served[line] = version
 
 
 def probe_detector(detector: Any, model_id: str) -> None:
@@ -374,8 +385,12 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown application args {sorted(unknown)}; allowed: {sorted(APP_ARGS)}")
     if not args.get("root"):
         raise ConfigError("application args need 'root': the storage root URI holding models/")
-    Tokens.load(args.get("token_file"))  # fail at deploy time, not on the first request
-    return build_app(args["root"], None, args.get("token_file"), float(args.get("poll_s", 2.0)),
+    # Local paths are relative to where `serve run` / `serve deploy` builds the app; replicas and the
+    # jobs the watcher submits run elsewhere, so they get absolute ones.
+    root = storage.absolute(args["root"])
+    token_file = storage.absolute(args["token_file"]) if args.get("token_file") else None
+    Tokens.load(token_file)  # fail at deploy time, not on the first request
+    return build_app(root, None, token_file, float(args.get("poll_s", 2.0)),
                      int(args.get("max_pixels", 4096 * 4096)), int(args.get("max_images", 64)),
                      float(args.get("landing_interval_s", 10.0)), args.get("default_source"),
                      args.get("jobs_address", "http://127.0.0.1:8265"))

@@ -126,3 +126,60 @@ def test_a_new_version_is_served_without_a_restart(service):
         time.sleep(0.3)
     assert before != new and row["model_version"] == new
     assert row["threshold"] == pytest.approx(detector.threshold)
+
+
+def exported_metrics(ray_module) -> dict[tuple[str, frozenset], float]:
+    """What Ray's metrics agent exports to Prometheus now: (sample name, labels) -> value, summed over replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray_module._private.worker.global_worker.node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[tuple[str, frozenset], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "ray_ad_" not in sample.name:
+                continue
+            keep = frozenset((k, v) for k, v in sample.labels.items() if k in ("line", "status", "version", "le"))
+            values[(sample.name, keep)] = values.get((sample.name, keep), 0.0) + sample.value
+    return values
+
+
+def metric(values: dict, suffix: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (name, keys), v in values.items() if name.endswith(suffix) and wanted <= keys)
+
+
+def test_custom_metrics_count_requests_images_anomalies_and_version_per_line(service, ray_cluster):
+    import time
+
+    url, root, detector, data = service
+    version = registry.publish(detector, root, "line-c")  # a line no other test touches: exact counts
+    image = (data / "test" / "spot" / "000.png").read_bytes()
+    flagged = 0
+    for _ in range(3):
+        status, body = call(f"{url}/v1/lines/line-c/detect", image, ADMIN)
+        assert status == 200
+        flagged += body["results"][0]["is_anomaly"]
+    batch = json.dumps({"images": [base64.b64encode(image).decode()] * 2}).encode()
+    status, body = call(f"{url}/v1/lines/line-c/detect", batch, ADMIN, "application/json")
+    assert status == 200
+    flagged += sum(row["is_anomaly"] for row in body["results"])
+    assert call(f"{url}/v1/lines/line-c/detect", b"", ADMIN)[0] == 400
+
+    deadline = time.monotonic() + 90  # Ray exports application metrics every few seconds
+    while True:
+        values = exported_metrics(ray_cluster)
+        observed = {
+            "requests": metric(values, "ray_ad_requests_total", line="line-c", status="200"),
+            "images": metric(values, "ray_ad_images_total", line="line-c"),
+            "anomalies": metric(values, "ray_ad_anomalies_total", line="line-c"),
+            "latency_count": metric(values, "ray_ad_detect_latency_ms_count", line="line-c"),
+            "version": metric(values, "ray_ad_model_version", line="line-c", version=version),
+            "bad_requests": metric(values, "ray_ad_requests_total", line="-", status="400"),
+        }
+        expected = {"requests": 4, "images": 5, "anomalies": flagged, "latency_count": 4, "version": 1}
+        if all(observed[k] == v for k, v in expected.items()) and observed["bad_requests"] >= 1:
+            break
+        assert time.monotonic() < deadline, f"exported {observed}, expected {expected} and a 400 under line '-'"
+        time.sleep(1)
