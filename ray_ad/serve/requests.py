@@ -4,13 +4,15 @@ Accepted bodies for ``POST /v1/lines/{line}/detect``:
 
 - one image as raw bytes (``image/*`` or ``application/octet-stream``);
 - a JSON batch: ``{"images": [{"name": "a.png", "data": "<base64>"}, ...]}`` (or plain base64 strings);
-- multipart form files (decoded by the app, each part passed to ``decode_part``).
+- multipart form data (``multipart/form-data``): every part that carries a file is an image.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import email.parser
+import email.policy
 import json
 from dataclasses import dataclass
 
@@ -55,6 +57,8 @@ def images_from_body(body: bytes, content_type: str | None, limits: Limits) -> l
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind == "application/json":
         return _json_batch(body, limits)
+    if kind == "multipart/form-data":
+        return _multipart(body, content_type or "", limits)
     if kind.startswith("image/") or kind in ("application/octet-stream", ""):
         return [("image", decode_part(body, "image", limits))]
     raise BadRequest(415, f"unsupported content type {kind!r}: use image/*, application/octet-stream, "
@@ -83,3 +87,27 @@ def _json_batch(body: bytes, limits: Limits) -> list[tuple[str, Image.Image]]:
             raise BadRequest(400, f"{name}: malformed base64 ({exc})") from exc
         out.append((name, decode_part(raw, name, limits)))
     return out
+
+
+def _multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, Image.Image]]:
+    """Every file part of a ``multipart/form-data`` body (what ``curl -F file=@a.png`` sends).
+
+    Parsed with the standard library's MIME parser: the body is a MIME message whose header is the
+    request's Content-Type (with its boundary).
+    """
+    if "boundary=" not in content_type:
+        raise BadRequest(400, "multipart/form-data without a boundary parameter in Content-Type")
+    header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+    parts = [part for part in message.iter_parts() if part.get_filename() is not None] \
+        if message.is_multipart() else []
+    if not parts:
+        raise BadRequest(400, "the multipart body has no file part: send the image as a file field "
+                              "(e.g. curl -F image=@cell.png)")
+    if len(parts) > limits.max_images:
+        raise BadRequest(413, f"{len(parts)} images in one request; the limit is {limits.max_images}")
+    images = []
+    for i, part in enumerate(parts):
+        name = part.get_filename() or f"part[{i}]"
+        images.append((name, decode_part(part.get_payload(decode=True) or b"", name, limits)))
+    return images

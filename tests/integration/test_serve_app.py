@@ -91,11 +91,27 @@ def test_json_batches_and_heatmaps(service):
     assert out["results"][1]["score"] > out["results"][0]["score"]  # the bright square scores higher
 
 
+def test_multipart_uploads_as_curl_sends_them(service):
+    url, _, _, data = service
+    boundary = "ray-ad-test-boundary"
+    body = b""
+    for defect in ("good", "spot"):
+        image = (data / "test" / defect / "000.png").read_bytes()
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{defect}.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    status, out = call(f"{url}/v1/lines/line-a/detect", body, A, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and [r["name"] for r in out["results"]] == ["good.png", "spot.png"]
+    assert out["results"][1]["score"] > out["results"][0]["score"]
+
+
 @pytest.mark.parametrize(("path", "body", "content_type", "status"), [
     ("line-a", b"", "image/png", 400),
     ("line-a", b"not an image", "image/png", 422),
     ("line-a", png(np.zeros((64, 64), np.uint8))[:50], "image/png", 422),
     ("line-a", b"{oops", "application/json", 400),
+    ("line-a", b"--x\r\nContent-Disposition: form-data; name=a\r\n\r\nv\r\n--x--\r\n",
+     "multipart/form-data; boundary=x", 400),  # a form without a file
     ("line-a", b'{"images": ["***"]}', "application/json", 400),
     ("line-a", png(np.zeros((5000, 4000), np.uint8)), "image/png", 413),
     ("no-such-line", png(np.zeros((8, 8), np.uint8)), "image/png", 403),

@@ -78,6 +78,40 @@ def test_raw_and_json_bodies_decode_to_rgb_images():
     assert [n for n, _ in decoded] == ["x.png", "images[1]"] and decoded[1][1].size == (16, 16)
 
 
+def multipart(*files: tuple[str, bytes], boundary: str = "b0undary-42", fields: int = 1) -> tuple[bytes, str]:
+    """A multipart/form-data body as curl -F sends it: form fields, then one part per file."""
+    out = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="note{i}"\r\n\r\ntext\r\n'.encode()
+                   for i in range(fields))
+    for name, data in files:
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                f"Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_file_parts_decode_byte_for_byte():
+    noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)  # every byte value
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    body, content_type = multipart(("noise.png", buffer.getvalue()), ("grey.png", png()))
+    decoded = images_from_body(body, content_type, Limits())
+    assert [name for name, _ in decoded] == ["noise.png", "grey.png"]
+    np.testing.assert_array_equal(np.asarray(decoded[0][1]), noise)
+    assert decoded[1][1].mode == "RGB" and decoded[1][1].size == (32, 24)
+
+
+@pytest.mark.parametrize(("body_and_type", "status", "named"), [
+    ((multipart(("a.png", png()))[0], "multipart/form-data"), 400, "boundary"),
+    (multipart(fields=2), 400, "no file part"),
+    (multipart(("a.png", b"not a png")), 422, "a.png: not a readable image"),
+    (multipart(("a.png", png()), ("b.png", png()), ("c.png", png())), 413, "limit is 2"),
+])
+def test_bad_multipart_bodies_get_their_4xx(body_and_type, status, named):
+    body, content_type = body_and_type
+    with pytest.raises(BadRequest, match=named) as error:
+        images_from_body(body, content_type, Limits(max_images=2))
+    assert error.value.status == status
+
+
 @pytest.mark.parametrize(("body", "content_type", "status", "named"), [
     (b"", "image/png", 400, "empty request body"),
     (b"hello, not an image", "image/png", 422, "not a readable image"),
