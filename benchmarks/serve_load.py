@@ -2,23 +2,24 @@
 in-process scoring of the same images with the same models, measured in one run.
 
     .venv/bin/python benchmarks/serve_load.py [--root runs/fleet] [--lines elpv-mono,elpv-poly]
-        [--clients 8] [--requests 400] [--seconds 120] [--scorer-cpus 2]
+        [--clients 8] [--requests 400] [--seconds 120] [--scorer-cpus 2] [--warmup 48] [--passes 3]
 
 Needs published lines (the README's main job makes elpv-mono and elpv-poly under runs/fleet). Each
-request is one real elpv PNG (raw bytes). Reports images/s, p50/p99 latency, the error count and the
-ratio of HTTP throughput to in-process throughput (``detector.predict`` on batches of 16 decoded
-images, one process); figures go to benchmarks/results/serve_load.{json,md}.
+request is one real elpv PNG (raw bytes) on a kept-alive connection; ``--warmup`` requests at full
+concurrency go first and are not counted. Reports images/s, p50/p99 latency, the error count (warm-up
+included) and the ratio of HTTP throughput to in-process throughput (decode + ``detector.predict`` on
+batches of 16 images, one process, ``--passes`` passes after one warm-up batch); figures go to
+benchmarks/results/serve_load.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import secrets
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +33,25 @@ from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.data.images import decode_image, to_tensor  # noqa: E402
 
 
-def in_process(root: str, lines: list[str], payloads: list[bytes], batch: int = 16) -> float:
-    """Images/s of decode + preprocess + predict for every line, in this process."""
+def in_process(root: str, lines: list[str], payloads: list[bytes], passes: int, batch: int = 16) -> float:
+    """Images/s of decode + preprocess + predict for every line, in this process (after one warm-up batch)."""
     detectors = [registry.load_current(root, line, device="auto")[0] for line in lines]
-    start, count = time.perf_counter(), 0
+
+    def score(detector, chunk: list[bytes]) -> None:
+        images = [decode_image(p, "bench") for p in chunk]
+        tensors = torch.stack([to_tensor(im, detector.image_size, detector.extractor.mean,
+                                         detector.extractor.std) for im in images])
+        with torch.no_grad():
+            detector.predict(tensors)
+
     for detector in detectors:
-        for i in range(0, len(payloads), batch):
-            images = [decode_image(p, "bench") for p in payloads[i : i + batch]]
-            tensors = torch.stack([to_tensor(im, detector.image_size, detector.extractor.mean,
-                                             detector.extractor.std) for im in images])
-            with torch.no_grad():
-                detector.predict(tensors)
-            count += len(images)
+        score(detector, payloads[:batch])
+    start, count = time.perf_counter(), 0
+    for _ in range(passes):
+        for detector in detectors:
+            for i in range(0, len(payloads), batch):
+                score(detector, payloads[i : i + batch])
+                count += len(payloads[i : i + batch])
     return count / (time.perf_counter() - start)
 
 
@@ -56,6 +64,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120, help="time bound for the HTTP phase")
     parser.add_argument("--scorer-cpus", type=float, default=2, help="CPUs of the scorer replica")
     parser.add_argument("--images", type=int, default=64, help="distinct images cycled through")
+    parser.add_argument("--warmup", type=int, default=48, help="requests sent first at full concurrency, not counted")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the images for the in-process figure")
     args = parser.parse_args()
     lines = args.lines.split(",")
     missing = [line for line in lines if registry.current_version(args.root, line) is None]
@@ -63,7 +73,7 @@ def main() -> None:
         sys.exit(f"no published model for {missing} under {args.root}: run the README's main job first")
     payloads = [Path(s.path).read_bytes() for s in load_samples("elpv:poly", "test")[: args.images]]
 
-    local = in_process(args.root, lines, payloads)
+    local = in_process(args.root, lines, payloads, args.passes)
     print(f"in-process: {local:.1f} images/s")
 
     from ray import serve
@@ -77,52 +87,58 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args.root, tokens, landing_interval_s=0, scorer_cpus=args.scorer_cpus),
               name="fleet", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/lines/{{}}/detect"
+    path = "/v1/lines/{}/detect"
 
-    def post(line: str, body: bytes) -> int:
-        request = urllib.request.Request(url.format(line), data=body, method="POST", headers={
-            "Content-Type": "image/png", "Authorization": f"Bearer {tokens['lines'][line]}"})
+    def post(connection: http.client.HTTPConnection, line: str, body: bytes) -> int:
+        """One detect request on the client's kept-alive connection (as requests.Session would)."""
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                response.read()
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
+            connection.request("POST", path.format(line), body=body, headers={
+                "Content-Type": "image/png", "Authorization": f"Bearer {tokens['lines'][line]}"})
+            response = connection.getresponse()
+            response.read()
+            return response.status
         except OSError:
+            connection.close()  # reconnects on the next request
             return 0
 
-    for line in lines:  # warm-up: load every line's model once
-        post(line, payloads[0])
-    latencies: list[float] = []
-    errors = [0]
-    counter = iter(range(args.requests))
-    lock = threading.Lock()
-    deadline = time.monotonic() + args.seconds
+    def run_clients(requests: int, seconds: float) -> tuple[list[float], int, float]:
+        """``requests`` detect calls from ``--clients`` threads, lines and images in turn: latencies, errors, wall s."""
+        latencies: list[float] = []
+        errors = [0]
+        counter = iter(range(requests))
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
 
-    def client() -> None:
-        while time.monotonic() < deadline:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            started = time.perf_counter()
-            status = post(lines[i % len(lines)], payloads[i % len(payloads)])
-            with lock:
-                latencies.append(time.perf_counter() - started)
-                errors[0] += status != 200
+        def client() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            while time.monotonic() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                status = post(connection, lines[i % len(lines)], payloads[i % len(payloads)])
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    errors[0] += status != 200
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return latencies, errors[0], time.perf_counter() - start
+
+    # Warm-up at full concurrency (model loads, first batches, connection set-up), not counted.
+    _, warmup_errors, _ = run_clients(args.warmup, args.seconds)
+    latencies, error_count, wall = run_clients(args.requests, args.seconds)
+    errors = [warmup_errors + error_count]
     serve.shutdown()
-    http = len(latencies) / wall
+    http_rate = len(latencies) / wall
     p50, p99 = (np.percentile(latencies, [50, 99]) * 1000).tolist()
-    rows = {"requests": len(latencies), "clients": args.clients, "lines": len(lines), "http_images_per_s": http,
-            "in_process_images_per_s": local, "ratio": http / local, "p50_ms": p50, "p99_ms": p99,
+    rows = {"requests": len(latencies), "clients": args.clients, "lines": len(lines), "http_images_per_s": http_rate,
+            "in_process_images_per_s": local, "ratio": http_rate / local, "p50_ms": p50, "p99_ms": p99,
             "errors": errors[0]}
     table = "\n".join([
         f"Serve load, {len(lines)} lines, {args.clients} clients, {len(latencies)} requests "
@@ -130,7 +146,7 @@ def main() -> None:
         "",
         "| HTTP images/s | in-process images/s | ratio | p50 ms | p99 ms | errors |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {http:.1f} | {local:.1f} | {http / local:.2f} | {p50:.0f} | {p99:.0f} | {errors[0]} |",
+        f"| {http_rate:.1f} | {local:.1f} | {http_rate / local:.2f} | {p50:.0f} | {p99:.0f} | {errors[0]} |",
     ])
     print(table)
     save("serve_load", {"machine": machine(), "args": vars(args), "results": rows}, table)
