@@ -32,6 +32,10 @@ class TrainConfig:
     # (OSD-IRF) spends its whole budget on the noise levels it will use; see the OSD-IRF README.
     t_max: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_max <= 1000:
+            raise ValueError(f"train.t_max must be in [0, 1000] (0 = every timestep), got {self.t_max}")
+
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak learning rate."""

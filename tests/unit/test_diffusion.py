@@ -64,3 +64,9 @@ def test_t_max_limits_the_trained_timesteps_and_osd_irf_refuses_t_outside_them()
     assert method_config("osd_irf", config).t == 150
     with pytest.raises(ConfigError, match="t = 500 lies outside the trained range"):
         method_config("osd_irf", {**config, "t": 500})
+    with pytest.raises(ConfigError, match="inversion runs the network up to t = 999"):
+        method_config("osd_irf", {**config, "scoring": "inversion"})
+    with pytest.raises(ConfigError, match="fields.timesteps reach t = 400"):
+        method_config("ref_cfa", {"train": {"t_max": 300}, "fields": {"timesteps": [400, 50]}})
+    with pytest.raises(ConfigError, match="train.t_max must be in"):
+        method_config("osd_irf", {"train": {"t_max": -1}})

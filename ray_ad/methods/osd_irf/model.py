@@ -51,6 +51,9 @@ class OSDIRFConfig:
         if not 0 <= self.t < 1000:
             raise ValueError(f"t must be in [0, 999], got {self.t}")
         self.check_trained_range(self.t)
+        if self.scoring == "inversion" and 0 < self.train.t_max < 1000:
+            raise ValueError(f"scoring: inversion runs the network up to t = 999; train.t_max = {self.train.t_max} "
+                             "leaves it untrained there (use t_max: 0)")
         if self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
         if not 0 < self.threshold_quantile <= 1:

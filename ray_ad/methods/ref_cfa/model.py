@@ -119,6 +119,9 @@ class REFCFAConfig:
             raise ValueError(f"top_p is a percentage in (0, 100], got {self.top_p}")
         if not 0 < self.threshold_quantile <= 1:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if self.train.t_max and max(self.fields.timesteps) >= self.train.t_max:
+            raise ValueError(f"fields.timesteps reach t = {max(self.fields.timesteps)}, outside the trained range "
+                             f"train.t_max = {self.train.t_max}")
         if self.target_init not in ("source", "scratch"):
             raise ValueError(f"target_init must be 'source' or 'scratch', got {self.target_init!r}")
 
