@@ -49,6 +49,7 @@ IMAGE=$("$PY" -c "from ray_ad.data.elpv import elpv_samples
 print(next(s.path for s in elpv_samples('elpv:mono') if s.split == 'test' and s.label == 1))")
 curl -s -X POST --data-binary @"$IMAGE" -H "Content-Type: image/png" -H "Authorization: Bearer $MONO" \
   "$URL/v1/lines/elpv-mono/detect"; echo
+curl -s -F image=@"$IMAGE" -H "Authorization: Bearer $MONO" "$URL/v1/lines/elpv-mono/detect"; echo  # multipart
 curl -s -o /dev/null -w "the same token on elpv-poly: HTTP %{http_code}\n" -X POST --data-binary @"$IMAGE" \
   -H "Content-Type: image/png" -H "Authorization: Bearer $MONO" "$URL/v1/lines/elpv-poly/detect"
 
