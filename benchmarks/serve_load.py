@@ -133,20 +133,20 @@ def main() -> None:
     # Warm-up at full concurrency (model loads, first batches, connection set-up), not counted.
     _, warmup_errors, _ = run_clients(args.warmup, args.seconds)
     latencies, error_count, wall = run_clients(args.requests, args.seconds)
-    errors = [warmup_errors + error_count]
+    errors = warmup_errors + error_count
     serve.shutdown()
     http_rate = len(latencies) / wall
     p50, p99 = (np.percentile(latencies, [50, 99]) * 1000).tolist()
     rows = {"requests": len(latencies), "clients": args.clients, "lines": len(lines), "http_images_per_s": http_rate,
             "in_process_images_per_s": local, "ratio": http_rate / local, "p50_ms": p50, "p99_ms": p99,
-            "errors": errors[0]}
+            "errors": errors}
     table = "\n".join([
         f"Serve load, {len(lines)} lines, {args.clients} clients, {len(latencies)} requests "
         f"({machine()['cpu_count']} CPU, scorer replica {args.scorer_cpus} CPU):",
         "",
         "| HTTP images/s | in-process images/s | ratio | p50 ms | p99 ms | errors |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {http_rate:.1f} | {local:.1f} | {http_rate / local:.2f} | {p50:.0f} | {p99:.0f} | {errors[0]} |",
+        f"| {http_rate:.1f} | {local:.1f} | {http_rate / local:.2f} | {p50:.0f} | {p99:.0f} | {errors} |",
     ])
     print(table)
     save("serve_load", {"machine": machine(), "args": vars(args), "results": rows}, table)
