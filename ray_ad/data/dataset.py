@@ -201,20 +201,36 @@ class ImageDataset(Dataset):
 
 
 def split_calibration(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Deterministically hold out ``fraction`` of ``samples`` (by a stable hash of the path).
+    """Deterministically hold out ``fraction`` of ``samples``, stratified by label.
+
+    Each label (normal, anomalous, unlabelled) gives up its own share, at least one image of every
+    label that has two or more, so the held-out set of a labelled source always contains normals to
+    calibrate on. Images are ranked by a hash of the last three path components (``split/class/name``
+    in an MVTec folder), not of the full path: the same dataset copied to another machine, bucket or
+    temporary folder gets the same split.
 
     Returns ``(train, calibration)``; both are non-empty whenever there are at least two samples.
     """
-    import hashlib
-
     if not 0 < fraction < 1:
         raise ValueError(f"calibration fraction must be in (0, 1), got {fraction}")
     if len(samples) < 2:
         raise DataError(f"need at least 2 training images to hold some out for calibration, got {len(samples)}")
-    ranked = sorted(samples, key=lambda s: hashlib.sha256(s.path.encode()).hexdigest())
-    count = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
-    held_out = {s.path for s in ranked[:count]}
+    held_out: set[str] = set()
+    for label in sorted({s.label for s in samples}):
+        group = sorted((s for s in samples if s.label == label), key=_split_rank)
+        if len(group) >= 2:
+            count = min(len(group) - 1, max(1, round(len(group) * fraction)))
+            held_out.update(s.path for s in group[:count])
+    if not held_out:  # every label has a single image: hold out the first normal (or first) one
+        held_out.add(min(samples, key=lambda s: (s.label != 0, _split_rank(s))).path)
     return [s for s in samples if s.path not in held_out], [s for s in samples if s.path in held_out]
+
+
+def _split_rank(sample: Sample) -> str:
+    import hashlib
+
+    key = "/".join(sample.path.replace("\\", "/").split("/")[-3:])
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def training_split(data: str, calibration_fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:

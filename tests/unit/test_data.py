@@ -8,7 +8,7 @@ from PIL import Image
 from ray_ad.data import ImageDataset, load_samples, split_calibration, write_manifest
 from ray_ad.data.images import decode_image
 from ray_ad.errors import DataError
-from tests.conftest import upload_folder
+from tests.conftest import make_mvtec, upload_folder
 
 
 def test_mvtec_layout_reads_splits_labels_and_masks(tiny_mvtec):
@@ -109,6 +109,26 @@ def test_calibration_split_is_deterministic_and_disjoint(tiny_mvtec):
     assert len(held) == 3 and len(fit) == 9
     assert not {s.path for s in fit} & {s.path for s in held}
     assert split_calibration(train, 0.25) == (fit, held)
+
+
+def test_calibration_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    names = []
+    for where in ("here", "elsewhere/deeper"):
+        root = make_mvtec(tmp_path / where, n_train=20)
+        _, held = split_calibration(load_samples(str(root), "train"), 0.2)
+        names.append(sorted(s.path[len(str(root)):] for s in held))
+    assert len(names[0]) == 4 and names[0] == names[1]
+
+
+def test_labelled_calibration_split_keeps_normals_and_anomalies_in_both_parts(tmp_path):
+    labelled = load_samples(str(make_mvtec(tmp_path / "d", n_train=10, n_good=4, n_bad=3)))
+    for fraction in (0.05, 0.1, 0.3):
+        fit, held = split_calibration(labelled, fraction)
+        for part in (fit, held):
+            assert {s.label for s in part} == {0, 1}, (fraction, [(s.path, s.label) for s in part])
+    one_each = [s for s in labelled if s.label == 0][:1] + [s for s in labelled if s.label == 1][:1]
+    fit, held = split_calibration(one_each, 0.1)
+    assert [s.label for s in held] == [0] and [s.label for s in fit] == [1]
 
 
 def test_real_magnetic_tile_layout(magnetic_tile):
