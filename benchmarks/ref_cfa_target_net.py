@@ -1,0 +1,96 @@
+"""Which target score network should CFA align? T1 trained from scratch (the paper's T1), or the
+source network S1 itself, re-standardised on the target's features, with no target training at all.
+
+    .venv/bin/python benchmarks/ref_cfa_target_net.py [--task mono-poly|poly-mono ...]
+
+For each task it loads the adapted bundle the cross-domain benchmark saved
+(``benchmarks/results/runs/ref_cfa_<task>``: source S1, head and anchors, and its T1 from scratch),
+then refits only the alignment (closed form) for each choice of target network and CFA switch, and
+evaluates on the target's labelled test split (labels are read only there). "w/o CFA" is the source
+model as is. Figures go to benchmarks/results/ref_cfa_target_net.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, save  # noqa: E402
+
+from ray_ad.bundle import load_bundle  # noqa: E402
+from ray_ad.data import load_samples  # noqa: E402
+from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
+from ray_ad.methods.ref_cfa.model import _Domain  # noqa: E402
+from ray_ad.pipeline import target_image_uris  # noqa: E402
+
+TASKS = {"mono-poly": "elpv:poly", "poly-mono": "elpv:mono"}
+CFA_SWITCHES = {
+    "CFA full": {},
+    "w/o SFA": {"second_order": False},
+    "w/o DSA": {"directional": False},
+    "w/o TA": {"temporal": False},
+}
+
+
+def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
+    detector = load_bundle(str(RESULTS / "runs" / f"ref_cfa_{task}"), device="auto")
+    images, test = target_image_uris(target), load_samples(target, "test")
+    cache_dir = str(RESULTS / "cache")
+    rows: dict[str, dict[str, float]] = {}
+
+    def evaluate(label: str, tick: float) -> None:
+        metrics = compute_metrics(run_detector(detector, test, progress=False))
+        rows[label] = {"image_auroc": metrics["image_auroc"], "image_ap": metrics["image_ap"],
+                       "seconds": time.perf_counter() - tick}
+        print(f"{task} | {label}: image AUROC {metrics['image_auroc']:.3f}, AP {metrics['image_ap']:.3f}", flush=True)
+
+    scratch, base_cfa = detector.target, detector.config.cfa
+    tick = time.perf_counter()
+    detector.target = None
+    evaluate("w/o CFA (source model as is)", tick)
+
+    features = detector._target_features(images, cache_dir, True, {})
+    mean, std = features.mean(dim=(0, 2, 3)), features.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    targets = {
+        "T1 from scratch": scratch,
+        "T1 = S1, target standardisation": _Domain(copy.deepcopy(detector.source.net), mean.to(detector.device),
+                                                   std.to(detector.device)),
+        "T1 = S1, source standardisation": detector.source,
+    }
+    for name, domain in targets.items():
+        detector.target = domain
+        cache = {"target_features": features}
+        for switch, change in CFA_SWITCHES.items():
+            detector.config.cfa = dataclasses.replace(base_cfa, **change)
+            tick = time.perf_counter()
+            detector.fit_alignment(images, False, cache_dir, cache=cache)
+            evaluate(f"{name}, {switch}", tick)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", nargs="+", choices=list(TASKS), default=list(TASKS))
+    args = parser.parse_args()
+    missing = [t for t in args.task if not (RESULTS / "runs" / f"ref_cfa_{t}").exists()]
+    if missing:
+        sys.exit(f"no saved bundle for {missing}: run benchmarks/ref_cfa_cross_domain.py first")
+    results = {task: run_task(task, TASKS[task]) for task in args.task}
+    labels = list(next(iter(results.values())))
+    table = "\n".join([
+        "| target network, CFA | " + " | ".join(f"{t} image AUROC" for t in results) + " | mean |",
+        "|---|" + "---:|" * (len(results) + 1),
+        *(f"| {label} | " + " | ".join(f"{results[t][label]['image_auroc']:.3f}" for t in results)
+          + f" | {sum(results[t][label]['image_auroc'] for t in results) / len(results):.3f} |" for label in labels),
+    ])
+    print(table)
+    save("ref_cfa_target_net", {"machine": machine(), "results": results}, table)
+
+
+if __name__ == "__main__":
+    main()
