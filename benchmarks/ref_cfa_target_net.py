@@ -1,23 +1,26 @@
-"""Which target score network should CFA align? T1 trained from scratch (the paper's T1), or the
-source network S1 itself, re-standardised on the target's features, with no target training at all.
+"""Which target score network should CFA align? T1 trained from scratch (the paper's T1), T1
+fine-tuned from the source network S1, or S1 itself with no target training at all, re-standardised
+on the target's features (``target_init: source_frozen``) or not.
 
     .venv/bin/python benchmarks/ref_cfa_target_net.py [--task mono-poly|poly-mono ...]
 
 For each task it loads the adapted bundle the cross-domain benchmark saved
-(``benchmarks/results/runs/ref_cfa_<task>``: source S1, head and anchors, and its T1 from scratch),
-then refits only the alignment (closed form) for each choice of target network and CFA switch, and
-evaluates on the target's labelled test split (labels are read only there). "w/o CFA" is the source
-model as is. Figures go to benchmarks/results/ref_cfa_target_net.{json,md}.
+(``benchmarks/results/runs/ref_cfa_<task>``: source S1, head and anchors, and T1 fine-tuned from
+S1) and the T1 from scratch that benchmark cached (``cache/score_nets/<task>-target-*.pt``), then
+refits only the alignment (closed form) for each choice of target network and CFA switch, and
+evaluates on the target's labelled test split (labels are read only there). "w/o CFA" is the
+source model as is. Figures go to benchmarks/results/ref_cfa_target_net.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, save  # noqa: E402
@@ -25,7 +28,7 @@ from _common import RESULTS, machine, save  # noqa: E402
 from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
-from ray_ad.methods.ref_cfa.model import _Domain  # noqa: E402
+from ray_ad.methods.ref_cfa.model import REFCFA, _Domain  # noqa: E402
 from ray_ad.pipeline import target_image_uris  # noqa: E402
 
 TASKS = {"mono-poly": "elpv:poly", "poly-mono": "elpv:mono"}
@@ -35,6 +38,19 @@ CFA_SWITCHES = {
     "w/o DSA": {"directional": False},
     "w/o TA": {"temporal": False},
 }
+
+
+def scratch_target(detector: REFCFA, task: str) -> _Domain:
+    """The cached T1 of ``task`` that is not the bundle's (fine-tuned) one: the T1 from scratch."""
+    fine_tuned = detector.domain_tensors("target")
+    for path in sorted((RESULTS / "cache" / "score_nets").glob(f"{task}-target-*.pt")):
+        tensors = torch.load(path, weights_only=True)["tensors"]
+        if any(not torch.equal(tensors[k].cpu(), v.cpu()) for k, v in fine_tuned.items()):
+            keep = detector.target
+            detector.load_domain_tensors("target", tensors)
+            detector.target, scratch = keep, detector.target
+            return scratch
+    sys.exit(f"no cached T1 from scratch for {task}: run benchmarks/ref_cfa_cross_domain.py first")
 
 
 def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
@@ -49,17 +65,19 @@ def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
                        "seconds": time.perf_counter() - tick}
         print(f"{task} | {label}: image AUROC {metrics['image_auroc']:.3f}, AP {metrics['image_ap']:.3f}", flush=True)
 
-    scratch, base_cfa = detector.target, detector.config.cfa
+    fine_tuned, base_cfa = detector.target, detector.config.cfa
+    scratch = scratch_target(detector, task)
     tick = time.perf_counter()
     detector.target = None
     evaluate("w/o CFA (source model as is)", tick)
 
     features = detector._target_features(images, cache_dir, True, {})
-    mean, std = features.mean(dim=(0, 2, 3)), features.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    detector.config.target_init = "source_frozen"  # S1 re-standardised on the target: no training
+    detector.fit_target_score_net(images, False, cache_dir, {"target_features": features})
     targets = {
-        "T1 from scratch": scratch,
-        "T1 = S1, target standardisation": _Domain(copy.deepcopy(detector.source.net), mean.to(detector.device),
-                                                   std.to(detector.device)),
+        "T1 from scratch (the default)": scratch,
+        "T1 fine-tuned from S1": fine_tuned,
+        "T1 = S1, target standardisation": detector.target,
         "T1 = S1, source standardisation": detector.source,
     }
     for name, domain in targets.items():

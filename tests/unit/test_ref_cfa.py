@@ -96,6 +96,31 @@ def test_adapt_aligns_the_target_and_round_trips_through_a_bundle(source_model, 
     assert not torch.allclose(source_model[0].predict(images).pred_score, detector.predict(images).pred_score)
 
 
+def test_source_frozen_target_reuses_s1_on_target_statistics_without_training(source_model, domains):
+    detector = copy.deepcopy(source_model[0])
+    detector.config.target_init = "source_frozen"
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("source_frozen must not train a target score network")
+
+    detector.score_net_trainer = no_training
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    info = detector.adapt(target_images, progress=False)
+    assert info["target_training_steps"] == 0 and detector.adapted
+    source_weights, target_weights = detector.source.net.state_dict(), detector.target.net.state_dict()
+    assert detector.target.net is not detector.source.net
+    assert all(torch.equal(source_weights[k], target_weights[k]) for k in source_weights)
+    # The standardisation is the target's: darker, lower-contrast images shift the feature statistics.
+    features = detector._target_features(target_images, None, False, {})
+    assert torch.allclose(detector.target.mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(detector.target.mean, detector.source.mean, atol=1e-3)
+
+
+def test_unknown_target_init_is_named():
+    with pytest.raises(ValueError, match="'warm'"):
+        method_config("ref_cfa", tiny_ref_cfa_config(target_init="warm"))
+
+
 @pytest.mark.parametrize("fields", [{"components": ["M", "Q"]}, {"components": ["R"]}, {"representation": "raw"}])
 def test_ablated_field_settings_train_and_predict(domains, fields):
     config = tiny_ref_cfa_config(fields={**tiny_ref_cfa_config()["fields"], **fields})
