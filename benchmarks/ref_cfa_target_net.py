@@ -3,13 +3,16 @@ fine-tuned from the source network S1, or S1 itself with no target training at a
 on the target's features (``target_init: source_frozen``) or not.
 
     .venv/bin/python benchmarks/ref_cfa_target_net.py [--task mono-poly|poly-mono ...]
+    .venv/bin/python benchmarks/ref_cfa_target_net.py --adapted runs/fleet/models/elpv-poly/VERSION \
+        --target elpv:poly --name main-job
 
-For each task it loads the adapted bundle the cross-domain benchmark saved
+The first form loads, for each task, the adapted bundle the cross-domain benchmark saved
 (``benchmarks/results/runs/ref_cfa_<task>``: source S1, head and anchors, and T1 fine-tuned from
-S1) and the T1 from scratch that benchmark cached (``cache/score_nets/<task>-target-*.pt``), then
-refits only the alignment (closed form) for each choice of target network and CFA switch, and
-evaluates on the target's labelled test split (labels are read only there). "w/o CFA" is the
-source model as is. Figures go to benchmarks/results/ref_cfa_target_net.{json,md}.
+S1) and the T1 from scratch that benchmark cached (``cache/score_nets/<task>-target-*.pt``). The
+second takes any adapted bundle (e.g. the README main job's line) and its target; its own T1 is one
+row. Either refits only the alignment (closed form) for each choice of target network and CFA switch,
+and evaluates on the target's labelled test split (labels are read only there). "w/o CFA" is the
+source model as is. Figures go to benchmarks/results/ref_cfa_target_net[_NAME].{json,md}.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ def scratch_target(detector: REFCFA, task: str) -> _Domain:
     sys.exit(f"no cached T1 from scratch for {task}: run benchmarks/ref_cfa_cross_domain.py first")
 
 
-def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
-    detector = load_bundle(str(RESULTS / "runs" / f"ref_cfa_{task}"), device="auto")
+def run_task(task: str, bundle: str, target: str, cached_scratch: bool) -> dict[str, dict[str, float]]:
+    detector = load_bundle(bundle, device="auto")
     images, test = target_image_uris(target), load_samples(target, "test")
     cache_dir = str(RESULTS / "cache")
     rows: dict[str, dict[str, float]] = {}
@@ -65,8 +68,13 @@ def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
                        "seconds": time.perf_counter() - tick}
         print(f"{task} | {label}: image AUROC {metrics['image_auroc']:.3f}, AP {metrics['image_ap']:.3f}", flush=True)
 
-    fine_tuned, base_cfa = detector.target, detector.config.cfa
-    scratch = scratch_target(detector, task)
+    own, base_cfa, own_init = detector.target, detector.config.cfa, detector.config.target_init
+    targets: dict[str, _Domain] = {}
+    if cached_scratch:  # the cross-domain benchmark's bundles hold T1 fine-tuned; its scratch T1 is cached
+        targets["T1 from scratch (the default)"] = scratch_target(detector, task)
+        targets["T1 fine-tuned from S1"] = own
+    else:
+        targets[f"the bundle's T1 (target_init: {own_init})"] = own
     tick = time.perf_counter()
     detector.target = None
     evaluate("w/o CFA (source model as is)", tick)
@@ -74,12 +82,8 @@ def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
     features = detector._target_features(images, cache_dir, True, {})
     detector.config.target_init = "source_frozen"  # S1 re-standardised on the target: no training
     detector.fit_target_score_net(images, False, cache_dir, {"target_features": features})
-    targets = {
-        "T1 from scratch (the default)": scratch,
-        "T1 fine-tuned from S1": fine_tuned,
-        "T1 = S1, target standardisation": detector.target,
-        "T1 = S1, source standardisation": detector.source,
-    }
+    targets["T1 = S1, target standardisation"] = detector.target
+    targets["T1 = S1, source standardisation"] = detector.source
     for name, domain in targets.items():
         detector.target = domain
         cache = {"target_features": features}
@@ -94,11 +98,20 @@ def run_task(task: str, target: str) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--adapted", help="an adapted ref_cfa bundle URI (instead of the benchmark's bundles)")
+    parser.add_argument("--target", help="with --adapted: the target it was adapted to, e.g. elpv:poly")
+    parser.add_argument("--name", default="adapted", help="with --adapted: the task's name in the table and file")
     args = parser.parse_args()
-    missing = [t for t in args.task if not (RESULTS / "runs" / f"ref_cfa_{t}").exists()]
-    if missing:
-        sys.exit(f"no saved bundle for {missing}: run benchmarks/ref_cfa_cross_domain.py first")
-    results = {task: run_task(task, TASKS[task]) for task in args.task}
+    if args.adapted:
+        if not args.target:
+            parser.error("--adapted needs --target (the data the bundle was adapted to)")
+        runs = {args.name: (args.adapted, args.target, False)}
+    else:
+        missing = [t for t in args.task if not (RESULTS / "runs" / f"ref_cfa_{t}").exists()]
+        if missing:
+            sys.exit(f"no saved bundle for {missing}: run benchmarks/ref_cfa_cross_domain.py first")
+        runs = {t: (str(RESULTS / "runs" / f"ref_cfa_{t}"), TASKS[t], True) for t in args.task}
+    results = {task: run_task(task, *run) for task, run in runs.items()}
     labels = list(next(iter(results.values())))
     table = "\n".join([
         "| target network, CFA | " + " | ".join(f"{t} image AUROC" for t in results) + " | mean |",
@@ -107,7 +120,8 @@ def main() -> None:
           + f" | {sum(results[t][label]['image_auroc'] for t in results) / len(results):.3f} |" for label in labels),
     ])
     print(table)
-    save("ref_cfa_target_net", {"machine": machine(), "results": results}, table)
+    name = f"ref_cfa_target_net_{args.name}" if args.adapted else "ref_cfa_target_net"
+    save(name, {"machine": machine(), "runs": {t: r[:2] for t, r in runs.items()}, "results": results}, table)
 
 
 if __name__ == "__main__":
