@@ -2,7 +2,8 @@
 in-process scoring of the same images with the same models, measured in one run.
 
     .venv/bin/python benchmarks/serve_load.py [--root runs/fleet] [--lines elpv-mono,elpv-poly]
-        [--clients 8] [--requests 400] [--seconds 120] [--scorer-cpus 2] [--warmup 48] [--passes 3]
+        [--clients 8] [--requests 400] [--seconds 120] [--scorer-cpus 2] [--max-ongoing N] [--warmup 48]
+        [--passes 3]
 
 Needs published lines (the README's main job makes elpv-mono and elpv-poly under runs/fleet). Each
 request is one real elpv PNG (raw bytes) on a kept-alive connection; ``--warmup`` requests at full
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests in all (the bound)")
     parser.add_argument("--seconds", type=float, default=120, help="time bound for the HTTP phase")
     parser.add_argument("--scorer-cpus", type=float, default=2, help="CPUs of the scorer replica")
+    parser.add_argument("--max-ongoing", type=int, default=0,
+                        help="max_ongoing_requests of the scorer replica (0 = Serve's default, 5)")
     parser.add_argument("--images", type=int, default=64, help="distinct images cycled through")
     parser.add_argument("--warmup", type=int, default=48, help="requests sent first at full concurrency, not counted")
     parser.add_argument("--passes", type=int, default=3, help="passes over the images for the in-process figure")
@@ -85,7 +88,8 @@ def main() -> None:
     tokens = {"admin": secrets.token_hex(16), "lines": {line: secrets.token_hex(16) for line in lines}}
     port = 8123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args.root, tokens, landing_interval_s=0, scorer_cpus=args.scorer_cpus),
+    serve.run(build_app(args.root, tokens, landing_interval_s=0, scorer_cpus=args.scorer_cpus,
+                        scorer_max_ongoing=args.max_ongoing or None),
               name="fleet", route_prefix="/")
     path = "/v1/lines/{}/detect"
 
@@ -142,7 +146,8 @@ def main() -> None:
             "errors": errors}
     table = "\n".join([
         f"Serve load, {len(lines)} lines, {args.clients} clients, {len(latencies)} requests "
-        f"({machine()['cpu_count']} CPU, scorer replica {args.scorer_cpus} CPU):",
+        f"({machine()['cpu_count']} CPU, scorer replica {args.scorer_cpus} CPU, "
+        f"max_ongoing_requests {args.max_ongoing or 'default'}):",
         "",
         "| HTTP images/s | in-process images/s | ratio | p50 ms | p99 ms | errors |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -104,6 +104,15 @@ class LineMetrics:
         self.version = Gauge("ray_ad_model_version", "1 for the version a line serves, 0 for the one it served before",
                              tag_keys=("line", "version"))
         self._served: dict[str, str] = {}
+        # Ray's metrics agent evicts a gauge series that has not been set again within about two export
+        # intervals, so the served versions are re-set on a timer, not only when they change.
+        threading.Thread(target=self._keep_gauges_alive, name="version-gauge", daemon=True).start()
+
+    def _keep_gauges_alive(self, interval_s: float = 2.0) -> None:
+        while True:
+            time.sleep(interval_s)
+            for line, version in list(self._served.items()):
+                self.version.set(1, tags={"line": line, "version": version})
 
     def request(self, line: str, status: int, started: float, rows: list[dict[str, Any]] | None = None,
                 version: str | None = None) -> None:
@@ -358,14 +367,20 @@ class FleetAPI:
 def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str | None = None,
               poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64,
               landing_interval_s: float = 10.0, default_source: dict[str, str] | None = None,
-              jobs_address: str = "http://127.0.0.1:8265", scorer_cpus: float | None = None) -> Any:
+              jobs_address: str = "http://127.0.0.1:8265", scorer_cpus: float | None = None,
+              scorer_max_ongoing: int | None = None) -> Any:
     """The Serve application graph: the ingress, the scorer it routes to, the landing watcher.
 
-    ``scorer_cpus`` overrides the scorer replica's CPUs (Ray caps its torch threads at that); configs
-    set it per deployment instead.
+    ``scorer_cpus`` overrides the scorer replica's CPUs (Ray caps its torch threads at that) and
+    ``scorer_max_ongoing`` its ``max_ongoing_requests`` (which caps a batch, summed over the lines
+    it serves); configs set them per deployment instead.
     """
-    scorer_deployment = LineScorer.options(ray_actor_options={"num_cpus": scorer_cpus}) if scorer_cpus else LineScorer
-    scorer = scorer_deployment.bind(root)
+    options: dict[str, Any] = {}
+    if scorer_cpus:
+        options["ray_actor_options"] = {"num_cpus": scorer_cpus}
+    if scorer_max_ongoing:
+        options["max_ongoing_requests"] = scorer_max_ongoing
+    scorer = LineScorer.options(**options).bind(root)
     watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address)
     return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images)
 
