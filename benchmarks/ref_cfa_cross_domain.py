@@ -166,7 +166,7 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
         "train": to_dict(full.config.train), "t": 250, "irf_gaussian": "fitted",
     })
     osd = build_detector("osd_irf", osd_cfg)
-    osd.score_net, osd.feature_mean, osd.feature_std = full.source.net, full.source.mean, full.source.std
+    osd.score_net, osd.normaliser = full.source.net, full.source.normaliser
     from ray_ad.features import extract_features
 
     osd.fit_irf_gaussian(osd.normalise(extract_features(osd.extractor, normals, cache_dir=cache_dir, progress=False)))

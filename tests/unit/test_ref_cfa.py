@@ -112,8 +112,8 @@ def test_source_frozen_target_reuses_s1_on_target_statistics_without_training(so
     assert all(torch.equal(source_weights[k], target_weights[k]) for k in source_weights)
     # The standardisation is the target's: darker, lower-contrast images shift the feature statistics.
     features = detector._target_features(target_images, None, False, {})
-    assert torch.allclose(detector.target.mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
-    assert not torch.allclose(detector.target.mean, detector.source.mean, atol=1e-3)
+    assert torch.allclose(detector.target.normaliser.mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(detector.target.normaliser.mean, detector.source.normaliser.mean, atol=1e-3)
 
 
 def test_unknown_target_init_is_named():

@@ -21,6 +21,7 @@ from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
+from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
 from ray_ad.training import TrainConfig, epsilon_loss
 
 SCORING_MODES = ("one_step", "inversion")
@@ -31,6 +32,9 @@ class OSDIRFConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(grid_size=16))
     score_net: ScoreNetConfig = field(default_factory=ScoreNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # What the DDPM's N(0, I) prior is measured against: per-channel standardisation or per-position
+    # whitening of the features (see ray_ad/normalisation.py and the README's recipe table).
+    normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     t: int = 500  # the paper fixes t = 500 for every dataset (Sec. 4.4)
     scoring: Literal["one_step", "inversion"] = "one_step"
     inversion_steps: int = 3  # InvAD baseline: DDIM inversion 0 -> ... -> T-1 in this many calls
@@ -54,6 +58,9 @@ class OSDIRFConfig:
         if self.scoring == "inversion" and 0 < self.train.t_max < 1000:
             raise ValueError(f"scoring: inversion runs the network up to t = 999; train.t_max = {self.train.t_max} "
                              "leaves it untrained there (use t_max: 0)")
+        if self.normalisation.kind == "position_whiten" and self.train.augment > 1:
+            raise ValueError("normalisation.kind=position_whiten fits statistics per grid position; dihedral "
+                             f"augmentation (train.augment={self.train.augment}) would move features between positions")
         if self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
         if not 0 < self.threshold_quantile <= 1:
@@ -70,10 +77,9 @@ class OSDIRF(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.score_net = build_score_net(config.score_net, channels, grid).to(self.device).eval()
-        # Per-channel standardisation of backbone features, fitted on the training set: stages differ
-        # in scale by orders of magnitude, and the DDPM prior assumes data of roughly unit variance.
-        self.feature_mean = torch.zeros(channels)
-        self.feature_std = torch.ones(channels)
+        # Backbone features normalised with training-set statistics: stages differ in scale by orders
+        # of magnitude, and the DDPM prior assumes data of unit variance.
+        self.normaliser = FeatureNormaliser(config.normalisation, channels, grid).to(self.device)
         # The Gaussian of the one-step IRF: N(0, I) unless irf_gaussian == "fitted".
         self.irf_mean = torch.zeros(channels, grid, grid)
         self.irf_std = torch.ones(channels, grid, grid)
@@ -82,7 +88,7 @@ class OSDIRF(Detector):
 
     # ---------------------------------------------------------------- training
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
+        return self.normaliser(features)
 
     def fit(
         self,
@@ -93,8 +99,7 @@ class OSDIRF(Detector):
     ) -> dict[str, Any]:
         cfg = self.config
         features = self.extract_features(train, cfg.train.augment, cache_dir, progress, "train features")
-        self.feature_mean = features.mean(dim=(0, 2, 3)).to(self.device)
-        self.feature_std = features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(self.device)
+        self.normaliser.fit(features)
         x0 = self.normalise(features.to(self.device))
         self.score_net, losses = self.score_net_trainer(
             self.score_net, x0, self.schedule, cfg.train, self.device, cfg.seed, progress
@@ -231,8 +236,7 @@ class OSDIRF(Detector):
     # ---------------------------------------------------------------- bundle state
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"score_net.{k}": v for k, v in self.score_net.state_dict().items()}
-        out["feature_mean"] = self.feature_mean
-        out["feature_std"] = self.feature_std
+        out.update(self.normaliser.tensors("feature_"))
         out["irf_mean"] = self.irf_mean
         out["irf_std"] = self.irf_std
         return out
@@ -241,8 +245,7 @@ class OSDIRF(Detector):
         check_tensor_keys(set(self.tensors()), tensors)
         net_state = {k[len("score_net.") :]: v for k, v in tensors.items() if k.startswith("score_net.")}
         self.score_net.load_state_dict(net_state)
-        self.feature_mean = tensors["feature_mean"].to(self.device)
-        self.feature_std = tensors["feature_std"].to(self.device)
+        self.normaliser.load_tensors(tensors, "feature_")
         self.irf_mean = tensors["irf_mean"].to(self.device)
         self.irf_std = tensors["irf_std"].to(self.device)
 

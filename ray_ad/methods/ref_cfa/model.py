@@ -53,6 +53,7 @@ from ray_ad.methods.ref_cfa.fields import (
     uniform_weights,
 )
 from ray_ad.methods.ref_cfa.network import DetectionHead, FieldTransformer
+from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
 from ray_ad.training import TrainConfig, epsilon_loss
 
 LOG_EPS = 1e-6
@@ -106,6 +107,9 @@ class REFCFAConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(grid_size=16))
     score_net: ScoreNetConfig = field(default_factory=ScoreNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # both score networks (S1 and T1)
+    # Each domain's features are normalised with that domain's own statistics (the target's from its
+    # unlabeled images): per channel, or whitened per grid position (ray_ad/normalisation.py).
+    normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     fields: FieldConfig = field(default_factory=FieldConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     cfa: CFAConfig = field(default_factory=CFAConfig)
@@ -133,14 +137,13 @@ class REFCFAConfig:
 
 @dataclass
 class _Domain:
-    """A score network with the feature standardisation it was trained under."""
+    """A score network with the feature normalisation it was trained under."""
 
     net: nn.Module
-    mean: torch.Tensor
-    std: torch.Tensor
+    normaliser: FeatureNormaliser
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean[:, None, None]) / self.std[:, None, None]
+        return self.normaliser(features)
 
 
 class REFCFA(Detector):
@@ -203,8 +206,10 @@ class REFCFA(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = build_score_net(self.config.score_net, self.channels, self.grid).to(self.device).eval()
-        zeros, ones = torch.zeros(self.channels), torch.ones(self.channels)
-        return _Domain(net, zeros, ones)
+        return _Domain(net, self._normaliser())
+
+    def _normaliser(self) -> FeatureNormaliser:
+        return FeatureNormaliser(self.config.normalisation, self.channels, self.grid).to(self.device)
 
     # ---------------------------------------------------------------- fields
     def _features(self, samples: list[Sample], cache_dir: str | None, progress: bool, desc: str) -> torch.Tensor:
@@ -343,23 +348,19 @@ class REFCFA(Detector):
     def load_domain_tensors(self, role: Literal["source", "target"], tensors: dict[str, torch.Tensor]) -> None:
         domain = self._new_domain(self.config.seed + (0 if role == "source" else 1))
         domain.net.load_state_dict({k[len(f"{role}_net."):]: v for k, v in tensors.items() if "_net." in k})
-        setattr(self, role, _Domain(domain.net, *(tensors[f"{role}_{k}"].to(self.device) for k in ("mean", "std"))))
-
-    def _standardisation(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std of a domain's features [n, C, G, G]."""
-        return (features.mean(dim=(0, 2, 3)).to(self.device),
-                features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(self.device))
+        domain.normaliser.load_tensors(tensors, f"{role}_")
+        setattr(self, role, domain)
 
     def _train_domain(self, features: torch.Tensor, progress: bool, name: str) -> tuple[_Domain, list[float]]:
-        mean, std = self._standardisation(features)
         domain = self._new_domain(self.config.seed + (0 if name == "source" else 1))
+        domain.normaliser.fit(features)
         if name == "target" and self.config.target_init == "source":
             domain.net.load_state_dict(self.source.net.state_dict())
-        x0 = _Domain(domain.net, mean, std).normalise(features.to(self.device))
+        x0 = domain.normalise(features.to(self.device))
         net, losses = self.score_net_trainer(
             domain.net, x0, self.schedule, self.config.train, self.device, self.config.seed, progress
         )
-        return _Domain(net, mean, std), losses
+        return _Domain(net, domain.normaliser), losses
 
     def training_step(self, x0: torch.Tensor) -> torch.Tensor:
         return epsilon_loss(self.source.net, self.schedule, x0)  # S1 / T1 objective
@@ -555,8 +556,8 @@ class REFCFA(Detector):
         """T1: a score network on the target images as they come (anomalies included)."""
         features = self._target_features(target_images, cache_dir, progress, {} if cache is None else cache)
         if self.config.target_init == "source_frozen":
-            # S1 as T1, standardised by the target's own feature statistics: no target training at all.
-            self.target = _Domain(copy.deepcopy(self.source.net), *self._standardisation(features))
+            # S1 as T1, normalised by the target's own feature statistics: no target training at all.
+            self.target = _Domain(copy.deepcopy(self.source.net), self._normaliser().fit(features))
             return {"target_images": len(target_images), "target_training_steps": 0}
         self.target, losses = self._train_domain(features, progress, "target")
         return {"target_loss_first": losses[0], "target_loss_last": float(np.mean(losses[-50:])),
@@ -620,7 +621,8 @@ class REFCFA(Detector):
     # ---------------------------------------------------------------- bundle state
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"source_net.{k}": v for k, v in self.source.net.state_dict().items()}
-        out.update(source_mean=self.source.mean, source_std=self.source.std, basis=self.basis,
+        out.update(self.source.normaliser.tensors("source_"))
+        out.update(basis=self.basis,
                    u_source=self.u_source, profile_source=self.profile_source, stat_mean=self.stat_mean,
                    stat_std=self.stat_std, stat_scale=self.stat_scale, anchor_mean=self.anchor_mean,
                    anchor_cov=self.anchor_cov)
@@ -629,7 +631,8 @@ class REFCFA(Detector):
             out.update({f"g_phi.{k}": v for k, v in self.g_phi.state_dict().items()})
         if self.target is not None:
             out.update({f"target_net.{k}": v for k, v in self.target.net.state_dict().items()})
-            out.update(target_mean=self.target.mean, target_std=self.target.std, positions=self.positions,
+            out.update(self.target.normaliser.tensors("target_"))
+            out.update(positions=self.positions,
                        rotation=self.rotation, align_a=self.align_a, align_b=self.align_b)
         return out
 
@@ -641,7 +644,7 @@ class REFCFA(Detector):
         def sub(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.source = _Domain(self.source.net, *(tensors[k].to(self.device) for k in ("source_mean", "source_std")))
+        self.source.normaliser.load_tensors(tensors, "source_")
         self.source.net.load_state_dict(sub("source_net."))
         self.f_psi.load_state_dict(sub("f_psi."))
         if not self.raw:
@@ -651,7 +654,7 @@ class REFCFA(Detector):
         for name in ("profile_source", "stat_mean", "stat_std", "stat_scale", "anchor_mean", "anchor_cov"):
             setattr(self, name, tensors[name].cpu())
         if self.target is not None:
-            self.target = _Domain(self.target.net, *(tensors[k].to(self.device) for k in ("target_mean", "target_std")))
+            self.target.normaliser.load_tensors(tensors, "target_")
             self.target.net.load_state_dict(sub("target_net."))
             for name in ("positions", "rotation", "align_a", "align_b"):
                 setattr(self, name, tensors[name].cpu())
