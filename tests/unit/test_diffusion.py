@@ -70,3 +70,25 @@ def test_t_max_limits_the_trained_timesteps_and_osd_irf_refuses_t_outside_them()
         method_config("ref_cfa", {"train": {"t_max": 300}, "fields": {"timesteps": [400, 50]}})
     with pytest.raises(ConfigError, match="train.t_max must be in"):
         method_config("osd_irf", {"train": {"t_max": -1}})
+
+
+def test_gaussian_skip_starts_as_the_exact_denoiser_of_standard_normal_data():
+    from ray_ad.diffusion import GaussianSkip
+
+    schedule = NoiseSchedule()
+    net = build_score_net(ScoreNetConfig(hidden=32, depth=1, heads=2, gaussian_skip=True), in_channels=4, grid_size=4)
+    assert isinstance(net, GaussianSkip)
+    torch.manual_seed(0)
+    x0 = torch.randn(4096, 4, 4, 4)
+    for t in (50, 500):
+        alpha_bar = schedule.alpha_bar(t)
+        noise = torch.randn_like(x0)
+        steps = torch.full((len(x0),), t)
+        with torch.no_grad():
+            loss = (net(schedule.add_noise(x0, noise, steps), steps) - noise).pow(2).mean()
+        # E[eps | x_t] = sqrt(1 - alpha_bar) x_t leaves Var(eps | x_t) = alpha_bar: the Gaussian's minimum loss.
+        assert abs(loss.item() - alpha_bar.item()) < 0.01
+        # OSD-IRF's mean-path input sqrt(alpha_bar) x_0 gives IRF = sqrt(alpha_bar (1 - alpha_bar)) x_0.
+        with torch.no_grad():
+            irf = net(alpha_bar.sqrt() * x0[:2], torch.full((2,), t))
+        assert torch.allclose(irf, (alpha_bar * (1 - alpha_bar)).sqrt() * x0[:2], atol=1e-5)
