@@ -33,8 +33,16 @@ class TrainConfig:
     t_max: int = 0
 
     def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"train.steps must be >= 0 (0 = the network as initialised), got {self.steps}")
         if not 0 <= self.t_max <= 1000:
             raise ValueError(f"train.t_max must be in [0, 1000] (0 = every timestep), got {self.t_max}")
+
+
+def loss_summary(losses: list[float], prefix: str = "") -> dict[str, float | None]:
+    """First loss and mean of the last 50 (None for a network trained 0 steps, e.g. a Gaussian reference)."""
+    return {f"{prefix}loss_first": losses[0] if losses else None,
+            f"{prefix}loss_last": sum(losses[-50:]) / len(losses[-50:]) if losses else None}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

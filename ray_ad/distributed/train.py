@@ -146,6 +146,8 @@ class RayScoreNetTrainer:
         self, net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, config: TrainConfig,
         device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
     ) -> tuple[nn.Module, list[float]]:
+        if config.steps == 0:  # the network as built (e.g. the Gaussian reference): nothing to distribute
+            return net.to(device).eval(), []
         s = self.settings
         self.calls += 1
         fs, path = storage.arrow_filesystem(s.storage_path)

@@ -106,3 +106,28 @@ def test_fitted_irf_gaussian_standardises_the_training_irfs(detector):
     detector.config.irf_gaussian = "standard"
     detector.fit_irf_gaussian(x0)
     assert torch.equal(detector.latent(x0, "one_step"), detector.inverse_residual_field(x0))
+
+
+def test_untrained_gaussian_skip_on_whitened_features_scores_the_mahalanobis_distance(tmp_path):
+    """The Gaussian reference: 0 training steps, whitened features -> A_hat = c * Mahalanobis distance per cell."""
+    samples = load_samples(str(make_mvtec(tmp_path / "data", n_train=24, n_good=4, n_bad=4, seed=3)))
+    normals = sorted((s for s in samples if s.split == "train"), key=lambda s: s.path)
+    config = tiny_osd_irf_config(normalisation={"kind": "position_whiten", "ridge": 0.05})
+    config["score_net"]["gaussian_skip"] = True
+    config["train"]["steps"] = 0
+    det = build_detector("osd_irf", method_config("osd_irf", config))
+    info = det.fit(normals[:20], normals[20:], progress=False)
+    assert info["steps"] == 0 and info["loss_first"] is None
+    test = [s for s in samples if s.split == "test"]
+    features = det.extract_features(test, progress=False)
+    a_hat, _, _ = det.raw_scores(det.latent(det.normalise(features), "one_step"))
+    # By hand: the Mahalanobis distance of every test cell under its position's (ridged) training Gaussian.
+    train = det.extract_features(normals[:20], progress=False).double()
+    alpha_bar = det.schedule.alphas_cumprod[det.config.t].double()
+    for i, j in [(0, 0), (3, 5), (7, 7)]:
+        cells = train[:, :, i, j]
+        sigma = torch.cov(cells.T)
+        sigma = sigma + 0.05 * sigma.diagonal().mean() * torch.eye(len(sigma), dtype=torch.float64)
+        delta = features[:, :, i, j].double() - cells.mean(0)
+        mahalanobis = (delta @ torch.linalg.solve(sigma, delta.T)).diagonal().sqrt()
+        assert torch.allclose(a_hat[:, i, j].double(), (alpha_bar * (1 - alpha_bar)).sqrt() * mahalanobis, rtol=1e-3)

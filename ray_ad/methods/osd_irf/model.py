@@ -22,7 +22,7 @@ from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
-from ray_ad.training import TrainConfig, epsilon_loss
+from ray_ad.training import TrainConfig, epsilon_loss, loss_summary
 
 SCORING_MODES = ("one_step", "inversion")
 
@@ -106,7 +106,7 @@ class OSDIRF(Detector):
         )
         self.fit_irf_gaussian(x0[: len(train)])  # un-augmented originals
         self.calibrate(calibration, progress=progress, cache_dir=cache_dir)
-        return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-50:])), "steps": len(losses)}
+        return {**loss_summary(losses), "steps": len(losses)}
 
     @torch.no_grad()
     def fit_irf_gaussian(self, x0: torch.Tensor) -> None:

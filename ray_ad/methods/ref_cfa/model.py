@@ -54,7 +54,7 @@ from ray_ad.methods.ref_cfa.fields import (
 )
 from ray_ad.methods.ref_cfa.network import DetectionHead, FieldTransformer
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
-from ray_ad.training import TrainConfig, epsilon_loss
+from ray_ad.training import TrainConfig, epsilon_loss, loss_summary
 
 LOG_EPS = 1e-6
 
@@ -323,7 +323,7 @@ class REFCFA(Detector):
         features = self._features(normals, cache_dir, progress, "source features")
         self.source, losses = self._train_domain(features, progress, "source")
         self.fit_source_basis(normals, progress, cache_dir)
-        return {"source_loss_first": losses[0], "source_loss_last": float(np.mean(losses[-50:]))}
+        return loss_summary(losses, "source_")
 
     def fit_source_basis(self, normals: list[Sample], progress: bool, cache_dir: str | None) -> None:
         """Token basis B and U_S from the REF of the source normals (after S1)."""
@@ -560,8 +560,7 @@ class REFCFA(Detector):
             self.target = _Domain(copy.deepcopy(self.source.net), self._normaliser().fit(features))
             return {"target_images": len(target_images), "target_training_steps": 0}
         self.target, losses = self._train_domain(features, progress, "target")
-        return {"target_loss_first": losses[0], "target_loss_last": float(np.mean(losses[-50:])),
-                "target_images": len(target_images)}
+        return {**loss_summary(losses, "target_"), "target_images": len(target_images)}
 
     @torch.no_grad()
     def fit_alignment(
