@@ -11,6 +11,7 @@ anomaly_map [B, S, S])``. Jobs, Tune, Serve and the benchmarks only ever call:
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,24 +39,51 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Normalised 1-D Gaussian taps out to 4 sigma, and their radius."""
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum(), radius
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, H, W]`` maps (sigma in pixels; 0 = off)."""
     if sigma <= 0:
         return maps
-    radius = int(4 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    kernel, radius = _gaussian_kernel(sigma, maps.dtype, maps.device)
     out = maps[:, None]
     out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return out[:, 0]
 
 
+@functools.lru_cache(maxsize=32)
+def _axis_operator(grid: int, size: int, sigma: float) -> torch.Tensor:
+    """``U [S, G]``: linear upsampling of a length-G signal to S samples, then the Gaussian blur, as one matrix.
+
+    Bilinear upsampling (align_corners=False) and the reflect-padded separable blur both act on rows and
+    columns independently and linearly, so the whole map operator is ``A -> U A U^T``.
+    """
+    basis = torch.eye(grid, dtype=torch.float64)[None]  # G unit signals as G channels of length G
+    rows = F.interpolate(basis, size=size, mode="linear", align_corners=False)[0]  # [G, S]
+    if sigma > 0:
+        kernel, radius = _gaussian_kernel(sigma, rows.dtype, rows.device)
+        rows = F.conv1d(F.pad(rows[:, None], (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
+    return rows.T.float().contiguous()
+
+
 def upsample_map(cell_map: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Cell map ``[B, G, G]`` -> pixel map ``[B, S, S]``: bilinear upsampling, then Gaussian blur."""
-    pixel = F.interpolate(cell_map[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(pixel, sigma)
+    """Cell map ``[B, G, G]`` -> pixel map ``[B, S, S]``: bilinear upsampling, then Gaussian blur.
+
+    Computed as ``U A U^T`` with the per-axis operator: the same map as upsampling and blurring the
+    S x S image, at a fraction of the cost (it runs for every scored image).
+    """
+    grid = cell_map.shape[-1]
+    if cell_map.shape[-2] != grid:
+        raise ValueError(f"cell maps must be square, got {list(cell_map.shape)}")
+    u = _axis_operator(grid, size, float(sigma)).to(cell_map.device, cell_map.dtype)
+    return u @ cell_map @ u.T
 
 
 class Detector(ABC):
