@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ray_ad.backbones.fold import fold_batch_norms
 from ray_ad.backbones.weights import apply_weights, default_source, load_state_dict
 from ray_ad.errors import ConfigError
 
@@ -43,26 +44,33 @@ class BackboneConfig:
         return default_source(self.name) if self.weights == "default" else self.weights
 
 
+def build_body(config: BackboneConfig) -> nn.Module:
+    """The timm model, pruned after the last requested stage, with its weights, frozen, before folding."""
+    try:
+        body = timm.create_model(config.name, pretrained=False)
+        # Drop the head and every block after the last requested stage: they cost time, not features.
+        body.prune_intermediate_layers(indices=list(config.layers), prune_head=True)
+        body.stage_channels = [int(body.feature_info[i]["num_chs"]) for i in config.layers]
+    except (RuntimeError, ValueError, IndexError, AssertionError, AttributeError) as exc:
+        raise ConfigError(f"cannot build backbone {config.name!r} with layers {config.layers}: {exc}") from exc
+    state = load_state_dict(config.weight_source, config.name)
+    if state is not None:
+        apply_weights(body, state, config.weight_source)
+    # channels_last runs depthwise convolutions markedly faster on CPU (and on tensor-core GPUs).
+    return body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
 class FeatureExtractor(nn.Module):
     """Images ``[B, 3, S, S]`` (normalised) -> patch features ``[B, C, G, G]``."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
-        try:
-            self.body = timm.create_model(config.name, pretrained=False)
-            # Drop the head and every block after the last requested stage: they cost time, not features.
-            self.body.prune_intermediate_layers(indices=list(config.layers), prune_head=True)
-            self.out_channels = int(sum(self.body.feature_info[i]["num_chs"] for i in config.layers))
-        except (RuntimeError, ValueError, IndexError, AssertionError, AttributeError) as exc:
-            raise ConfigError(
-                f"cannot build backbone {config.name!r} with layers {config.layers}: {exc}"
-            ) from exc
-        state = load_state_dict(config.weight_source, config.name)
-        if state is not None:
-            apply_weights(self.body, state, config.weight_source)
-        # channels_last runs depthwise convolutions markedly faster on CPU (and on tensor-core GPUs).
-        self.body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        body = build_body(config)
+        self.out_channels = sum(body.stage_channels)
+        # The backbone is frozen: batch norms fold into the convolutions (same features, less time).
+        example = torch.randn(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+        self.body, self.folded_norms = fold_batch_norms(body, lambda module: self._stages(module, example))
         pretrained = timm.get_pretrained_cfg(config.name)
         self.mean = tuple(pretrained.mean) if pretrained else (0.485, 0.456, 0.406)
         self.std = tuple(pretrained.std) if pretrained else (0.229, 0.224, 0.225)
@@ -73,17 +81,19 @@ class FeatureExtractor(nn.Module):
         self.body.eval()
         return self
 
+    def _stages(self, body: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        return body.forward_intermediates(
+            images.contiguous(memory_format=torch.channels_last),
+            indices=list(self.config.layers),
+            intermediates_only=True,
+        )
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.config.grid_size
         stages = []
         pool = self.config.local_pool
-        intermediates = self.body.forward_intermediates(
-            images.contiguous(memory_format=torch.channels_last),
-            indices=list(self.config.layers),
-            intermediates_only=True,
-        )
-        for feature in intermediates:
+        for feature in self._stages(self.body, images):
             if pool > 1:
                 feature = F.avg_pool2d(feature, pool, stride=1, padding=pool // 2, count_include_pad=False)
             if feature.shape[-1] > grid:

@@ -3,17 +3,20 @@ import torch
 from safetensors.torch import save_file
 
 from ray_ad.backbones import BackboneConfig, FeatureExtractor
+from ray_ad.backbones.extractor import build_body
 from ray_ad.backbones.weights import load_state_dict
 from ray_ad.errors import WeightsError
 
 
 def test_embedded_package_weights_load_into_timm():
-    extractor = FeatureExtractor(BackboneConfig(layers=(1, 2, 3), grid_size=16, image_size=64))
+    config = BackboneConfig(layers=(1, 2, 3), grid_size=16, image_size=64)
+    body = build_body(config)
     state = load_state_dict("package:efficientnet-lite0", "tf_efficientnet_lite0")
     # The first conv and a late block weight arrive unchanged (order-based name mapping).
-    assert torch.equal(extractor.body.conv_stem.weight, state["_conv_stem.weight"])
-    assert torch.equal(extractor.body.blocks[4][0].conv_pw.weight, state["_blocks.8._expand_conv.weight"])
-    assert len(extractor.body.blocks) == 5  # blocks after stage 3 are pruned
+    assert torch.equal(body.conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(body.blocks[4][0].conv_pw.weight, state["_blocks.8._expand_conv.weight"])
+    assert len(body.blocks) == 5  # blocks after stage 3 are pruned
+    extractor = FeatureExtractor(config)
     features = extractor(torch.zeros(2, 3, 64, 64))
     assert features.shape == (2, 24 + 40 + 112, 16, 16)
     assert extractor.mean == (0.5, 0.5, 0.5)
@@ -26,12 +29,12 @@ def test_random_init_only_by_name_and_missing_file_is_an_error(tmp_path):
 
 
 def test_safetensors_file_and_shape_mismatch(tmp_path):
-    donor = FeatureExtractor(BackboneConfig(weights="random", layers=(1, 2), image_size=64, grid_size=4))
+    donor = build_body(BackboneConfig(weights="random", layers=(1, 2), image_size=64, grid_size=4))
     path = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in donor.body.state_dict().items()}, str(path))
-    loaded = FeatureExtractor(BackboneConfig(weights=str(path), layers=(1, 2), image_size=64, grid_size=4))
-    assert torch.equal(loaded.body.conv_stem.weight, donor.body.conv_stem.weight)
-    bad = {k: v for k, v in donor.body.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    loaded = build_body(BackboneConfig(weights=str(path), layers=(1, 2), image_size=64, grid_size=4))
+    assert torch.equal(loaded.conv_stem.weight, donor.conv_stem.weight)
+    bad = {k: v for k, v in donor.state_dict().items()}
     bad["conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WeightsError, match="do not fit the model"):
@@ -39,10 +42,10 @@ def test_safetensors_file_and_shape_mismatch(tmp_path):
 
 
 def test_pth_with_weights_only(tmp_path):
-    donor = FeatureExtractor(BackboneConfig(weights="random", layers=(1,), image_size=64, grid_size=4))
-    torch.save({"state_dict": donor.body.state_dict()}, tmp_path / "w.pth")
-    loaded = FeatureExtractor(BackboneConfig(weights=str(tmp_path / "w.pth"), layers=(1,), image_size=64, grid_size=4))
-    assert torch.equal(loaded.body.conv_stem.weight, donor.body.conv_stem.weight)
+    donor = build_body(BackboneConfig(weights="random", layers=(1,), image_size=64, grid_size=4))
+    torch.save({"state_dict": donor.state_dict()}, tmp_path / "w.pth")
+    loaded = build_body(BackboneConfig(weights=str(tmp_path / "w.pth"), layers=(1,), image_size=64, grid_size=4))
+    assert torch.equal(loaded.conv_stem.weight, donor.conv_stem.weight)
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     with pytest.raises(WeightsError, match="cannot read weights from .*junk.pth"):
         FeatureExtractor(BackboneConfig(weights=str(tmp_path / "junk.pth"), image_size=64))
@@ -76,3 +79,41 @@ def test_bundled_weights_classify_a_real_photo():
     x = (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 0.5) / 0.5
     with torch.no_grad():
         assert model(x).argmax().item() == 652
+
+
+def test_batch_norms_fold_into_the_convolutions_without_changing_the_features(monkeypatch):
+    import ray_ad.backbones.extractor as extractor_module
+
+    config = BackboneConfig(layers=(1, 2, 3), grid_size=8, image_size=128)
+    folded = FeatureExtractor(config)
+    assert folded.folded_norms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.body.modules())
+    monkeypatch.setattr(extractor_module, "fold_batch_norms", lambda body, forward: (body, 0))
+    plain = FeatureExtractor(config)
+    images = torch.randn(2, 3, 128, 128)
+    reference = plain(images)
+    assert torch.allclose(folded(images), reference, atol=1e-4 * reference.abs().max().item())
+
+
+def test_a_fold_that_changes_the_output_is_not_used():
+    from torch import nn
+
+    from ray_ad.backbones.fold import fold_batch_norms
+
+    class NormBeforeConv(nn.Module):
+        """conv and norm are registered in this order, but the norm runs first: folding would be wrong."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.norm = nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+            self.norm.running_var.fill_(4.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.norm(x))
+
+    body = NormBeforeConv().eval()
+    example = torch.randn(1, 3, 4, 4)
+    kept, count = fold_batch_norms(body, lambda module: [module(example)])
+    assert kept is body and count == 0
