@@ -40,6 +40,9 @@ CFA_SWITCHES = {
     "w/o SFA": {"second_order": False},
     "w/o DSA": {"directional": False},
     "w/o TA": {"temporal": False},
+    # The target network and its normalisation alone, no alignment: separates what the target side
+    # buys from what TA, DSA and SFA do on top of it.
+    "no alignment (TA, DSA, SFA off)": {"temporal": False, "directional": False, "second_order": False},
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import secrets
 import sys
 import threading
@@ -69,7 +70,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="distinct images cycled through")
     parser.add_argument("--warmup", type=int, default=48, help="requests sent first at full concurrency, not counted")
     parser.add_argument("--passes", type=int, default=3, help="passes over the images for the in-process figure")
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's throughput flags, see README)")
     args = parser.parse_args()
+    if args.throughput_optimized:
+        # Read by Serve's constants when its processes start: it must be in the environment Ray starts with.
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     lines = args.lines.split(",")
     missing = [line for line in lines if registry.current_version(args.root, line) is None]
     if missing:
@@ -147,7 +153,8 @@ def main() -> None:
     table = "\n".join([
         f"Serve load, {len(lines)} lines, {args.clients} clients, {len(latencies)} requests "
         f"({machine()['cpu_count']} CPU, scorer replica {args.scorer_cpus} CPU, "
-        f"max_ongoing_requests {args.max_ongoing or 'default'}):",
+        f"max_ongoing_requests {args.max_ongoing or 'default'}"
+        f"{', RAY_SERVE_THROUGHPUT_OPTIMIZED=1' if args.throughput_optimized else ''}):",
         "",
         "| HTTP images/s | in-process images/s | ratio | p50 ms | p99 ms | errors |",
         "|---:|---:|---:|---:|---:|---:|",
