@@ -33,8 +33,8 @@ fi
 ADMIN=$(awk '/^admin:/ {print $2}' "$ROOT/tokens.yaml")
 MONO=$(awk '/elpv-mono:/ {print $2}' "$ROOT/tokens.yaml")
 
-step "3. Start the service: serve run serve_configs/local.yaml (log: $ROOT/serve.log)"
-.venv/bin/serve run serve_configs/local.yaml > "$ROOT/serve.log" 2>&1 &
+step "3. Start the service: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve run serve_configs/local.yaml (log: $ROOT/serve.log)"
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1 .venv/bin/serve run serve_configs/local.yaml > "$ROOT/serve.log" 2>&1 &
 SERVE_PID=$!
 # (SIGTERM: a background job of a script ignores SIGINT; serve run shuts Ray down on either)
 trap 'kill -TERM $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null || true' EXIT

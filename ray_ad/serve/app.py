@@ -368,18 +368,20 @@ def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str |
               poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64,
               landing_interval_s: float = 10.0, default_source: dict[str, str] | None = None,
               jobs_address: str = "http://127.0.0.1:8265", scorer_cpus: float | None = None,
-              scorer_max_ongoing: int | None = None) -> Any:
+              scorer_max_ongoing: int | None = None, scorer_replicas: int | None = None) -> Any:
     """The Serve application graph: the ingress, the scorer it routes to, the landing watcher.
 
     ``scorer_cpus`` overrides the scorer replica's CPUs (Ray caps its torch threads at that) and
     ``scorer_max_ongoing`` its ``max_ongoing_requests`` (which caps a batch, summed over the lines
-    it serves); configs set them per deployment instead.
+    it serves), ``scorer_replicas`` its replica count; configs set them per deployment instead.
     """
     options: dict[str, Any] = {}
     if scorer_cpus:
         options["ray_actor_options"] = {"num_cpus": scorer_cpus}
     if scorer_max_ongoing:
         options["max_ongoing_requests"] = scorer_max_ongoing
+    if scorer_replicas:
+        options["num_replicas"] = scorer_replicas
     scorer = LineScorer.options(**options).bind(root)
     watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address)
     return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images)

@@ -56,8 +56,10 @@ def service(ray_cluster, tmp_path_factory):
         registry.publish(detector, root, line, {"image_auroc": 1.0})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Two scorer replicas, as serve_configs/local.yaml runs: multiplexing, version switches and the
+    # metrics must hold when a line's requests may reach either replica.
     serve.run(build_app(root, {"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, poll_s=0.5,
-                        landing_interval_s=0),
+                        landing_interval_s=0, scorer_replicas=2),
               name="fleet", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, detector, data
     serve.shutdown()
