@@ -39,23 +39,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
     """Normalised 1-D Gaussian taps out to 4 sigma, and their radius."""
     radius = int(4 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum(), radius
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, H, W]`` maps (sigma in pixels; 0 = off)."""
-    if sigma <= 0:
-        return maps
-    kernel, radius = _gaussian_kernel(sigma, maps.dtype, maps.device)
-    out = maps[:, None]
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return out[:, 0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -68,7 +57,7 @@ def _axis_operator(grid: int, size: int, sigma: float) -> torch.Tensor:
     basis = torch.eye(grid, dtype=torch.float64)[None]  # G unit signals as G channels of length G
     rows = F.interpolate(basis, size=size, mode="linear", align_corners=False)[0]  # [G, S]
     if sigma > 0:
-        kernel, radius = _gaussian_kernel(sigma, rows.dtype, rows.device)
+        kernel, radius = gaussian_kernel(sigma, rows.dtype, rows.device)
         rows = F.conv1d(F.pad(rows[:, None], (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
     return rows.T.float().contiguous()
 
