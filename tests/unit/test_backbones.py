@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ray_ad.backbones import BackboneConfig, FeatureExtractor
@@ -63,6 +64,45 @@ def test_grid_is_pooled_and_frozen():
     assert all(not p.requires_grad for p in extractor.parameters())
     assert extractor(torch.randn(1, 3, 64, 64)).shape == (1, 40 + 112, 8, 8)
 
+
+
+def test_several_pool_sizes_stack_one_copy_per_size():
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    single = {size: FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=64, local_pool=size))
+              for size in (3, 5)}
+    stacked = FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=64, local_pool=(3, 5)))
+    assert stacked.out_channels == 2 * (40 + 112)
+    expected = torch.cat([single[3](images), single[5](images)], dim=1)
+    torch.testing.assert_close(stacked(images), expected)
+    # The wider pool really is a different view of the same cells.
+    assert not torch.allclose(single[3](images), single[5](images))
+
+
+@pytest.mark.parametrize("size", [3, 5, 11])
+def test_box_average_is_the_k_by_k_mean_without_padding(size):
+    from ray_ad.backbones.extractor import box_average
+
+    feature = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(size))
+    expected = F.avg_pool2d(feature, size, stride=1, padding=size // 2, count_include_pad=False)
+    torch.testing.assert_close(box_average(feature, size), expected)
+    # A corner cell averages only the cells inside the image.
+    half = size // 2
+    corner = feature[..., : half + 1, : half + 1].mean((-1, -2))
+    torch.testing.assert_close(box_average(feature, size)[..., 0, 0], corner)
+
+
+@pytest.mark.parametrize("pools", [2, (3, 4), (), 0])
+def test_bad_pool_sizes_are_named(pools):
+    with pytest.raises(ValueError, match="local_pool must be odd positive kernel sizes"):
+        BackboneConfig(local_pool=pools)
+
+
+def test_pool_sizes_read_from_a_config_list():
+    from ray_ad.config import from_dict
+
+    config = from_dict(BackboneConfig, {"local_pool": [3, 11]})
+    assert config.pool_sizes == (3, 11)
+    assert from_dict(BackboneConfig, {"local_pool": 3}).pool_sizes == (3,)
 
 def test_bundled_weights_classify_a_real_photo():
     # matplotlib ships Grace Hopper's portrait; ImageNet class 652 is "military uniform".
