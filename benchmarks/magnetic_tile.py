@@ -9,7 +9,9 @@ image and the speed ratios, all measured in this one run. With whitened features
 (``normalisation.kind: position_whiten``) it also scores the Gaussian reference: the same detector with
 the Gaussian skip and 0 training steps, i.e. what the normalisation alone gives (PaDiM's Mahalanobis
 distance), so the table shows what the trained score network adds. A second table gives pixel AUROC per
-defect type and each type's share of the anomalous pixels.
+defect type and each type's share of the anomalous pixels, and a third splits pixel AUROC by where the
+normal pixels come from: normal images, or the normal part of defective images. ``--model URI`` scores
+a saved OSD-IRF bundle (e.g. the last run's ``--save-model``) instead of training one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, backbone_seconds_per_image, machine, save, splits  # noqa: E402
 
-from ray_ad.bundle import save_bundle  # noqa: E402
+from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.cli import METRIC_KEYS, format_table  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import Results, compute_metrics, run_detector  # noqa: E402
@@ -48,6 +50,19 @@ def pixel_auroc_per_defect(results: Results) -> dict[str, dict[str, float]]:
     return out
 
 
+def pixel_auroc_by_negatives(results: Results) -> dict[str, float]:
+    """Anomalous pixels against the pixels of normal images, and against the normal pixels of defective
+    images: a map that is high over a whole defective image separates the first, not the second."""
+    normal = results.labels == 0
+    positives = results.maps[results.masks]
+    out = {}
+    for name, negatives in (("vs_normal_images", results.maps[normal].ravel()),
+                            ("vs_normal_pixels_of_defective_images", results.maps[~normal][~results.masks[~normal]])):
+        labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+        out[name] = auroc(np.r_[positives, negatives], labels)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
@@ -57,7 +72,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
     parser.add_argument("--name", default="magnetic_tile")
     parser.add_argument("--save-model", default=str(Path(__file__).resolve().parent / "results" / "runs" / "osd_irf"),
-                        help="where to save the trained OSD-IRF bundle (re-score it later without retraining)")
+                        help="where to save the trained OSD-IRF bundle (re-score it later with --model)")
+    parser.add_argument("--model", help="score this saved OSD-IRF bundle instead of training one (--config is "
+                                        "then read from the bundle)")
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"error: dataset not found at {args.data} (pass --data)")
@@ -65,19 +82,25 @@ def main() -> None:
     train, calibration, test = splits(args.data)
     rows, extra = {}, {}
 
-    osd_config = method_config("osd_irf", apply_overrides(load_file(args.config), args.set))
-    osd = build_detector("osd_irf", osd_config)
-    start = time.perf_counter()
-    extra["osd_irf_fit"] = osd.fit(train, calibration, cache_dir=args.cache_dir)
-    extra["osd_irf_fit_seconds"] = time.perf_counter() - start
-    save_bundle(osd, args.save_model)
+    if args.model:
+        osd = load_bundle(args.model)
+        osd_config = osd.config
+        extra["osd_irf_model"] = args.model
+    else:
+        osd_config = method_config("osd_irf", apply_overrides(load_file(args.config), args.set))
+        osd = build_detector("osd_irf", osd_config)
+        start = time.perf_counter()
+        extra["osd_irf_fit"] = osd.fit(train, calibration, cache_dir=args.cache_dir)
+        extra["osd_irf_fit_seconds"] = time.perf_counter() - start
+        save_bundle(osd, args.save_model)
     multi = f"inversion ({osd_config.inversion_steps} steps)"
-    per_defect = {}
+    per_defect, by_negatives = {}, {}
     for mode, label in (("one_step", "osd_irf (1 step)"), ("inversion", multi)):
         osd.set_scoring(mode)
         results = run_detector(osd, test)
         rows[label] = compute_metrics(results)
         per_defect[label] = pixel_auroc_per_defect(results)
+        by_negatives[label] = pixel_auroc_by_negatives(results)
 
     if osd_config.normalisation.kind == "position_whiten":
         reference_config = method_config("osd_irf", apply_overrides(
@@ -88,6 +111,7 @@ def main() -> None:
         results = run_detector(reference, test)
         rows[label] = compute_metrics(results)
         per_defect[label] = pixel_auroc_per_defect(results)
+        by_negatives[label] = pixel_auroc_by_negatives(results)
 
     patchcore = build_detector("patchcore", method_config("patchcore", load_file(args.patchcore_config)))
     start = time.perf_counter()
@@ -96,6 +120,7 @@ def main() -> None:
     results = run_detector(patchcore, test)
     rows["patchcore (kNN)"] = compute_metrics(results)
     per_defect["patchcore (kNN)"] = pixel_auroc_per_defect(results)
+    by_negatives["patchcore (kNN)"] = pixel_auroc_by_negatives(results)
 
     backbone_s = backbone_seconds_per_image(osd, test)
     one, inv = rows["osd_irf (1 step)"], rows[multi]
@@ -117,6 +142,14 @@ def main() -> None:
         *(f"| {label} | " + " | ".join(f"{per_defect[label][k]['pixel_auroc']:.3f}" for k in kinds) + " |"
           for label in per_defect),
     ])
+    negatives_table = "\n".join([
+        "pixel AUROC of all anomalous pixels against the normal pixels of normal images / of defective images:",
+        "",
+        "| | vs normal images | vs normal pixels of defective images |",
+        "|---|---:|---:|",
+        *(f"| {label} | {v['vs_normal_images']:.3f} | {v['vs_normal_pixels_of_defective_images']:.3f} |"
+          for label, v in by_negatives.items()),
+    ])
     lines = [
         table,
         "",
@@ -126,10 +159,13 @@ def main() -> None:
         f"one-step costs {ratios['one_step_over_backbone_alone']:.2f}x the backbone alone",
         "",
         defect_table,
+        "",
+        negatives_table,
     ]
     report = "\n".join(lines)
     print(report)
-    save(args.name, {"rows": rows, "per_defect": per_defect, "ratios": ratios, "backbone_seconds_per_image": backbone_s,
+    save(args.name, {"rows": rows, "per_defect": per_defect, "pixel_auroc_by_negatives": by_negatives,
+                     "ratios": ratios, "backbone_seconds_per_image": backbone_s,
                      "osd_irf_config": to_dict(osd_config),
                      "extra": extra, "machine": machine()}, "```\n" + report + "\n```")
 
