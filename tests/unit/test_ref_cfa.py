@@ -15,9 +15,10 @@ from ray_ad import cli
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import load_samples, write_manifest
 from ray_ad.data.synthetic import perlin_mask, synthesize_anomaly
-from ray_ad.errors import DataError
+from ray_ad.errors import ConfigError, DataError
 from ray_ad.evaluation import compute_metrics, run_detector
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.ref_cfa.align import tail_directions
 from tests.conftest import make_mvtec
 
 
@@ -115,6 +116,45 @@ def test_source_frozen_target_reuses_s1_on_target_statistics_without_training(so
     assert torch.allclose(detector.target.normaliser.mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not torch.allclose(detector.target.normaliser.mean, detector.source.normaliser.mean, atol=1e-3)
 
+
+
+def test_statistic_directions_fold_flips_into_the_alignment(source_model, domains, tmp_path):
+    detector = copy.deepcopy(source_model[0])
+    scalars = detector._scalar_dim()
+    assert detector.source_directions is not None and detector.source_directions.shape == (scalars,)
+    assert set(detector.source_directions.tolist()) <= {-1.0, 1.0}
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    cache: dict = {}
+    detector.adapt(target_images, progress=False, cache=cache)
+    paper = detector.config.cfa
+    detector.config.cfa = dataclasses.replace(paper, statistic_directions=True, second_order=False)
+    info = detector.fit_alignment(target_images, progress=False, cache=cache)
+    # Without SFA the alignment is exactly the flip: identity on h(P), -1 on the flipped statistics.
+    flip = torch.diagonal(detector.align_a)
+    assert torch.equal(detector.align_a, torch.diag(flip))
+    assert torch.equal(flip[:-scalars], torch.ones(len(flip) - scalars))
+    assert int((flip < 0).sum()) == info["statistics_flipped"]
+    fields = cache[("target_fields", True)].resample(detector.positions)
+    # The rule: -1 exactly where the target's heavier tail disagrees with the source's labelled direction.
+    target = tail_directions(detector._image_statistics(fields))
+    assert torch.equal(flip[-scalars:], detector.source_directions * target)
+    z, _ = detector.signature(fields.index(torch.arange(detector.grid**2)))
+    expected = detector.f_psi(z * flip)
+    torch.testing.assert_close(detector.patch_logits(fields.index(torch.arange(detector.grid**2))), expected)
+    # The flips survive a bundle round trip, and so do the source directions.
+    save_bundle(detector, str(tmp_path / "flipped"))
+    loaded = load_bundle(str(tmp_path / "flipped"))
+    torch.testing.assert_close(loaded.source_directions, detector.source_directions)
+    torch.testing.assert_close(loaded.align_a, detector.align_a)
+
+
+def test_statistic_directions_need_a_source_that_measured_them(source_model, domains):
+    detector = copy.deepcopy(source_model[0])
+    detector.source_directions = None  # a bundle trained before the option existed
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, statistic_directions=True)
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    with pytest.raises(ConfigError, match="statistic_directions needs the source's statistic directions"):
+        detector.adapt(target_images, progress=False)
 
 def test_unknown_target_init_is_named():
     with pytest.raises(ValueError, match="'warm'"):

@@ -10,8 +10,10 @@ from ray_ad.methods.ref_cfa.align import (
     coral_loss,
     covariance,
     orthogonal_procrustes,
+    source_directions,
     subspace_distance,
     subspace_rotation,
+    tail_directions,
     temporal_reparameterisation,
     top_left_singular,
     trimmed_moments,
@@ -196,3 +198,22 @@ def test_temporal_reparameterisation_recovers_a_shift_of_the_profile():
     np.testing.assert_allclose(positions[:6], np.arange(6.0) + 1.5, atol=0.05)
     assert positions[-1] == pytest.approx(7.0)  # clamped to the last target step
     assert np.all(np.diff(positions) >= 0)  # psi is monotone
+
+
+def test_source_directions_follow_the_labels():
+    labels = torch.tensor([0.0, 0, 0, 1, 1])
+    stats = torch.tensor([[1.0, 5.0, 2.0], [2.0, 4.0, 2.0], [1.5, 6.0, 2.0], [9.0, 0.0, 2.0], [8.0, 1.0, 2.0]])
+    # up on anomalies, down on anomalies, tied (AUROC 0.5 counts as up)
+    assert source_directions(stats, labels).tolist() == [1.0, -1.0, 1.0]
+    assert source_directions(stats, torch.zeros(5)).tolist() == [1.0, 1.0, 1.0]  # one class: no evidence
+
+
+def test_tail_directions_point_at_the_minority():
+    """An unlabeled sample, 15% of it shifted: the heavier tail says which way the minority went."""
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(850, 2, generator=generator)
+    minority = torch.randn(150, 2, generator=generator) * 0.5 + torch.tensor([4.0, -4.0])
+    directions = tail_directions(torch.cat([normal, minority]))
+    assert directions.tolist() == [1.0, -1.0]
+    # Up to the sign of the data, nothing else matters: flipping a column flips its direction.
+    assert tail_directions(-torch.cat([normal, minority])).tolist() == [-1.0, 1.0]

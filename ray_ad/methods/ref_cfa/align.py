@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from sklearn.isotonic import IsotonicRegression
 
+from ray_ad.metrics import auroc
+
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor U V^T of ``matrix`` = U S V^T (nearest orthogonal matrix)."""
@@ -134,3 +136,22 @@ def temporal_reparameterisation(profile_target: np.ndarray, profile_source: np.n
     target = target + 1e-9 * steps
     positions = np.interp(source, target, steps)
     return torch.tensor(np.maximum.accumulate(positions), dtype=torch.float32)
+
+
+def source_directions(image_statistics: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """+1 for each statistic (column of [images, n]) that is higher on the anomalous images, -1 where
+    lower (by the sign of its image AUROC - 0.5; +1 when only one class is present)."""
+    labels_np = labels.numpy()
+    if labels_np.min() == labels_np.max():
+        return torch.ones(image_statistics.shape[1])
+    return torch.tensor([1.0 if auroc(column.numpy(), labels_np) >= 0.5 else -1.0 for column in image_statistics.T])
+
+
+def tail_directions(image_statistics: torch.Tensor) -> torch.Tensor:
+    """+1 for each statistic (column of [images, n]) whose distribution over the unlabeled images has the
+    heavier upper tail (skewness >= 0), -1 for a heavier lower tail. Defects are the minority of a
+    target, so they sit in the heavier tail of a statistic that separates them."""
+    x = image_statistics.double()
+    centred = x - x.mean(0)
+    skewness = centred.pow(3).mean(0) / centred.pow(2).mean(0).clamp_min(1e-24).pow(1.5)
+    return torch.where(skewness >= 0, 1.0, -1.0).float()

@@ -37,8 +37,10 @@ from ray_ad.methods.ref_cfa.align import (
     coral_loss,
     covariance,
     residual_profile,
+    source_directions,
     subspace_distance,
     subspace_rotation,
+    tail_directions,
     temporal_reparameterisation,
     top_left_singular,
     whiten_recolor,
@@ -93,6 +95,9 @@ class CFAConfig:
     ridge: float = 1e-4  # added to covariance eigenvalues before whitening
     # SFA: share of target cells left out of the target moments as outliers (0 = all cells, the paper)
     sfa_trim: float = 0.0
+    # Statistic-direction alignment (ours, not the paper's; see the README): flip each signature
+    # statistic whose direction on the unlabeled target (its heavier tail) differs from the source's.
+    statistic_directions: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.sfa_trim < 1:
@@ -169,6 +174,9 @@ class REFCFA(Detector):
         self.stat_scale = torch.ones(2, 3)  # source-normal means of E_X and NS_X (makes L_stat unitless)
         self.anchor_mean = torch.zeros(signature_dim)  # source calibration anchors: normal signatures
         self.anchor_cov = torch.eye(signature_dim)
+        # +1 / -1 per statistic: higher / lower on the source's anomalous images (None: not measured,
+        # a bundle trained before the statistic-direction alignment existed).
+        self.source_directions: torch.Tensor | None = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.g_phi = FieldTransformer(
@@ -265,8 +273,9 @@ class REFCFA(Detector):
 
     def patch_logits(self, fields: FieldSequence) -> torch.Tensor:
         z, _ = self.signature(fields)
-        if self.adapted and self.config.cfa.second_order:
-            z = z @ self.align_a.to(z.device).T + self.align_b.to(z.device)  # SFA
+        if self.adapted:
+            # SFA (and the statistic flips when enabled); the identity with both off.
+            z = z @ self.align_a.to(z.device).T + self.align_b.to(z.device)
         return self.f_psi(z)  # Eq. 9: y_hat(P) = sigmoid(f_psi(z(P)))
 
     # ---------------------------------------------------------------- inference
@@ -437,9 +446,18 @@ class REFCFA(Detector):
         with torch.no_grad():
             z = torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in normal_rows.split(8192)])
         self.anchor_mean, self.anchor_cov = z.mean(0), covariance(z)
+        self.source_directions = source_directions(self._image_statistics(fields), labels)
         self.profile_source = torch.from_numpy(residual_profile(fields.index(normal_rows).energy[:, :, 0])).float()
         return {"head_loss_first": losses[0], "head_loss_last": float(np.mean(losses[-50:])),
                 "source_images": len(train), "synthetic_images": int(len(labels) - len(train))}
+
+    @torch.no_grad()
+    def _image_statistics(self, fields: FieldSequence, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Per image, the mean over its cells of each standardised statistic of the signature [images, n]."""
+        if z is None:
+            rows = torch.arange(len(fields)).split(8192)
+            z = torch.cat([self.signature(fields.index(chunk))[0].cpu() for chunk in rows])
+        return z[:, -self._scalar_dim():].reshape(-1, self.grid**2, self._scalar_dim()).mean(1)
 
     def _fit_statistics(self, normal_fields: FieldSequence) -> None:
         """Standardisation of the signature's statistics, from normal source cells (fixed w_t, Eqs. 6-7)."""
@@ -529,6 +547,7 @@ class REFCFA(Detector):
         if not target_images:
             raise DataError("adaptation needs at least one target image")
         self._check_rank()  # before the expensive T1, not after
+        self._check_directions()
         cache = {} if cache is None else cache  # T1 and T2 share the target's backbone features
         info = self.fit_target_score_net(target_images, progress, cache_dir, cache)
         info.update(self.fit_alignment(target_images, progress, cache_dir, cache))
@@ -540,6 +559,11 @@ class REFCFA(Detector):
                 f"cfa.rank={self.config.cfa.rank} differs from the source model's U_S rank "
                 f"{self.u_source.shape[1]}; the rank is fixed when the source model is trained"
             )
+
+    def _check_directions(self) -> None:
+        if self.config.cfa.statistic_directions and self.source_directions is None:
+            raise ConfigError("cfa.statistic_directions needs the source's statistic directions, which this "
+                              "source model predates: retrain it")
 
     def _target_features(
         self, target_images: list[str], cache_dir: str | None, progress: bool, cache: dict[str, Any]
@@ -604,11 +628,19 @@ class REFCFA(Detector):
             cache[key] = self.fields(self.target, x0, self.target_basis(), progress, desc="target fields (2/2)")[0]
         fields = cache[key].resample(self.positions) if cfa.temporal else cache[key]
         z = torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in torch.arange(len(fields)).split(8192)])
+        flip = torch.ones(z.shape[1])
+        if cfa.statistic_directions:
+            self._check_directions()
+            target = tail_directions(self._image_statistics(fields, z))
+            flip[-self._scalar_dim():] = self.source_directions * target  # -1 where the directions differ
+            info["statistics_flipped"] = int((flip < 0).sum())
+            z = z * flip
         info["sfa_coral_before"] = coral_loss(z, self.anchor_cov)
         if cfa.second_order:
             self.align_a, self.align_b = whiten_recolor(z, self.anchor_mean, self.anchor_cov, cfa.ridge, cfa.sfa_trim)
         else:
             self.align_a, self.align_b = torch.eye(z.shape[1]), torch.zeros(z.shape[1])
+        self.align_a = self.align_a * flip  # A diag(flip): the flips happen before SFA
         info["sfa_coral_after"] = coral_loss(z @ self.align_a.T + self.align_b, self.anchor_cov)
         # No target labels: the threshold is the same quantile of the target's own image scores.
         images = len(fields) // self.grid**2
@@ -625,6 +657,8 @@ class REFCFA(Detector):
                    u_source=self.u_source, profile_source=self.profile_source, stat_mean=self.stat_mean,
                    stat_std=self.stat_std, stat_scale=self.stat_scale, anchor_mean=self.anchor_mean,
                    anchor_cov=self.anchor_cov)
+        if self.source_directions is not None:
+            out["source_directions"] = self.source_directions
         out.update({f"f_psi.{k}": v for k, v in self.f_psi.state_dict().items()})
         if not self.raw:
             out.update({f"g_phi.{k}": v for k, v in self.g_phi.state_dict().items()})
@@ -638,6 +672,8 @@ class REFCFA(Detector):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.target is None and any(k.startswith("target_net.") for k in tensors):
             self.target = self._new_domain(self.config.seed + 1)  # an adapted bundle
+        if "source_directions" in tensors:  # absent from bundles older than the direction alignment
+            self.source_directions = tensors["source_directions"].cpu()
         check_tensor_keys(set(self.tensors()), tensors)
 
         def sub(prefix: str) -> dict[str, torch.Tensor]:

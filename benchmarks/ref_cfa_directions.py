@@ -1,0 +1,91 @@
+"""The statistic-direction alignment (ours, not the paper's) on both elpv tasks: does flipping the
+statistics whose unlabeled-target direction differs from the source's close the gap CFA leaves?
+
+    .venv/bin/python benchmarks/ref_cfa_directions.py [--seeds 0] [--tasks elpv:mono,elpv:poly ...]
+
+Per task and seed: train the source model as the README's main job does (``configs/ref_cfa_cpu.yaml``,
+``seed=N``, 10% held out); evaluate it on the target's test split as is (w/o CFA); adapt it with the
+default T1 (from scratch) and the paper's CFA; then, on the same T1 and target fields, refit only the
+closed-form alignment with ``cfa.statistic_directions=true`` (with and without SFA) and evaluate each.
+Target labels are read only to evaluate. Figures go to benchmarks/results/ref_cfa_directions.{json,md},
+rewritten after every task. About 15 CPU-minutes per task and seed on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, save  # noqa: E402
+
+from ray_ad.config import apply_overrides  # noqa: E402
+from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ref_cfa_cpu.yaml"
+REFITS = {
+    "REF+CFA + direction alignment": {"statistic_directions": True},
+    "REF+CFA + direction alignment, w/o SFA": {"statistic_directions": True, "second_order": False},
+}
+
+
+def run(source: str, target: str, seed: int, cache_dir: str) -> dict[str, float]:
+    config = apply_overrides({**yaml.safe_load(CONFIG.read_text()), "seed": seed}, [])
+    detector, metrics = train_detector("ref_cfa", source, config, progress=False, cache_dir=cache_dir)
+    row = {"source held-out image AUROC": metrics["image_auroc"],
+           "w/o CFA (source model as is)": evaluate_split(detector, target, "test", progress=False)[1]["image_auroc"]}
+    images, cache = target_image_uris(target), {}
+    tick = time.perf_counter()
+    detector.adapt(images, progress=False, cache_dir=cache_dir, cache=cache)
+    row["REF+CFA (the paper's CFA, T1 from scratch)"] = evaluate_split(detector, target, "test", progress=False)[1][
+        "image_auroc"]
+    print(f"{source} -> {target} seed {seed}: adapted in {time.perf_counter() - tick:.0f} s", flush=True)
+    paper = detector.config.cfa
+    for name, change in REFITS.items():
+        detector.config.cfa = dataclasses.replace(paper, **change)
+        info = detector.fit_alignment(images, progress=False, cache_dir=cache_dir, cache=cache)
+        row[name] = evaluate_split(detector, target, "test", progress=False)[1]["image_auroc"]
+        row[f"{name}: statistics flipped"] = info["statistics_flipped"]
+    detector.config.cfa = paper
+    for key, value in row.items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
+    return row
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    labels = list(next(iter(results.values())))
+    lines = ["| | " + " | ".join(results) + " | mean |", "|---|" + "---:|" * (len(results) + 1)]
+    for label in labels:
+        values = [results[task][label] for task in results]
+        shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
+        mean = f"{statistics.mean(values):.3f}" if all(isinstance(v, float) for v in values) else ""
+        lines.append(f"| {label} | " + " | ".join(shown) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--tasks", nargs="+", default=["elpv:mono,elpv:poly", "elpv:poly,elpv:mono"],
+                        help="SOURCE,TARGET pairs")
+    parser.add_argument("--cache-dir", default=str(RESULTS / "cache"))
+    args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
+    for seed in args.seeds:
+        for task in args.tasks:
+            source, _, target = task.partition(",")
+            results[f"{source} -> {target}, seed {seed}"] = run(source, target, seed, args.cache_dir)
+            report = table(results)
+            save("ref_cfa_directions", {"results": results, "config": str(CONFIG), "machine": machine()},
+                 report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
