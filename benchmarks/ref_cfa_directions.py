@@ -25,7 +25,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, save  # noqa: E402
 
-from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ref_cfa_cpu.yaml"
@@ -36,7 +35,7 @@ REFITS = {
 
 
 def run(source: str, target: str, seed: int, cache_dir: str) -> dict[str, float]:
-    config = apply_overrides({**yaml.safe_load(CONFIG.read_text()), "seed": seed}, [])
+    config = {**yaml.safe_load(CONFIG.read_text()), "seed": seed}
     detector, metrics = train_detector("ref_cfa", source, config, progress=False, cache_dir=cache_dir)
     row = {"source held-out image AUROC": metrics["image_auroc"],
            "w/o CFA (source model as is)": evaluate_split(detector, target, "test", progress=False)[1]["image_auroc"]}

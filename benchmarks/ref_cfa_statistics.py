@@ -32,8 +32,6 @@ from ray_ad.methods.ref_cfa.fields import COMPONENTS  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
 
-STATISTICS = [f"E^att_{x}" for x in COMPONENTS] + [f"NS^att_{x}" for x in COMPONENTS] + ["DV"]
-
 
 @torch.no_grad()
 def statistic_aurocs(detector: REFCFA, samples: list[Sample], cache_dir: str) -> dict[str, tuple[float, float]]:
