@@ -136,7 +136,7 @@ def test_statistic_directions_fold_flips_into_the_alignment(source_model, domain
     assert int((flip < 0).sum()) == info["statistics_flipped"]
     fields = cache[("target_fields", True)].resample(detector.positions)
     # The rule: -1 exactly where the target's heavier tail disagrees with the source's labelled direction.
-    target = tail_directions(detector._image_statistics(fields))
+    target = tail_directions(detector._image_statistics(detector._signatures(fields)))
     assert torch.equal(flip[-scalars:], detector.source_directions * target)
     z, _ = detector.signature(fields.index(torch.arange(detector.grid**2)))
     expected = detector.f_psi(z * flip)

@@ -442,21 +442,22 @@ class REFCFA(Detector):
         normal_rows = _image_rows(torch.nonzero(labels == 0).flatten(), self.grid)
         self._fit_statistics(fields.index(normal_rows))
         losses = self._train_head(fields, targets, known, labels, progress)
+        z = self._signatures(fields)  # every source cell, once: the anchors and the directions share it
         # Source calibration anchors: mean and covariance of the normal patch signatures.
-        with torch.no_grad():
-            z = torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in normal_rows.split(8192)])
-        self.anchor_mean, self.anchor_cov = z.mean(0), covariance(z)
-        self.source_directions = source_directions(self._image_statistics(fields), labels)
+        self.anchor_mean, self.anchor_cov = z[normal_rows].mean(0), covariance(z[normal_rows])
+        self.source_directions = source_directions(self._image_statistics(z), labels)
         self.profile_source = torch.from_numpy(residual_profile(fields.index(normal_rows).energy[:, :, 0])).float()
         return {"head_loss_first": losses[0], "head_loss_last": float(np.mean(losses[-50:])),
                 "source_images": len(train), "synthetic_images": int(len(labels) - len(train))}
 
     @torch.no_grad()
-    def _image_statistics(self, fields: FieldSequence, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Per image, the mean over its cells of each standardised statistic of the signature [images, n]."""
-        if z is None:
-            rows = torch.arange(len(fields)).split(8192)
-            z = torch.cat([self.signature(fields.index(chunk))[0].cpu() for chunk in rows])
+    def _signatures(self, fields: FieldSequence) -> torch.Tensor:
+        """z(P) of every cell of ``fields`` (before any alignment), in chunks, on the CPU."""
+        chunks = torch.arange(len(fields)).split(8192)
+        return torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in chunks])
+
+    def _image_statistics(self, z: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean over its cells of each standardised statistic of signatures z [images, n]."""
         return z[:, -self._scalar_dim():].reshape(-1, self.grid**2, self._scalar_dim()).mean(1)
 
     def _fit_statistics(self, normal_fields: FieldSequence) -> None:
@@ -627,11 +628,11 @@ class REFCFA(Detector):
         if key not in cache:
             cache[key] = self.fields(self.target, x0, self.target_basis(), progress, desc="target fields (2/2)")[0]
         fields = cache[key].resample(self.positions) if cfa.temporal else cache[key]
-        z = torch.cat([self.signature(fields.index(rows))[0].cpu() for rows in torch.arange(len(fields)).split(8192)])
+        z = self._signatures(fields)
         flip = torch.ones(z.shape[1])
         if cfa.statistic_directions:
             self._check_directions()
-            target = tail_directions(self._image_statistics(fields, z))
+            target = tail_directions(self._image_statistics(z))
             flip[-self._scalar_dim():] = self.source_directions * target  # -1 where the directions differ
             info["statistics_flipped"] = int((flip < 0).sum())
             z = z * flip
