@@ -148,6 +148,33 @@ def test_statistic_directions_fold_flips_into_the_alignment(source_model, domain
     torch.testing.assert_close(loaded.align_a, detector.align_a)
 
 
+def test_synthetic_witness_reads_pasted_anomalies_through_the_target_network(source_model, domains):
+    detector = copy.deepcopy(source_model[0])
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    cache: dict = {}
+    detector.adapt(target_images, progress=False, cache=cache)
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, statistic_directions=True,
+                                              direction_witness="synthetic", witness_images=6)
+    info = detector.fit_alignment(target_images, progress=False, cache=cache)
+    originals, anomalous, targets = cache["witness"]
+    assert originals.shape == anomalous.shape and len(targets) == 6
+    assert not torch.equal(originals, anomalous)  # something was pasted
+    # The rule: the sign of the median change of each statistic over the cells the anomaly covers.
+    directions = []
+    for features in (originals, anomalous):
+        fields, _ = detector.fields(detector.target, detector.target.normalise(features), detector.target_basis())
+        directions.append(detector._signatures(fields.resample(detector.positions))[:, -detector._scalar_dim():])
+    inside = targets.flatten() >= 0.5
+    expected = torch.where((directions[1] - directions[0])[inside].median(0).values >= 0, 1.0, -1.0)
+    assert info["target_directions"] == [int(v) for v in expected]
+    assert info["statistics_flipped"] == int((detector.source_directions * expected < 0).sum())
+
+
+def test_unknown_direction_witness_is_named():
+    with pytest.raises(ValueError, match="'labels'"):
+        method_config("ref_cfa", tiny_ref_cfa_config(cfa={"rank": 3, "direction_witness": "labels"}))
+
+
 def test_statistic_directions_need_a_source_that_measured_them(source_model, domains):
     detector = copy.deepcopy(source_model[0])
     detector.source_directions = None  # a bundle trained before the option existed

@@ -10,6 +10,7 @@ from ray_ad.methods.ref_cfa.align import (
     coral_loss,
     covariance,
     orthogonal_procrustes,
+    paired_directions,
     source_directions,
     subspace_distance,
     subspace_rotation,
@@ -217,3 +218,13 @@ def test_tail_directions_point_at_the_minority():
     assert directions.tolist() == [1.0, -1.0]
     # Up to the sign of the data, nothing else matters: flipping a column flips its direction.
     assert tail_directions(-torch.cat([normal, minority])).tolist() == [-1.0, 1.0]
+
+
+def test_paired_directions_follow_the_median_change():
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randn(200, 3, generator=generator)
+    change = torch.tensor([0.5, -0.5, 0.0]) + 0.1 * torch.randn(200, 3, generator=generator)
+    change[:40, 0] = -5.0  # a fifth of the cells move the other way, far: the median still says up
+    assert paired_directions(before, before + change).tolist()[:2] == [1.0, -1.0]
+    with pytest.raises(ValueError, match="one shape"):
+        paired_directions(before, before[:10])

@@ -155,3 +155,11 @@ def tail_directions(image_statistics: torch.Tensor) -> torch.Tensor:
     centred = x - x.mean(0)
     skewness = centred.pow(3).mean(0) / centred.pow(2).mean(0).clamp_min(1e-24).pow(1.5)
     return torch.where(skewness >= 0, 1.0, -1.0).float()
+
+
+def paired_directions(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """+1 for each statistic (column of [cells, n]) whose median change from ``before`` to ``after`` (the
+    same cells once an anomaly is pasted in) is >= 0, -1 where it falls."""
+    if before.shape != after.shape:
+        raise ValueError(f"paired statistics must have one shape, got {list(before.shape)} and {list(after.shape)}")
+    return torch.where((after - before).median(0).values >= 0, 1.0, -1.0)

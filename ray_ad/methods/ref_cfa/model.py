@@ -36,6 +36,7 @@ from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsampl
 from ray_ad.methods.ref_cfa.align import (
     coral_loss,
     covariance,
+    paired_directions,
     residual_profile,
     source_directions,
     subspace_distance,
@@ -96,12 +97,21 @@ class CFAConfig:
     # SFA: share of target cells left out of the target moments as outliers (0 = all cells, the paper)
     sfa_trim: float = 0.0
     # Statistic-direction alignment (ours, not the paper's; see the README): flip each signature
-    # statistic whose direction on the unlabeled target (its heavier tail) differs from the source's.
+    # statistic whose direction on the unlabeled target differs from the source's.
     statistic_directions: bool = False
+    # What witnesses a statistic's direction on the target, without labels: "tail" (the heavier tail of
+    # its distribution over the target images) or "synthetic" (the way it moves in the cells where a
+    # synthetic anomaly is pasted into target images, paired with the same cells before).
+    direction_witness: Literal["tail", "synthetic"] = "tail"
+    witness_images: int = 64  # target images that get a synthetic anomaly (direction_witness=synthetic)
 
     def __post_init__(self) -> None:
         if not 0 <= self.sfa_trim < 1:
             raise ValueError(f"cfa.sfa_trim must be in [0, 1), got {self.sfa_trim}")
+        if self.direction_witness not in ("tail", "synthetic"):
+            raise ValueError(f"cfa.direction_witness must be tail or synthetic, got {self.direction_witness!r}")
+        if self.witness_images < 1:
+            raise ValueError(f"cfa.witness_images must be >= 1, got {self.witness_images}")
 
 
 TARGET_INITS = ("scratch", "source", "source_frozen")
@@ -379,18 +389,56 @@ class REFCFA(Detector):
         """Synthetic anomalies from normal images: (features, cell targets [n, G, G])."""
         count = max(1, round(len(normals) * self.config.head.synthetic_ratio))
         rng = np.random.default_rng(self.config.seed)
+        _, features, targets = self._paste_anomalies([s.path for s in normals], count, rng, progress)
+        return features, targets
+
+    def _paste_anomalies(
+        self, paths: list[str], count: int, rng: np.random.Generator, progress: bool, originals: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``count`` synthetic anomalies pasted into images of ``paths`` (donors drawn from the same list):
+        (features of the images as they were, when ``originals``; features with the anomaly; cell targets)."""
         size = self.image_size
-        features, targets = [], []
+        before, features, targets = [], [], []
         for _ in tqdm(range(count), desc="synthetic anomalies", disable=not progress, leave=False):
-            i, j = rng.integers(0, len(normals), 2)
-            image = np.asarray(load_image(normals[i].path).resize((size, size), Image.BILINEAR))
-            donor = np.asarray(load_image(normals[j].path).resize((size, size), Image.BILINEAR))
+            i, j = rng.integers(0, len(paths), 2)
+            image = np.asarray(load_image(paths[i]).resize((size, size), Image.BILINEAR))
+            donor = np.asarray(load_image(paths[j]).resize((size, size), Image.BILINEAR))
             anomalous, mask = synthesize_anomaly(image, donor, rng)
-            tensor = to_tensor(Image.fromarray(anomalous), size, self.extractor.mean, self.extractor.std)
+            pair = [anomalous, image] if originals else [anomalous]
+            tensors = torch.stack([to_tensor(Image.fromarray(a), size, self.extractor.mean, self.extractor.std)
+                                   for a in pair])
             with torch.no_grad():
-                features.append(self.extractor(tensor[None].to(self.device)).cpu())
+                out = self.extractor(tensors.to(self.device)).cpu()
+            features.append(out[:1])
+            before.append(out[1:])
             targets.append(self._cell_fraction(torch.from_numpy(mask.astype(np.float32))[None]))
-        return torch.cat(features), torch.cat(targets)
+        return (torch.cat(before) if originals else None), torch.cat(features), torch.cat(targets)
+
+    @torch.no_grad()
+    def synthetic_directions(
+        self, domain: _Domain, basis: torch.Tensor, paths: list[str], positions: torch.Tensor | None,
+        progress: bool = False, pasted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """+1 / -1 per signature statistic: whether it rises or falls in the cells where a synthetic
+        anomaly is pasted into images of ``paths``, read through ``domain``'s network (no label needed).
+
+        ``positions`` resamples the fields along the steps (TA); ``pasted`` reuses the output of
+        ``_paste_anomalies(..., originals=True)``.
+        """
+        if pasted is None:
+            rng = np.random.default_rng(self.config.seed + 2)
+            pasted = self._paste_anomalies(paths, self.config.cfa.witness_images, rng, progress, originals=True)
+        originals, anomalous, targets = pasted
+        statistics = []
+        for features in (originals, anomalous):
+            fields, _ = self.fields(domain, domain.normalise(features.to(self.device)), basis)
+            if positions is not None:
+                fields = fields.resample(positions)
+            statistics.append(self._signatures(fields)[:, -self._scalar_dim():])
+        inside = targets.flatten() >= 0.5  # cells at least half covered by the pasted anomaly
+        if not inside.any():
+            raise DataError("no cell is half covered by a synthetic anomaly; raise cfa.witness_images")
+        return paired_directions(statistics[0][inside], statistics[1][inside])
 
     def _cell_fraction(self, masks: torch.Tensor) -> torch.Tensor:
         """Pixel masks [n, S, S] -> anomalous area fraction per cell [n, G, G] (soft patch labels)."""
@@ -632,8 +680,17 @@ class REFCFA(Detector):
         flip = torch.ones(z.shape[1])
         if cfa.statistic_directions:
             self._check_directions()
-            target = tail_directions(self._image_statistics(z))
+            if cfa.direction_witness == "synthetic":
+                if "witness" not in cache:
+                    rng = np.random.default_rng(self.config.seed + 2)
+                    cache["witness"] = self._paste_anomalies(target_images, cfa.witness_images, rng, progress,
+                                                             originals=True)
+                target = self.synthetic_directions(self.target, self.target_basis(), target_images,
+                                                   self.positions if cfa.temporal else None, pasted=cache["witness"])
+            else:
+                target = tail_directions(self._image_statistics(z))
             flip[-self._scalar_dim():] = self.source_directions * target  # -1 where the directions differ
+            info["target_directions"] = [int(v) for v in target]
             info["statistics_flipped"] = int((flip < 0).sum())
             z = z * flip
         info["sfa_coral_before"] = coral_loss(z, self.anchor_cov)
