@@ -1,7 +1,7 @@
 """The statistic-direction alignment (ours, not the paper's) on both elpv tasks: does flipping the
 statistics whose unlabeled-target direction differs from the source's close the gap CFA leaves?
 
-    .venv/bin/python benchmarks/ref_cfa_directions.py [--seeds 0] [--tasks elpv:mono,elpv:poly ...]
+    .venv/bin/python benchmarks/ref_cfa_directions.py [--seeds 0] [--tasks elpv:mono,elpv:poly ...] [--name NAME]
 
 Per task and seed: train the source model as the README's main job does (``configs/ref_cfa_cpu.yaml``,
 ``seed=N``, 10% held out); evaluate it on the target's test split as is (w/o CFA); adapt it with the
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["elpv:mono,elpv:poly", "elpv:poly,elpv:mono"],
                         help="SOURCE,TARGET pairs")
     parser.add_argument("--cache-dir", default=str(RESULTS / "cache"))
+    parser.add_argument("--name", default="ref_cfa_directions", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
     for seed in args.seeds:
@@ -122,7 +123,7 @@ def main() -> None:
             source, _, target = task.partition(",")
             results[f"{source} -> {target}, seed {seed}"] = run(source, target, seed, args.cache_dir)
             report = table(results)
-            save("ref_cfa_directions", {"results": results, "config": str(CONFIG), "machine": machine()},
+            save(args.name, {"results": results, "config": str(CONFIG), "machine": machine()},
                  report)
     print(report)
 
