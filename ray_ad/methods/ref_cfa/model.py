@@ -410,25 +410,28 @@ class REFCFA(Detector):
             with torch.no_grad():
                 out = self.extractor(tensors.to(self.device)).cpu()
             features.append(out[:1])
-            before.append(out[1:])
+            if originals:
+                before.append(out[1:])
             targets.append(self._cell_fraction(torch.from_numpy(mask.astype(np.float32))[None]))
         return (torch.cat(before) if originals else None), torch.cat(features), torch.cat(targets)
 
     @torch.no_grad()
     def synthetic_directions(
         self, domain: _Domain, basis: torch.Tensor, paths: list[str], positions: torch.Tensor | None,
-        progress: bool = False, pasted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        progress: bool = False, cache: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """+1 / -1 per signature statistic: whether it rises or falls in the cells where a synthetic
         anomaly is pasted into images of ``paths``, read through ``domain``'s network (no label needed).
 
-        ``positions`` resamples the fields along the steps (TA); ``pasted`` reuses the output of
-        ``_paste_anomalies(..., originals=True)``.
+        ``positions`` resamples the fields along the steps (TA); ``cache`` keeps the pasted pairs
+        between calls for the same images.
         """
-        if pasted is None:
-            rng = np.random.default_rng(self.config.seed + 2)
-            pasted = self._paste_anomalies(paths, self.config.cfa.witness_images, rng, progress, originals=True)
-        originals, anomalous, targets = pasted
+        cache = {} if cache is None else cache
+        if "witness" not in cache:
+            rng = np.random.default_rng(self.config.seed + 2)  # apart from the synthetic supervision's draws
+            cache["witness"] = self._paste_anomalies(paths, self.config.cfa.witness_images, rng, progress,
+                                                     originals=True)
+        originals, anomalous, targets = cache["witness"]
         statistics = []
         for features in (originals, anomalous):
             fields, _ = self.fields(domain, domain.normalise(features.to(self.device)), basis)
@@ -681,12 +684,8 @@ class REFCFA(Detector):
         if cfa.statistic_directions:
             self._check_directions()
             if cfa.direction_witness == "synthetic":
-                if "witness" not in cache:
-                    rng = np.random.default_rng(self.config.seed + 2)
-                    cache["witness"] = self._paste_anomalies(target_images, cfa.witness_images, rng, progress,
-                                                             originals=True)
                 target = self.synthetic_directions(self.target, self.target_basis(), target_images,
-                                                   self.positions if cfa.temporal else None, pasted=cache["witness"])
+                                                   self.positions if cfa.temporal else None, progress, cache)
             else:
                 target = tail_directions(self._image_statistics(z))
             flip[-self._scalar_dim():] = self.source_directions * target  # -1 where the directions differ
