@@ -12,7 +12,7 @@ is pasted into target images), and evaluate each. Witness check rows: how many o
 witness points the same way as the labels do (the synthetic witness on the source against the source's
 labels; both witnesses on the target against the target test split's labels, read for this check only).
 Target labels are read only to evaluate. Figures go to benchmarks/results/ref_cfa_directions.{json,md},
-rewritten after every task. About 15 CPU-minutes per task and seed on 2 cores.
+rewritten after every task. About 20 CPU-minutes per task and seed on 2 cores.
 """
 
 from __future__ import annotations
