@@ -66,6 +66,20 @@ def test_grid_is_pooled_and_frozen():
 
 
 
+def test_cpu_batches_run_in_cache_sized_chunks_with_the_same_features(monkeypatch):
+    extractor = FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=128, local_pool=(3, 5)))
+    assert extractor.cpu_chunk_images == 8  # 2 x 256^2 pixels = 8 images of 128^2
+    images = torch.randn(19, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    whole = extractor._grid_features(images)  # one pass over the whole batch
+    passes = []
+    grid_features = extractor._grid_features
+    monkeypatch.setattr(extractor, "_grid_features", lambda part: passes.append(len(part)) or grid_features(part))
+    chunked = extractor(images)
+    assert passes == [8, 8, 3]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    assert FeatureExtractor(BackboneConfig(layers=(2,), grid_size=8, image_size=512)).cpu_chunk_images == 1
+
+
 def test_several_pool_sizes_stack_one_copy_per_size():
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     single = {size: FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=64, local_pool=size))
