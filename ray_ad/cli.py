@@ -98,7 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = []
     for path in args.images:
         try:
-            image = load_image(path)
+            image = load_image(path, keep_gray=True)
         except RayADError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures += 1

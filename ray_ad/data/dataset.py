@@ -187,7 +187,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = load_image(sample.path)
+        image = load_image(sample.path, keep_gray=True)
         mask = None
         if self.with_masks and sample.mask_path:
             mask = load_mask(sample.mask_path, image.size)

@@ -16,8 +16,11 @@ from ray_ad.errors import DataError
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image (grayscale and palette images become 3 channels)."""
+def decode_image(data: bytes, name: str, max_pixels: int | None = None, keep_gray: bool = False) -> Image.Image:
+    """Bytes -> RGB PIL image (grayscale and palette images become 3 channels).
+
+    With ``keep_gray`` a grayscale image stays one channel ("L"): ``to_tensor`` then resizes one
+    channel instead of three and repeats it afterwards, the same tensor for a third of the work."""
     if not data:
         raise DataError(f"{name}: empty file")
     try:
@@ -38,11 +41,13 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() or 1.0
         image = Image.fromarray((array / peak * 255.0).astype(np.uint8))
+    if keep_gray and image.mode == "L":
+        return image
     return image.convert("RGB")
 
 
-def load_image(uri: str, max_pixels: int | None = None) -> Image.Image:
-    return decode_image(storage.read_bytes(uri), uri, max_pixels)
+def load_image(uri: str, max_pixels: int | None = None, keep_gray: bool = False) -> Image.Image:
+    return decode_image(storage.read_bytes(uri), uri, max_pixels, keep_gray)
 
 
 def load_mask(uri: str, expected_size: tuple[int, int]) -> Image.Image:
@@ -64,13 +69,17 @@ def load_mask(uri: str, expected_size: tuple[int, int]) -> Image.Image:
 def to_tensor(
     image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
-    """PIL RGB -> normalised float tensor ``[3, size, size]``."""
-    resized = image.resize((size, size), Image.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    """PIL RGB or grayscale ("L") -> normalised float tensor ``[3, size, size]``; a grayscale image is
+    resized as one channel and repeated (bilinear resizing acts on each channel alone, so the result is
+    that of its RGB conversion)."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BILINEAR)))
+    pixels = pixels.expand(3, size, size) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    # (x / 255 - mean) / std as one multiply-add per pixel.
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (tensor - mean_t) / std_t
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    return pixels.float() * (1.0 / (255.0 * std_t)) - mean_t / std_t
 
 
 def mask_to_tensor(mask: Image.Image | None, size: int) -> torch.Tensor:

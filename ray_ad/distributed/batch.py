@@ -47,8 +47,9 @@ class FeatureActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = self.extractor.config.image_size
+        mean, std = self.extractor.mean, self.extractor.std
         images = torch.stack([
-            to_tensor(load_image(str(path)), size, self.extractor.mean, self.extractor.std) for path in batch["path"]
+            to_tensor(load_image(str(path), keep_gray=True), size, mean, std) for path in batch["path"]
         ]).to(self.device)
         with torch.no_grad():
             variants = [self.extractor(dihedral(images, k)).float().cpu() for k in range(self.augment)]
@@ -93,7 +94,7 @@ class ScoreActor:
         tensors, good, errors = [], [], []
         for path in batch["path"]:
             try:
-                image = load_image(str(path))
+                image = load_image(str(path), keep_gray=True)
                 tensors.append(to_tensor(image, detector.image_size, detector.extractor.mean, detector.extractor.std))
                 good.append(True)
                 errors.append(None)

@@ -1,4 +1,5 @@
 import collections
+import io
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from PIL import Image
 
 from ray_ad.data import ImageDataset, load_samples, split_calibration, write_manifest
-from ray_ad.data.images import decode_image
+from ray_ad.data.images import decode_image, to_tensor
 from ray_ad.errors import DataError
 from tests.conftest import make_mvtec, upload_folder
 
@@ -26,6 +27,26 @@ def test_grayscale_becomes_three_channels_and_masks_are_binary(tiny_mvtec):
     assert torch.equal(item["image"][0], item["image"][1])
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
     assert item["has_mask"]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "I;16"])
+def test_image_tensors_are_normalised_and_gray_is_resized_as_one_channel(mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        source = Image.fromarray(rng.integers(0, 4096, (23, 37), dtype=np.uint16))
+    else:
+        source = Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)).convert(mode)
+    sink = io.BytesIO()
+    source.save(sink, format="PNG")
+    gray_kept = decode_image(sink.getvalue(), "cam.png", keep_gray=True)
+    rgb = decode_image(sink.getvalue(), "cam.png")
+    assert rgb.mode == "RGB" and gray_kept.mode == ("L" if mode in ("L", "I;16") else "RGB")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    # The definition: resize the RGB image, scale to [0, 1], subtract the mean, divide by the std.
+    expected = torch.from_numpy(np.asarray(rgb.resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255.0)
+    expected = (expected.permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    for image in (gray_kept, rgb):
+        torch.testing.assert_close(to_tensor(image, 16, mean, std), expected, rtol=0, atol=1e-5)
 
 
 def test_mask_of_the_wrong_size_names_the_mask(tiny_mvtec):
