@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ray_ad.data import ImageDataset, load_samples, training_split
 from ray_ad.methods.base import Detector
+from ray_ad.metrics import auroc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
@@ -22,6 +24,11 @@ def splits(data: str, calibration_fraction: float = 0.1):
     """(train normals, held-out calibration normals, test) exactly as ``ray-ad train`` makes them."""
     train, calibration = training_split(data, calibration_fraction)
     return train, calibration, load_samples(data, "test")
+
+
+def auroc_against(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AUROC of one set of scores (anomalous) against another (normal)."""
+    return auroc(np.r_[positives, negatives], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
 
 
 @torch.no_grad()

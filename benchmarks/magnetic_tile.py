@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, backbone_seconds_per_image, machine, save, splits  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_MAGNETIC_TILE,
+    auroc_against,
+    backbone_seconds_per_image,
+    machine,
+    save,
+    splits,
+)
 
 from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.cli import METRIC_KEYS, format_table  # noqa: E402
@@ -50,17 +57,13 @@ def pixel_auroc_per_defect(results: Results) -> dict[str, dict[str, float]]:
     return out
 
 
-def pixel_auroc_by_negatives(results: Results) -> dict[str, float]:
+def pixel_auroc_by_negatives(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Anomalous pixels against the pixels of normal images, and against the normal pixels of defective
     images: a map that is high over a whole defective image separates the first, not the second."""
-    normal = results.labels == 0
-    positives = results.maps[results.masks]
-    out = {}
-    for name, negatives in (("vs_normal_images", results.maps[normal].ravel()),
-                            ("vs_normal_pixels_of_defective_images", results.maps[~normal][~results.masks[~normal]])):
-        labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
-        out[name] = auroc(np.r_[positives, negatives], labels)
-    return out
+    normal = labels == 0
+    positives = maps[masks]
+    return {"vs_normal_images": auroc_against(positives, maps[normal].ravel()),
+            "vs_normal_pixels_of_defective_images": auroc_against(positives, maps[~normal][~masks[~normal]])}
 
 
 def main() -> None:
@@ -100,7 +103,7 @@ def main() -> None:
         results = run_detector(osd, test)
         rows[label] = compute_metrics(results)
         per_defect[label] = pixel_auroc_per_defect(results)
-        by_negatives[label] = pixel_auroc_by_negatives(results)
+        by_negatives[label] = pixel_auroc_by_negatives(results.maps, results.masks, results.labels)
 
     if osd_config.normalisation.kind == "position_whiten":
         reference_config = method_config("osd_irf", apply_overrides(
@@ -111,7 +114,7 @@ def main() -> None:
         results = run_detector(reference, test)
         rows[label] = compute_metrics(results)
         per_defect[label] = pixel_auroc_per_defect(results)
-        by_negatives[label] = pixel_auroc_by_negatives(results)
+        by_negatives[label] = pixel_auroc_by_negatives(results.maps, results.masks, results.labels)
 
     patchcore = build_detector("patchcore", method_config("patchcore", load_file(args.patchcore_config)))
     start = time.perf_counter()
@@ -120,7 +123,7 @@ def main() -> None:
     results = run_detector(patchcore, test)
     rows["patchcore (kNN)"] = compute_metrics(results)
     per_defect["patchcore (kNN)"] = pixel_auroc_per_defect(results)
-    by_negatives["patchcore (kNN)"] = pixel_auroc_by_negatives(results)
+    by_negatives["patchcore (kNN)"] = pixel_auroc_by_negatives(results.maps, results.masks, results.labels)
 
     backbone_s = backbone_seconds_per_image(osd, test)
     one, inv = rows["osd_irf (1 step)"], rows[multi]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
-from magnetic_tile import CONFIGS  # noqa: E402
+from magnetic_tile import CONFIGS, pixel_auroc_by_negatives  # noqa: E402
 
 from ray_ad.backbones.extractor import BackboneConfig, FeatureExtractor  # noqa: E402
 from ray_ad.data import ImageDataset, Sample  # noqa: E402
@@ -95,10 +95,6 @@ def reference_maps(train: torch.Tensor, test: torch.Tensor, ridge: float) -> np.
     return upsample_map(cells, 256, MAP_SIGMA).numpy()
 
 
-def _against(positives: np.ndarray, negatives: np.ndarray) -> float:
-    return auroc(np.r_[positives, negatives], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
-
-
 def needed_within_defective(test: dict, pooled_target: float, against_normal_tiles: float) -> tuple[float, float]:
     """The pooled pixel AUROC is the negatives-weighted mean of the AUROCs against each group of normal
     pixels, so a pooled target needs this AUROC against the unmarked pixels of defective tiles (given the
@@ -113,12 +109,11 @@ def figures(maps: np.ndarray, test: dict) -> dict[str, float]:
     masks, labels = test["masks"].numpy(), test["labels"].numpy()
     kinds = np.array([Path(p).parent.name for p in test["paths"]])
     defective, uneven = labels == 1, kinds == "uneven"
-    positives = maps[masks]
-    unmarked, normal_tiles = maps[defective][~masks[defective]], maps[~defective].ravel()
+    by_negatives = pixel_auroc_by_negatives(maps, masks, labels)
     return {
         "pixel_auroc": auroc(maps.ravel(), masks.ravel()),
-        "anomalous_vs_normal_tiles": _against(positives, normal_tiles),
-        "anomalous_vs_unmarked_of_defective": _against(positives, unmarked),
+        "anomalous_vs_normal_tiles": by_negatives["vs_normal_images"],
+        "anomalous_vs_unmarked_of_defective": by_negatives["vs_normal_pixels_of_defective_images"],
         "uneven_marked_vs_its_unmarked": auroc(maps[uneven].ravel(), masks[uneven].ravel()),
         "image_auroc_of_map_max": auroc(maps.reshape(len(maps), -1).max(1), defective),
     }

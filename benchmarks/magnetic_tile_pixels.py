@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, auroc_against, machine, save, splits  # noqa: E402
 from magnetic_tile import CONFIGS, pixel_auroc_by_negatives  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
@@ -41,10 +41,6 @@ DISTANCE_BANDS = ((0, 8), (8, 24), (24, 64), (64, None))  # pixels from the near
 BACKGROUND_QUANTILES = (0.05, 0.25, 0.5)
 
 
-def _against(positives: np.ndarray, negatives: np.ndarray) -> float:
-    return auroc(np.r_[positives, negatives], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
-
-
 def within_defect_types(results: Results) -> dict[str, dict[str, float]]:
     """Per defect type: all anomalous pixels vs its images' unmarked pixels; its own marked vs unmarked."""
     kinds = np.array([Path(p).parent.name for p in results.paths])
@@ -52,8 +48,8 @@ def within_defect_types(results: Results) -> dict[str, dict[str, float]]:
     out = {}
     for kind in sorted(set(kinds) - {"good"}):
         maps, masks = results.maps[kinds == kind], results.masks[kinds == kind]
-        out[kind] = {"all_anomalous_vs_its_unmarked": _against(positives, maps[~masks]),
-                     "its_marked_vs_its_unmarked": _against(maps[masks], maps[~masks])}
+        out[kind] = {"all_anomalous_vs_its_unmarked": auroc_against(positives, maps[~masks]),
+                     "its_marked_vs_its_unmarked": auroc_against(maps[masks], maps[~masks])}
     return out
 
 
@@ -66,7 +62,7 @@ def by_distance(results: Results) -> dict[str, float]:
     out = {}
     for low, high in DISTANCE_BANDS:
         band = ~masks & (distance > low) & (distance <= (high if high is not None else np.inf))
-        out[f"{low}-{high if high is not None else 'inf'} px"] = _against(positives, maps[band])
+        out[f"{low}-{high if high is not None else 'inf'} px"] = auroc_against(positives, maps[band])
     return out
 
 
@@ -95,7 +91,8 @@ def main() -> None:
         detector = build_detector("osd_irf", config)
         detector.fit(train, calibration, cache_dir=args.cache_dir)
     results = run_detector(detector, test)
-    report = {"pixel_auroc": pooled(results), "by_negatives": pixel_auroc_by_negatives(results),
+    report = {"pixel_auroc": pooled(results),
+              "by_negatives": pixel_auroc_by_negatives(results.maps, results.masks, results.labels),
               "defect_types": within_defect_types(results), "by_distance": by_distance(results)}
 
     knobs = {f"map_sigma {detector.config.map_sigma:g} (as configured)": report["pixel_auroc"]}
