@@ -113,6 +113,18 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def decision_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Precision, recall and F1 of the decision ``score > threshold`` on labelled images (label -1 left out)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    keep = labels >= 0
+    flagged, truth = scores[keep] > threshold, labels[keep] == 1
+    tp = int((flagged & truth).sum())
+    precision = tp / int(flagged.sum()) if flagged.any() else 0.0
+    recall = tp / int(truth.sum()) if truth.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "threshold": float(threshold)}
+
+
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     maps = np.asarray(maps, dtype=np.float32)
     curve = _Curve(maps, masks)

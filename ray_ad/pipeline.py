@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_ad import storage
+from ray_ad.adaptation.gate import ACCEPTANCE
 from ray_ad.config import apply_overrides, to_dict
 from ray_ad.data import Sample, load_samples, split_calibration, training_split
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
@@ -82,14 +83,16 @@ def train_detector(
 def target_image_uris(uri: str, split: str | None = None) -> list[str]:
     """The image URIs of a target domain: a dataset (as for training) or any folder of images.
 
-    A landing batch is just a folder of images, so a folder that is not a dataset is read as one.
+    A landing batch is just a folder of images, so a folder that is not a dataset is read as one; its
+    ``_acceptance/`` folder (a few labelled images for the promotion gate only) is not part of it.
     """
     try:
         return [s.path for s in load_samples(uri, split)]
     except DataError:
         if uri.startswith("elpv:") or uri.endswith(".parquet") or split is not None:
             raise
-    images = [p for p in storage.list_files(uri) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [p for p in storage.list_files(uri)
+              if p.lower().endswith(IMAGE_EXTENSIONS) and f"/{ACCEPTANCE}/" not in p]
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {uri}")
     return images

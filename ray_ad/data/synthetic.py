@@ -75,3 +75,84 @@ def synthesize_anomaly(
     m = mask[..., None]
     blend = np.where(m, (1 - beta) * blend + beta * fill.astype(np.float32), blend)
     return blend.clip(0, 255).astype(np.uint8), mask
+
+
+# Subtle, varied defects for ranking detectors without labels (the promotion gate). A proxy that is
+# too easy ranks nothing: every detector tells a full-opacity shuffled blob from a clean image. So the
+# defects here are small (a blob of at most a few percent of the image), low in contrast, and of
+# several kinds that resemble what lines see: stains, cracks/scratches, smears, misplaced texture.
+DEFECT_KINDS = ("blend", "intensity", "scratch", "smear", "cutpaste")
+
+
+def small_blob(size: int, rng: np.random.Generator, max_fraction: float = 0.04) -> np.ndarray:
+    """A Perlin blob inside a random square window of at most ``max_fraction`` of the image area."""
+    side = max(8, int(size * np.sqrt(max_fraction) * rng.uniform(0.6, 1.0)))
+    window = perlin_mask(side, rng)
+    mask = np.zeros((size, size), dtype=bool)
+    top, left = rng.integers(0, size - side + 1, 2)
+    mask[top : top + side, left : left + side] = window
+    return mask
+
+
+def scratch_mask(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A thin straight line (1-3 px wide, 10-40% of the image long) at a random angle."""
+    length = size * rng.uniform(0.1, 0.4)
+    width = rng.uniform(0.5, 1.5)
+    angle = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(length / 2, size - length / 2, 2)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    along = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+    across = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+    return (np.abs(along) <= length / 2) & (np.abs(across) <= width)
+
+
+def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
+    padded = np.pad(image.astype(np.float32), ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    kernel = 2 * radius + 1
+    summed = padded.cumsum(0).cumsum(1)
+    summed = np.pad(summed, ((1, 0), (1, 0), (0, 0)))
+    box = summed[kernel:, kernel:] - summed[:-kernel, kernel:] - summed[kernel:, :-kernel] + summed[:-kernel, :-kernel]
+    return box / kernel**2
+
+
+def subtle_defect(
+    image: np.ndarray, donor: np.ndarray, rng: np.random.Generator, kind: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(defective image uint8 [S, S, C], mask bool [S, S], kind) from a clean square ``image``.
+
+    ``donor`` (another image of the same size) supplies foreign texture for ``blend``.
+    """
+    if image.shape != donor.shape or image.shape[0] != image.shape[1]:
+        raise ValueError(f"image {image.shape} and donor {donor.shape} must be square arrays of one size")
+    kind = kind or str(rng.choice(DEFECT_KINDS))
+    size = image.shape[0]
+    pixels = image.astype(np.float32)
+    spread = float(pixels.std()) or 16.0  # contrast relative to the image's own
+    if kind == "blend":
+        mask = small_blob(size, rng)
+        fill = self_shuffled(donor, rng).astype(np.float32)
+        beta = rng.uniform(0.2, 0.6)
+        out = np.where(mask[..., None], (1 - beta) * pixels + beta * fill, pixels)
+    elif kind == "intensity":
+        mask = small_blob(size, rng)
+        soft = _box_blur(mask[..., None].astype(np.float32), 2)  # soft edges, as stains have
+        out = pixels + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * spread * soft
+        mask = soft[..., 0] > 0
+    elif kind == "scratch":
+        mask = scratch_mask(size, rng)
+        out = np.where(mask[..., None], pixels + rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.0) * spread, pixels)
+    elif kind == "smear":
+        mask = small_blob(size, rng)
+        out = np.where(mask[..., None], _box_blur(pixels, int(rng.integers(2, 5))), pixels)
+    elif kind == "cutpaste":
+        side = max(4, int(size * rng.uniform(0.06, 0.15)))
+        (sy, sx), (ty, tx) = rng.integers(0, size - side + 1, (2, 2))
+        mask = np.zeros((size, size), dtype=bool)
+        mask[ty : ty + side, tx : tx + side] = True
+        out = pixels.copy()
+        out[ty : ty + side, tx : tx + side] = pixels[sy : sy + side, sx : sx + side]
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; use one of {', '.join(DEFECT_KINDS)}")
+    out = out.clip(0, 255).astype(np.uint8)
+    # What really changed (a cut-paste of similar texture, or a clipped stain, may change less).
+    return out, mask & (np.abs(out.astype(np.int16) - image.astype(np.int16)).max(-1) > 0), kind

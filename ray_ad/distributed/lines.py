@@ -4,7 +4,7 @@ These are the bodies of ``jobs/train_source.py`` and ``jobs/adapt_target.py`` (a
 watcher submits). Score networks train on Ray Train; everything is written under one storage root::
 
     <root>/models/<line>/<version>/      bundles (registry.publish: files first, CURRENT last)
-    <root>/jobs/<job_id>.json            adaptation status objects
+    <root>/jobs/<job_id>.json            adaptation status objects (candidates, gate scores, decision)
     <root>/ray_train/<run>/              Ray Train checkpoints
 """
 
@@ -16,15 +16,18 @@ import traceback
 from typing import Any
 
 from ray_ad import registry, storage
+from ray_ad.adaptation.promote import SERVED, Outcome, adapt_candidates, split_overrides
 from ray_ad.bundle import load_bundle
 from ray_ad.cli import format_table
 from ray_ad.distributed.batch import RayFeatureBackend
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import RayADError
 from ray_ad.job_status import adapt_job_id, job_status_uri, read_job_status
-from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
+from ray_ad.metrics import decision_metrics
+from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector
 
 TABLE_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "seconds_per_image")
+EVAL_KEYS = ("image_auroc", "image_ap", "image_f1max", "precision", "recall", "f1")
 
 
 def _now() -> str:
@@ -80,57 +83,93 @@ def adapt_line(
     new_line: str, source_line: str, target: str, root: str, target_split: str | None = None,
     overrides: list[str] | None = None, eval_data: str | None = None, eval_split: str = "test",
     workers: int = 1, use_gpu: bool = False, progress: bool = True, cache_dir: str | None = None,
-    feature_actors: int = 0, **settings: Any,
+    feature_actors: int = 0, force: bool = False, **settings: Any,
 ) -> dict[str, Any]:
-    """REF+CFA adaptation of ``source_line``'s current model to the unlabeled ``target``, published as
-    a new version of ``new_line``. Idempotent: a target already adapted returns its status unchanged.
+    """Adapt ``source_line``'s current model to the unlabeled ``target``: build every candidate (the
+    source as is, a target memory, REF+CFA for ref_cfa sources), rank them on held-out landed images
+    with no target label, and publish the winner as a new version of ``new_line`` only when it beats
+    what ``new_line`` serves by the gate's margin (``force`` publishes it anyway). Otherwise the job
+    records ``"decision": "kept"`` with the evidence and publishes nothing.
 
-    With ``eval_data`` (labelled target data), the source model before adaptation and the adapted
-    model are both evaluated on its ``eval_split``; labels are never read before adaptation is done.
+    Idempotent: a target already processed returns its status unchanged. With ``eval_data`` (labelled
+    target data), every candidate is evaluated on its ``eval_split`` after the decision is made.
     """
     registry.check_name("line", new_line)
     source_version = registry.current_version(root, source_line)
     if source_version is None:
         raise RayADError(f"source line {source_line!r} has no published model under {root}")
+    config, ref_cfa_overrides = split_overrides(overrides)
     job_id = adapt_job_id(new_line, source_line, source_version, target)
     status = read_job_status(root, job_id)
     if status is not None and status.get("state") == "succeeded":
-        print(f"{job_id}: {target} was already adapted into {new_line}/{status['version']}; nothing to do")
+        print(f"{job_id}: {target} was already processed ({status.get('decision', 'published')} "
+              f"{new_line}/{status.get('version')}); nothing to do")
         return status
     version = (status or {}).get("version") or registry.new_version()  # a retry resumes the same run
+    served_version = registry.current_version(root, new_line)
     status = {
         "job_id": job_id, "state": "running", "new_line": new_line, "source_line": source_line,
-        "source_version": source_version, "target": target, "version": version, "started": _now(),
-        "error": None,
+        "source_version": source_version, "target": target, "version": version, "served_version": served_version,
+        "started": _now(), "error": None, "decision": None,
     }
     _write_status(root, status)
     try:
-        detector = load_bundle(registry.version_uri(root, source_line, source_version))
+        source = load_bundle(registry.version_uri(root, source_line, source_version))
+        served = load_bundle(registry.version_uri(root, new_line, served_version)) if served_version else None
         images = target_image_uris(target, target_split)
-        print(f"{job_id}: adapting {source_line}/{source_version} to {len(images)} unlabeled images of {target}")
+        print(f"{job_id}: adapting {source_line}/{source_version} ({source.method}) to {len(images)} unlabeled "
+              f"images of {target}" + (f"; {new_line} serves {served_version}" if served_version else ""))
         trainer = RayScoreNetTrainer(train_settings(root, job_id, workers, use_gpu, **settings))
-        info = adapt_detector(detector, images, overrides, progress=progress, cache_dir=cache_dir,
-                              score_net_trainer=trainer,
-                              feature_backend=_feature_backend(feature_actors, use_gpu))
-        metrics: dict[str, Any] = {"adapt": info, "ray_train": {"workers": workers, **_train_figures(trainer)}}
-        if eval_data:
-            before = load_bundle(registry.version_uri(root, source_line, source_version))
-            before_metrics = evaluate_split(before, eval_data, eval_split, progress)[1]
-            after_metrics = evaluate_split(detector, eval_data, eval_split, progress)[1]
-            metrics.update(after_metrics)
-            metrics["before_adaptation"] = before_metrics
-            status["table"] = format_table(
-                {f"{source_line} (source, no CFA)": before_metrics, f"{new_line} (REF+CFA)": after_metrics},
-                TABLE_KEYS,
-            )
-            print(f"{eval_data} {eval_split} split, before and after adaptation:\n{status['table']}")
-        registry.publish(detector, root, new_line, metrics, version=version)
+        outcome = adapt_candidates(source, target, images, config, served, ref_cfa_overrides, progress=progress,
+                                   cache_dir=cache_dir, score_net_trainer=trainer,
+                                   feature_backend=_feature_backend(feature_actors, use_gpu))
+        decision = "published" if force else outcome.decision
+        status.update(gate=outcome.evidence(), winner=outcome.winner, decision=decision,
+                      forced=force and outcome.decision == "kept")
+        _print_gate(outcome, served_version)
+        winner = outcome.candidates[outcome.winner]
+        metrics: dict[str, Any] = {"adaptation": outcome.evidence(),
+                                   "ray_train": {"workers": workers, **_train_figures(trainer)}}
+        if eval_data:  # labels are read only now, after the decision
+            table, evaluated = _evaluate_candidates(outcome, eval_data, eval_split, progress)
+            metrics.update(evaluated[outcome.winner])
+            status["table"] = table
+            print(f"{eval_data} {eval_split} split (read after the decision):\n{table}")
+        if decision == "published":
+            registry.publish(winner, root, new_line, metrics, version=version)
+        else:
+            status["version"] = None
     except Exception as exc:
         status.update(state="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         _write_status(root, status)
         raise
-    status.update(state="succeeded", finished=_now(), metrics={k: v for k, v in metrics.items()
-                                                               if not isinstance(v, dict)})
+    status.update(state="succeeded", finished=_now())
     _write_status(root, status)
-    print(f"{job_id}: published {new_line}/{version}")
+    if decision == "published":
+        print(f"{job_id}: published {outcome.winner} as {new_line}/{version}")
+    else:
+        print(f"{job_id}: kept {new_line}/{served_version}: the best candidate ({outcome.winner}) does not beat it "
+              f"by the gate margin {config.gate.margin}")
     return status
+
+
+def _print_gate(outcome: Outcome, served_version: str | None) -> None:
+    rows = {}
+    for name, gate in outcome.gate.items():
+        label = f"served ({served_version})" if name == SERVED else name
+        rows[label + (" <- winner" if name == outcome.winner else "")] = gate
+    print(f"gate ({outcome.gate_source}), decision: {outcome.decision}")
+    print(format_table(rows, ("gate_auroc", "threshold", "flagged_held_out", "build_seconds")))
+
+
+def _evaluate_candidates(
+    outcome: Outcome, eval_data: str, eval_split: str, progress: bool
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    evaluated = {}
+    for name, detector in outcome.candidates.items():
+        results, figures = evaluate_split(detector, eval_data, eval_split, progress)
+        figures.update(decision_metrics(results.scores, results.labels, detector.threshold))
+        evaluated[name] = figures
+    rows = {f"{name}{' <- winner' if name == outcome.winner else ''}": {**figures,
+            "gate_auroc": outcome.gate[name]["gate_auroc"]} for name, figures in evaluated.items()}
+    return format_table(rows, ("gate_auroc", *EVAL_KEYS)), evaluated

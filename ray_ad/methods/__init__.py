@@ -10,11 +10,13 @@ from ray_ad.methods.base import Detector, Prediction
 from ray_ad.methods.osd_irf import OSDIRF, OSDIRFConfig
 from ray_ad.methods.patchcore import PatchCore, PatchCoreConfig
 from ray_ad.methods.ref_cfa import REFCFA, REFCFAConfig
+from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
 
 METHODS: dict[str, tuple[type[Detector], type]] = {
     "osd_irf": (OSDIRF, OSDIRFConfig),
     "patchcore": (PatchCore, PatchCoreConfig),
     "ref_cfa": (REFCFA, REFCFAConfig),
+    "target_memory": (TargetMemory, TargetMemoryConfig),
 }
 
 

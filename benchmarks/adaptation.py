@@ -1,0 +1,163 @@
+"""Does a landed batch make a line better? Every adaptation candidate, the gate's pick and a labelled
+reference, on elpv mono -> poly and poly -> mono.
+
+    .venv/bin/python benchmarks/adaptation.py [--tasks mono-poly poly-mono] [--seeds 0 1 2]
+        [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME]
+
+Each domain is laid out as a camera delivers it (``elpv:<d>?layout=landing``): a fixed 40% of its cells
+is the labelled test split and never lands; every other cell lands, defective and ambiguous ones too.
+For each task and seed: train the source model on the source domain (``configs/ref_cfa_cpu.yaml`` with
+``seed=N`` for ref_cfa, or a PatchCore kNN on its train normals), run ``adapt_candidates`` exactly as
+``jobs/adapt_target.py`` does (gate seed = N), then, with the decision made, read the target's test
+labels and score every candidate: image AUROC, F1-max, and precision / recall / F1 at the threshold the
+candidate would ship with. Rows: the source as is, the target memory, REF+CFA (ref_cfa sources), the
+gate's pick, and a kNN fitted on the *labelled* normals of the landed cells (a reference that reads
+labels: what a labelling effort would buy). The gate's Spearman rank correlation with test AUROC
+across candidates is reported per run. Figures go to benchmarks/results/adaptation[_NAME].{json,md},
+rewritten after every run. About 12 CPU-minutes per run with a ref_cfa source on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save  # noqa: E402
+
+from ray_ad.adaptation.promote import adapt_candidates, split_overrides  # noqa: E402
+from ray_ad.config import apply_overrides  # noqa: E402
+from ray_ad.data import load_samples  # noqa: E402
+from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
+from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.metrics import decision_metrics  # noqa: E402
+from ray_ad.pipeline import train_detector  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ref_cfa_cpu.yaml"
+TASKS = {"mono-poly": ("mono", "poly"), "poly-mono": ("poly", "mono")}
+LABELLED_REFERENCE = "kNN on labelled target normals (reads labels)"
+
+
+def landing(domain: str) -> str:
+    return f"elpv:{domain}?layout=landing"
+
+
+def source_model(method: str, domain: str, seed: int, cache_dir: str):
+    if method == "ref_cfa":
+        config = {**yaml.safe_load(CONFIG.read_text()), "seed": seed}
+        return train_detector("ref_cfa", f"elpv:{domain}", config, progress=False, cache_dir=cache_dir,
+                              evaluate=False)[0]
+    return train_detector(method, f"elpv:{domain}", {"seed": seed}, progress=False, cache_dir=cache_dir,
+                          evaluate=False)[0]
+
+
+def labelled_reference(target: str, seed: int, cache_dir: str):
+    """A PatchCore-style kNN on the target's own backbone features, fitted on landed cells *labelled* normal."""
+    from ray_ad.methods.target_memory import TargetMemoryConfig
+
+    normals = [s for s in load_samples(target, "landing") if s.label == 0]
+    calibration, train = normals[: len(normals) // 10], normals[len(normals) // 10 :]
+    backbone = TargetMemoryConfig().backbone  # the target memory's cells, so the rows compare like for like
+    detector = build_detector("patchcore", method_config("patchcore", {
+        "backbone": {"layers": list(backbone.layers), "grid_size": backbone.grid_size,
+                     "local_pool": backbone.local_pool}, "bank_fraction": 1.0, "seed": seed}))
+    detector.fit(train, calibration, progress=False, cache_dir=cache_dir)
+    return detector
+
+
+def score(detector, test, threshold: float) -> dict[str, float]:
+    results = run_detector(detector, test, progress=False)
+    out = compute_metrics(results)
+    out.update(decision_metrics(results.scores, results.labels, threshold))
+    return {k: out[k] for k in ("image_auroc", "image_f1max", "precision", "recall", "f1", "seconds_per_image")}
+
+
+def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str) -> dict:
+    source_domain, target_domain = TASKS[task]
+    target = landing(target_domain)
+    tick = time.perf_counter()
+    source = source_model(method, source_domain, seed, cache_dir)
+    source_seconds = time.perf_counter() - tick
+    config, ref_overrides = split_overrides([*overrides, f"gate.seed={seed}"])
+    images = [s.path for s in load_samples(target, "landing")]
+    outcome = adapt_candidates(source, target, images, config, ref_cfa_overrides=ref_overrides, progress=False,
+                               cache_dir=cache_dir)
+    # The decision is made; from here on the target's labels are read, for the figures only.
+    test = load_samples(target, "test")
+    rows = {}
+    for name, detector in outcome.candidates.items():
+        gate = outcome.gate[name]
+        rows[name] = {**score(detector, test, gate["threshold"]), "gate_auroc": gate["gate_auroc"],
+                      "build_seconds": gate.get("build_seconds")}
+        print(f"{task} seed {seed} | {name}: {rows[name]}", flush=True)
+    reference = labelled_reference(target, seed, cache_dir)
+    rows[LABELLED_REFERENCE] = score(reference, test, reference.threshold)
+    names = list(outcome.candidates)
+    gate_values = [rows[n]["gate_auroc"] for n in names]
+    test_values = [rows[n]["image_auroc"] for n in names]
+    best = max(names, key=lambda n: rows[n]["image_auroc"])
+    return {
+        "rows": rows, "winner": outcome.winner, "decision": outcome.decision, "best_by_test_labels": best,
+        "pick_minus_best": rows[outcome.winner]["image_auroc"] - rows[best]["image_auroc"],
+        "pick_minus_source": rows[outcome.winner]["image_auroc"] - rows["source"]["image_auroc"],
+        "gate_spearman": float(spearmanr(gate_values, test_values).statistic) if len(names) > 2 else None,
+        "source_seconds": source_seconds, "per_kind": {n: outcome.gate[n].get("per_kind") for n in names},
+    }
+
+
+def table(results: dict[str, dict[int, dict]]) -> str:
+    lines = []
+    for task, seeds in results.items():
+        names = list(next(iter(seeds.values()))["rows"])
+        lines += [f"### {task.replace('-', ' -> ')} (image AUROC; F1 at the shipped threshold in brackets)", "",
+                  "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |",
+                  "|---|" + "---:|" * (len(seeds) + 2)]
+        for name in [*names, "gate's pick"]:
+            values, cells = [], []
+            for run_ in seeds.values():
+                row = run_["rows"][run_["winner"] if name == "gate's pick" else name]
+                values.append(row["image_auroc"])
+                cells.append(f"{row['image_auroc']:.3f} ({row['f1']:.2f})")
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(values):.3f} | {std:.3f} |")
+        lines += ["", "| seed | pick | decision | best by test labels | pick - best | pick - source | gate Spearman |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for seed, run_ in seeds.items():
+            rho = "n/a" if run_["gate_spearman"] is None else f"{run_['gate_spearman']:.2f}"
+            lines.append(f"| {seed} | {run_['winner']} | {run_['decision']} | {run_['best_by_test_labels']} | "
+                         f"{run_['pick_minus_best']:+.3f} | {run_['pick_minus_source']:+.3f} | {rho} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--source-method", default="ref_cfa", choices=["ref_cfa", "patchcore", "osd_irf"])
+    parser.add_argument("--set", action="append", default=[], help="adaptation overrides (gate.*, memory.*, cfa.*)")
+    parser.add_argument("--cache-dir", default="runs/feature_cache")
+    parser.add_argument("--name", default="")
+    args = parser.parse_args()
+    apply_overrides({}, args.set)  # fail fast on a malformed --set
+    name = "adaptation" + (f"_{args.name}" if args.name else "")
+    results: dict[str, dict[int, dict]] = {}
+    for task in args.tasks:
+        for seed in args.seeds:
+            tick = time.perf_counter()
+            results.setdefault(task, {})[seed] = run(task, seed, args.source_method, args.set, args.cache_dir)
+            results[task][seed]["seconds"] = time.perf_counter() - tick
+            payload = {"source_method": args.source_method, "overrides": args.set, "machine": machine(),
+                       "results": results}
+            save(name, payload, f"Source: {args.source_method}.\n\n" + table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

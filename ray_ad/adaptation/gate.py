@@ -1,0 +1,171 @@
+"""The promotion gate: rank candidate models for an unlabeled domain without target labels.
+
+Part of the landed batch is held out before any candidate is built (``split_landing``): no candidate
+is fitted on it. Each held-out image is scored as it landed and with small synthetic defects pasted
+in (``data.synthetic.subtle_defect``: faint stains, scratches, smears, misplaced texture); a
+candidate's gate score is the AUROC of pasted against untouched. Real defects among the held-out
+images count as "untouched", which lowers every candidate's score alike.
+
+When a quality engineer put a few labelled images beside the batch (``_acceptance/good``,
+``_acceptance/defect``), the gate ranks on those instead. Those labels reach this module only: they
+never enter a fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ray_ad import metrics, storage
+from ray_ad.adaptation.threshold import unlabeled_threshold
+from ray_ad.data.dataset import IMAGE_EXTENSIONS
+from ray_ad.data.images import load_image, to_tensor
+from ray_ad.data.synthetic import subtle_defect
+from ray_ad.errors import DataError
+from ray_ad.methods.base import Detector
+
+ACCEPTANCE = "_acceptance"
+
+
+@dataclass
+class GateConfig:
+    holdout_fraction: float = 0.2  # of the landed batch: never fitted on, scored by the gate
+    max_holdout: int = 160  # cap on held-out images (the gate's cost grows with them)
+    defects_per_image: int = 2  # pasted copies of each held-out image
+    margin: float = 0.01  # gate AUROC by which a winner must beat the line's served version
+    false_alarm_rate: float = 0.01  # the shipped threshold's rate on the normal mode (threshold.py)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"gate holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.defects_per_image < 1:
+            raise ValueError(f"gate defects_per_image must be >= 1, got {self.defects_per_image}")
+
+
+def _unit(name: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_landing(images: list[str], config: GateConfig) -> tuple[list[str], list[str]]:
+    """(images to fit on, held-out images) by a seeded hash of each file name: no content, no label."""
+    ranked = sorted(images, key=lambda path: _unit(path.rsplit("/", 1)[-1], config.seed))
+    held = min(config.max_holdout, max(2, round(len(images) * config.holdout_fraction)))
+    if len(images) - held < 2:
+        raise DataError(f"a landing batch needs at least {held + 2} images to fit and gate, got {len(images)}")
+    held_out = set(ranked[:held])
+    return [p for p in images if p not in held_out], [p for p in images if p in held_out]
+
+
+def acceptance_images(target: str) -> tuple[list[str], list[str]] | None:
+    """(good, defect) image URIs under ``<target>/_acceptance/``, or None when there is none."""
+    if target.startswith("elpv:") or target.endswith(".parquet"):
+        return None  # a dataset, not a landing folder
+    folder = storage.join(target, ACCEPTANCE)
+    if not storage.exists(folder):
+        return None
+    found: dict[str, list[str]] = {"good": [], "defect": []}
+    for path in storage.list_files(folder):
+        parts = path.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] in found and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            found[parts[-2]].append(path)
+    if not found["good"] or not found["defect"]:
+        raise DataError(f"{folder} needs images in both good/ and defect/ "
+                        f"(found {len(found['good'])} and {len(found['defect'])})")
+    return sorted(found["good"]), sorted(found["defect"])
+
+
+def _square_array(uri: str, size: int) -> np.ndarray:
+    return np.asarray(load_image(uri).resize((size, size), Image.BILINEAR))
+
+
+@dataclass
+class GateSet:
+    """What the gate scores: untouched held-out images (unlabeled) and the ranking pairs."""
+
+    untouched: list[np.ndarray]  # held-out landed images, for the threshold (and negatives when synthetic)
+    negatives: list[np.ndarray]
+    positives: list[np.ndarray]
+    positive_kinds: list[str]
+    source: str  # "synthetic" or "acceptance"
+    size: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, held_out: list[str], size: int, config: GateConfig,
+              acceptance: tuple[list[str], list[str]] | None = None) -> GateSet:
+        untouched = [_square_array(p, size) for p in held_out]
+        if acceptance is not None:
+            good, defect = ([_square_array(p, size) for p in group] for group in acceptance)
+            return cls(untouched, good, defect, ["acceptance"] * len(defect), "acceptance", size,
+                       {"held_out": len(untouched), "good": len(good), "defect": len(defect)})
+        rng = np.random.default_rng(config.seed)
+        positives, kinds = [], []
+        for i, image in enumerate(untouched):
+            for _ in range(config.defects_per_image):
+                donor = untouched[(i + 1 + int(rng.integers(len(untouched) - 1))) % len(untouched)]
+                defective, _, kind = subtle_defect(image, donor, rng)
+                positives.append(defective)
+                kinds.append(kind)
+        return cls(untouched, untouched, positives, kinds, "synthetic", size,
+                   {"held_out": len(untouched), "pasted": len(positives)})
+
+
+@torch.no_grad()
+def score_arrays(detector: Detector, arrays: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    """Image scores of uint8 arrays through ``detector``'s own input size and normalisation."""
+    mean, std = detector.extractor.mean, detector.extractor.std
+    scores = []
+    for start in range(0, len(arrays), batch_size):
+        batch = torch.stack([to_tensor(Image.fromarray(a), detector.image_size, mean, std)
+                             for a in arrays[start : start + batch_size]])
+        scores.append(detector.predict(batch).pred_score.float().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[str, Any]:
+    """The candidate's gate AUROC (overall and per defect kind) and its unlabeled threshold."""
+    tick = time.perf_counter()
+    untouched = score_arrays(detector, gate.untouched)
+    negatives = untouched if gate.source == "synthetic" else score_arrays(detector, gate.negatives)
+    positives = score_arrays(detector, gate.positives)
+    if not (np.isfinite(untouched).all() and np.isfinite(positives).all() and np.isfinite(negatives).all()):
+        return {"gate_auroc": float("nan"), "error": "non-finite scores", "seconds": time.perf_counter() - tick}
+
+    def against(pos: np.ndarray) -> float:
+        return metrics.auroc(np.r_[pos, negatives], np.r_[np.ones(len(pos)), np.zeros(len(negatives))])
+
+    kinds = np.array(gate.positive_kinds)
+    result: dict[str, Any] = {
+        "gate_auroc": against(positives),
+        "per_kind": {kind: against(positives[kinds == kind]) for kind in sorted(set(gate.positive_kinds))},
+        "threshold": unlabeled_threshold(untouched, config.false_alarm_rate),
+        "flagged_held_out": None,
+        "seconds": 0.0,
+    }
+    result["flagged_held_out"] = float((untouched > result["threshold"]).mean())
+    result["seconds"] = time.perf_counter() - tick
+    return result
+
+
+def choose(scores: dict[str, dict[str, Any]], served: str | None, margin: float) -> tuple[str, str]:
+    """(winner among the new candidates, "published" | "kept") by gate AUROC.
+
+    ``served`` names the entry of ``scores`` that is the line's current version, if it has one: the
+    winner replaces it only when it scores at least ``margin`` higher.
+    """
+    new = {name: s["gate_auroc"] for name, s in scores.items() if name != served and np.isfinite(s["gate_auroc"])}
+    if not new:
+        raise DataError("no candidate produced finite gate scores")
+    winner = max(new, key=lambda name: new[name])
+    if served is not None and np.isfinite(scores[served]["gate_auroc"]):
+        if new[winner] < scores[served]["gate_auroc"] + margin:
+            return winner, "kept"
+    return winner, "published"

@@ -1,0 +1,78 @@
+"""Label-free scoring of an unlabeled image set against itself, and memory-bank subsampling.
+
+Mutual scoring (MuSc, Li et al., ICLR 2024): a normal cell has close matches in most other images of
+the same product, a defect in almost none. Each cell is compared with every cell of each *other*
+image (never its own, so a defect cannot vouch for itself); of those per-image nearest distances the
+lowest ``fraction`` are averaged. Averaging the lowest few, rather than taking the overall minimum,
+keeps a defect that happens to recur in a handful of images from scoring as normal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cells(features: torch.Tensor) -> torch.Tensor:
+    """``[N, C, G, G]`` feature maps -> ``[N, G*G, C]`` cell vectors."""
+    return features.flatten(2).transpose(1, 2).contiguous()
+
+
+@torch.no_grad()
+def mutual_scores(
+    cell_features: torch.Tensor, fraction: float = 0.3, max_references: int | None = 64, seed: int = 0
+) -> torch.Tensor:
+    """Mutual score ``[N, L]`` of every cell of ``cell_features`` ``[N, L, C]``.
+
+    Each image is compared with ``max_references`` other images drawn at random (all others when
+    None or when there are fewer): the cost is then linear in N, and the mean over the lowest
+    fraction of a random subset estimates the same quantity as over all of them.
+    """
+    n, length, _ = cell_features.shape
+    if n < 2:
+        raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.empty(n, length)
+    for i in range(n):
+        others = torch.cat([torch.arange(i), torch.arange(i + 1, n)])  # never the image itself
+        if max_references is not None and len(others) > max_references:
+            others = others[torch.randperm(len(others), generator=generator)[:max_references]]
+        references = cell_features[others]  # [R, L, C]
+        distances = torch.cdist(cell_features[i][None], references.reshape(1, -1, references.shape[-1]))[0]
+        nearest_per_image = distances.view(length, len(others), length).amin(-1)  # [L, R]
+        k = max(1, round(fraction * len(others)))
+        scores[i] = nearest_per_image.topk(k, dim=1, largest=False).values.mean(1)
+    return scores
+
+
+@torch.no_grad()
+def greedy_coreset(points: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` points chosen by greedy k-centre (PatchCore's coreset).
+
+    Distances are taken in a random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss),
+    as PatchCore does, so selection costs ``size * N * projection_dim``.
+    """
+    n = len(points)
+    if size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    if points.shape[1] > projection_dim:
+        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        points = points @ projection
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    nearest = torch.cdist(points, points[chosen[:1]])[:, 0]
+    for k in range(1, size):
+        chosen[k] = int(nearest.argmax())
+        nearest = torch.minimum(nearest, torch.cdist(points, points[chosen[k] : chosen[k] + 1])[:, 0])
+    return chosen
+
+
+@torch.no_grad()
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+    """Distance ``[Q]`` from each query ``[Q, C]`` to its nearest row of ``bank`` ``[M, C]``."""
+    nearest = torch.full((len(queries),), float("inf"), device=queries.device)
+    for part in bank.split(chunk):
+        nearest = torch.minimum(nearest, torch.cdist(queries, part).amin(dim=1))
+    return nearest

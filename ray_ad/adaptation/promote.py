@@ -1,0 +1,138 @@
+"""Adapt a line to a landed batch: build every candidate, rank them without target labels, pick one.
+
+    landed images --split_landing--> fit part ------> candidates: the source as is,
+                                 \\                               a target memory (any source method),
+                                  \\                              REF+CFA (ref_cfa sources)
+                                   held-out part --> gate (synthetic defects, or _acceptance/ labels)
+                                                     -> winner, its unlabeled threshold,
+                                                        "published" | "kept" against the served version
+
+Ray-free: ``distributed/lines.py`` wraps it with the registry, the job status and Ray Train.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_ad.adaptation.gate import GateConfig, GateSet, acceptance_images, choose, gate_score, split_landing
+from ray_ad.config import apply_overrides, from_dict
+from ray_ad.data import Sample
+from ray_ad.features import FeatureBackend
+from ray_ad.methods import Detector
+from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
+from ray_ad.pipeline import adapt_detector
+from ray_ad.training import ScoreNetTrainer
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("source", "target_memory", "ref_cfa")
+SERVED = "served"
+
+
+@dataclass
+class AdaptConfig:
+    candidates: tuple[str, ...] = CANDIDATES  # ref_cfa is built only when the source is a ref_cfa model
+    gate: GateConfig = field(default_factory=GateConfig)
+    memory: TargetMemoryConfig = field(default_factory=TargetMemoryConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.candidates) - set(CANDIDATES))
+        if unknown or not self.candidates:
+            raise ValueError(f"candidates {list(self.candidates)} must be a non-empty subset of {list(CANDIDATES)}")
+
+
+ADAPT_KEYS = ("candidates", "gate", "memory")
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[AdaptConfig, list[str]]:
+    """``--set`` items for the adaptation itself (candidates, gate.*, memory.*) and the rest (REF+CFA's)."""
+    ours = [item for item in overrides or [] if item.partition("=")[0].split(".")[0] in ADAPT_KEYS]
+    rest = [item for item in overrides or [] if item not in ours]
+    return from_dict(AdaptConfig, apply_overrides({}, ours)), rest
+
+
+@dataclass
+class Outcome:
+    candidates: dict[str, Detector]  # every model the gate saw (the served version too, if any)
+    gate: dict[str, dict[str, Any]]  # name -> gate_auroc, per_kind, threshold, seconds (build + gate)
+    winner: str
+    decision: str  # "published" | "kept"
+    gate_source: str  # "synthetic" | "acceptance"
+    landed: int
+    held_out: int
+
+    def evidence(self) -> dict[str, Any]:
+        """JSON-able record for the job status and the bundle's metrics."""
+        return {"winner": self.winner, "decision": self.decision, "gate_source": self.gate_source,
+                "landed_images": self.landed, "held_out_images": self.held_out, "candidates": self.gate}
+
+
+def adapt_candidates(
+    source: Detector, target: str, images: list[str], config: AdaptConfig, served: Detector | None = None,
+    ref_cfa_overrides: list[str] | None = None, progress: bool = True, cache_dir: str | None = None,
+    score_net_trainer: ScoreNetTrainer | None = None, feature_backend: FeatureBackend | None = None,
+) -> Outcome:
+    """Build the candidates on the fit part of ``images``, gate them on the held-out part, choose.
+
+    The winner's threshold is set to its unlabeled operating point; nothing is published here.
+    """
+    fit_part, held_out = split_landing(images, config.gate)
+    acceptance = acceptance_images(target)
+    gate_set = GateSet.build(held_out, source.image_size, config.gate, acceptance)
+    log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
+    print(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
+          f"({gate_set.source} ranking: {gate_set.counts})", flush=True)
+    builders = {
+        "source": lambda: copy.deepcopy(source),
+        "target_memory": lambda: _target_memory(source, fit_part, config.memory, progress, cache_dir, feature_backend),
+        "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, progress, cache_dir, score_net_trainer,
+                                    feature_backend),
+    }
+    candidates: dict[str, Detector] = {}
+    scores: dict[str, dict[str, Any]] = {}
+    for name in config.candidates:
+        if name == "ref_cfa" and source.method != "ref_cfa":
+            continue
+        tick = time.perf_counter()
+        candidates[name] = builders[name]()
+        build_seconds = time.perf_counter() - tick
+        scores[name] = gate_score(candidates[name], gate_set, config.gate)
+        scores[name]["build_seconds"] = build_seconds
+        print(f"candidate {name}: gate AUROC {scores[name]['gate_auroc']:.3f} "
+              f"(built in {build_seconds:.0f} s)", flush=True)
+    if served is not None:
+        candidates[SERVED] = served
+        scores[SERVED] = gate_score(served, gate_set, config.gate)
+        print(f"served version: gate AUROC {scores[SERVED]['gate_auroc']:.3f}", flush=True)
+    winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin)
+    candidates[winner].threshold = scores[winner]["threshold"]
+    return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out))
+
+
+def _samples(paths: list[str]) -> list[Sample]:
+    return [Sample(path, -1) for path in paths]  # label -1: nothing downstream can read a label
+
+
+def _target_memory(
+    source: Detector, fit_part: list[str], config: TargetMemoryConfig, progress: bool, cache_dir: str | None,
+    feature_backend: FeatureBackend | None,
+) -> TargetMemory:
+    memory = TargetMemory.from_source(source, config)
+    if feature_backend is not None:
+        memory.feature_backend = feature_backend
+    memory.fit(_samples(fit_part), [], progress=progress, cache_dir=cache_dir)
+    return memory
+
+
+def _ref_cfa(
+    source: Detector, fit_part: list[str], overrides: list[str] | None, progress: bool, cache_dir: str | None,
+    score_net_trainer: ScoreNetTrainer | None, feature_backend: FeatureBackend | None,
+) -> Detector:
+    adapted = copy.deepcopy(source)
+    adapt_detector(adapted, fit_part, overrides, progress=progress, cache_dir=cache_dir,
+                   score_net_trainer=score_net_trainer, feature_backend=feature_backend)
+    return adapted

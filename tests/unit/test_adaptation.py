@@ -1,0 +1,242 @@
+"""Label-free adaptation: mutual scoring, the target memory, the unlabeled threshold, the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_ad import registry, storage
+from ray_ad.adaptation.gate import GateConfig, GateSet, choose, split_landing
+from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
+from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
+from ray_ad.adaptation.threshold import normal_mode, unlabeled_threshold
+from ray_ad.data import Sample, load_samples, write_manifest
+from ray_ad.data.images import load_image, to_tensor
+from ray_ad.errors import ConfigError, DataError
+from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
+from ray_ad.pipeline import target_image_uris
+from tests.conftest import texture
+
+TINY_BACKBONE = {"image_size": 64, "grid_size": 8, "layers": [1, 2], "local_pool": 1}
+
+
+def test_mutual_scores_by_hand_and_never_match_an_image_with_itself():
+    # Three one-cell images on a line at 0, 1 and 3: each cell's nearest cell in every *other* image.
+    features = torch.tensor([[[0.0]], [[1.0]], [[3.0]]])
+    assert mutual_scores(features, fraction=1.0).flatten().tolist() == pytest.approx([2.0, 1.5, 2.5])
+    assert mutual_scores(features, fraction=0.5).flatten().tolist() == pytest.approx([1.0, 1.0, 2.0])
+    # A cell that exists in one image only scores its distance to the rest, not 0 (its own copy).
+    rng = torch.Generator().manual_seed(0)
+    cells = torch.randn(6, 4, 8, generator=rng) * 0.01
+    cells[2, 3] = 5.0
+    scores = mutual_scores(cells, fraction=0.3)
+    assert scores[2, 3] > 10
+    assert scores.flatten().topk(2).values[1] < 0.1
+
+
+def test_greedy_coreset_covers_every_cluster():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([centres[[0]].expand(200, 2), centres[[1]].expand(5, 2), centres[[2]].expand(5, 2)])
+    points = points + 0.01 * torch.randn(len(points), 2, generator=torch.Generator().manual_seed(0))
+    chosen = points[greedy_coreset(points, 3)]
+    assert torch.cdist(centres, chosen).amin(1).max() < 0.1  # a random 3 of 210 would miss a small cluster
+
+
+def test_unlabeled_threshold_fits_the_normal_mode_of_a_contaminated_mixture():
+    rng = np.random.default_rng(0)
+    for defective in (0.0, 0.1, 0.3, 0.45):
+        n = 4000
+        scores = np.r_[rng.normal(0, 1, int(n * (1 - defective))), rng.normal(6, 1, int(n * defective))]
+        centre, spread = normal_mode(scores)
+        assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
+        threshold = unlabeled_threshold(scores, false_alarm_rate=0.01)
+        assert 2.0 < threshold < 2.7  # the normal mode's 0.99 quantile is 2.33
+    # The rule a clean source uses (0.99 quantile of the scores) lands inside the defects here:
+    assert np.quantile(scores, 0.99) > 6
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        unlabeled_threshold(scores, false_alarm_rate=0.7)
+
+
+def _textures(folder: Path, count: int, seed: int, defective: tuple[int, ...] = (), size: int = 64) -> list[str]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = texture(rng, size)
+        if i in defective:
+            y, x = rng.integers(8, size - 24, 2)
+            image[y : y + 14, x : x + 14] = 250
+        path = folder / f"cell_{seed}_{i:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_target_memory_drops_the_landed_defects_and_keeps_the_rest(tmp_path):
+    landed = _textures(tmp_path / "landed", 24, seed=1, defective=(3, 11, 17))
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu", "map_sigma": 1.0})
+    memory = build_detector("target_memory", config)
+    info = memory.fit([Sample(p, -1) for p in landed], [], progress=False)
+    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
+    assert info["bank_size"] <= (24 - 3) * 64
+    fresh = _textures(tmp_path / "fresh", 16, seed=2, defective=tuple(range(8, 16)))
+    samples = [Sample(p, -1) for p in fresh]
+    threshold = memory.calibrate_unlabeled(samples[:12], progress=False)
+    images = torch.stack([to_tensor(load_image(p), 64, memory.extractor.mean, memory.extractor.std) for p in fresh])
+    scores = memory.predict(images).pred_score
+    assert scores[8:].min() > scores[:8].max()  # the defects the memory dropped are not its normals
+    assert (scores[:8] <= threshold).all() and (scores[8:] > threshold).all()
+
+
+def test_target_memory_takes_the_source_backbone_network_and_input_size():
+    source = build_detector("patchcore", method_config("patchcore", {"backbone": {**TINY_BACKBONE, "image_size": 96},
+                                                                     "device": "cpu"}))
+    memory = TargetMemory.from_source(source, TargetMemoryConfig(backbone=source.config.backbone.__class__()))
+    assert memory.image_size == 96
+    assert memory.extractor.mean == source.extractor.mean and memory.extractor.std == source.extractor.std
+
+
+def test_split_landing_is_by_name_only_and_disjoint():
+    images = [f"s3://b/landing/x/batch/{i:04d}.png" for i in range(100)]
+    fit, held = split_landing(images, GateConfig(holdout_fraction=0.2))
+    assert len(held) == 20 and not set(fit) & set(held) and set(fit) | set(held) == set(images)
+    moved = [p.replace("s3://b/landing/x/batch", "/copy") for p in images]
+    assert [p.rsplit("/", 1)[1] for p in split_landing(moved, GateConfig(holdout_fraction=0.2))[1]] == [
+        p.rsplit("/", 1)[1] for p in held]
+    with pytest.raises(DataError, match="at least"):
+        split_landing(images[:3], GateConfig())
+
+
+def test_choose_keeps_the_served_version_unless_beaten_by_the_margin():
+    scores = {"source": {"gate_auroc": 0.70}, "target_memory": {"gate_auroc": 0.805}, "served": {"gate_auroc": 0.80}}
+    assert choose(scores, "served", 0.01) == ("target_memory", "kept")
+    assert choose(scores, "served", 0.0) == ("target_memory", "published")
+    assert choose(scores, None, 0.5) == ("target_memory", "published")
+    assert choose({"a": {"gate_auroc": float("nan")}, "b": {"gate_auroc": 0.6}}, None, 0.0) == ("b", "published")
+
+
+def test_gate_set_pastes_defects_into_held_out_images_only(tmp_path):
+    held = _textures(tmp_path / "held", 5, seed=3)
+    gate = GateSet.build(held, 64, GateConfig(defects_per_image=3))
+    assert gate.source == "synthetic" and len(gate.positives) == 15 and len(gate.negatives) == 5
+    assert set(gate.positive_kinds) <= {"blend", "intensity", "scratch", "smear", "cutpaste"}
+    assert all(not np.array_equal(p, gate.untouched[i // 3]) for i, p in enumerate(gate.positives))
+
+
+def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():
+    config, rest = split_overrides(["gate.margin=0.05", "memory.bank_size=100", "cfa.rank=4", "candidates=[source]"])
+    assert config.gate.margin == 0.05 and config.memory.bank_size == 100 and config.candidates == ("source",)
+    assert rest == ["cfa.rank=4"]
+    with pytest.raises(ConfigError, match="gate.margn"):
+        split_overrides(["gate.margn=0.1"])
+    with pytest.raises(ConfigError, match="candidates"):
+        split_overrides(["candidates=[magic]"])
+
+
+def _batch(tmp_path: Path, name: str, labelled: bool = False) -> str:
+    """A landing batch of 30 generated cells, 4 of them defective (no label travels with it)."""
+    folder = tmp_path / name
+    _textures(folder, 30, seed=5, defective=(2, 9, 21, 27))
+    if labelled:
+        good = _textures(folder / "_acceptance" / "good", 4, seed=6)
+        bad = _textures(folder / "_acceptance" / "defect", 4, seed=7, defective=(0, 1, 2, 3))
+        assert good and bad
+    return str(folder)
+
+
+def _source(tmp_path: Path):
+    train = _textures(tmp_path / "source", 12, seed=8)
+    source = build_detector("patchcore", method_config("patchcore", {"backbone": TINY_BACKBONE, "device": "cpu",
+                                                                     "map_sigma": 1.0, "bank_fraction": 1.0}))
+    source.fit([Sample(p, 0) for p in train[:10]], [Sample(p, 0) for p in train[10:]], progress=False)
+    return source
+
+
+def _small_adapt_config(**gate: object) -> AdaptConfig:
+    return split_overrides([f"memory.backbone.{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
+                           + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0"]
+                           + [f"gate.{k}={v}" for k, v in gate.items()])[0]
+
+
+def test_the_gate_reads_no_label_of_the_landed_images(tmp_path):
+    """Two manifests over the same landed images, one with true labels and one with every label flipped:
+    the gate's scores, its decision and the winner's threshold do not change."""
+    source = _source(tmp_path)
+    batch = _batch(tmp_path, "batch")
+    images = sorted(target_image_uris(batch))
+    defective = {images[i] for i in (2, 9, 21, 27)}
+    outcomes = []
+    for flip in (False, True):
+        manifest = str(tmp_path / f"manifest_{flip}.parquet")
+        write_manifest([Sample(p, int((p in defective) != flip), None, "landing") for p in images], manifest)
+        landed = target_image_uris(manifest, "landing")
+        outcomes.append(adapt_candidates(source, manifest, landed, _small_adapt_config(), progress=False))
+    def untimed(gate: dict) -> dict:
+        return {name: {k: v for k, v in figures.items() if "seconds" not in k} for name, figures in gate.items()}
+
+    assert untimed(outcomes[0].gate) == untimed(outcomes[1].gate)
+    assert outcomes[0].winner == outcomes[1].winner
+
+
+def test_acceptance_images_rank_the_candidates_and_never_land(tmp_path):
+    source = _source(tmp_path)
+    batch = _batch(tmp_path, "batch", labelled=True)
+    images = target_image_uris(batch)
+    assert len(images) == 30 and not any("/_acceptance/" in p for p in images)
+    outcome = adapt_candidates(source, batch, images, _small_adapt_config(), progress=False)
+    assert outcome.gate_source == "acceptance"
+    assert outcome.candidates["target_memory"].config.backbone.image_size == source.image_size
+    # Both candidates tell the bright-square acceptance defects from the acceptance goods.
+    assert all(outcome.gate[name]["gate_auroc"] > 0.9 for name in ("source", "target_memory"))
+
+
+def test_kept_publishes_nothing_and_leaves_current_untouched(tmp_path):
+    from ray_ad.distributed.lines import adapt_line
+
+    root = str(tmp_path / "root")
+    registry.publish(_source(tmp_path), root, "src")
+    batch = _batch(tmp_path, "batch1")
+    first = adapt_line("new", "src", batch, root, overrides=_overrides(), progress=False)
+    assert first["decision"] == "published" and first["gate"]["winner"] == first["winner"]
+    current = registry.current_version(root, "new")
+    assert current == first["version"]
+    # The same images land again under another name: nothing beats what the line now serves.
+    copy = tmp_path / "batch2"
+    shutil.copytree(batch, copy)
+    second = adapt_line("new", "src", str(copy), root, overrides=_overrides(), progress=False)
+    assert second["decision"] == "kept" and second["version"] is None
+    assert second["gate"]["candidates"]["served"]["gate_auroc"] >= max(
+        v["gate_auroc"] for k, v in second["gate"]["candidates"].items() if k != "served") - 0.01
+    assert registry.current_version(root, "new") == current
+    assert registry.list_versions(root, "new") == [current]
+    status = json.loads(storage.read_text(storage.join(root, "jobs", f"{second['job_id']}.json")))
+    assert status["decision"] == "kept" and status["state"] == "succeeded"
+    # --force publishes the winner anyway, as a new version.
+    third = adapt_line("new", "src", str(tmp_path / "batch2") + "/", root, overrides=_overrides(), progress=False,
+                       force=True)
+    assert third["decision"] == "published" and registry.current_version(root, "new") == third["version"] != current
+
+
+def _overrides() -> list[str]:
+    return ([f"memory.backbone.{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
+            + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0"])
+
+
+def test_elpv_landing_layout_lands_every_label_and_never_the_evaluation_split():
+    pytest.importorskip("elpv_dataset")
+    samples = load_samples("elpv:poly?layout=landing")
+    landing = [s for s in samples if s.split == "landing"]
+    test = [s for s in samples if s.split == "test"]
+    assert {s.label for s in landing} == {-1, 0, 1}  # defective and ambiguous cells land too
+    assert {s.label for s in test} == {0, 1}
+    assert not {s.path for s in landing} & {s.path for s in test}
+    assert abs(len(test) / (len(test) + len(landing) + 0.0) - 0.37) < 0.05  # 40% of cells, less ambiguous
+    with pytest.raises(DataError, match="layout"):
+        load_samples("elpv:poly?layout=random")
