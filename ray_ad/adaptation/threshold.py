@@ -3,11 +3,20 @@
 A landed batch is whatever the camera saw, so its scores are a mixture: a normal mode and a heavier
 right tail of defects. The 0.99 quantile of such scores (what a source line uses on its clean
 held-out normals) sits inside the defects when a third of the images are defective. Instead the
-normal mode is fitted from the side the defects do not reach: its centre is the median of the
-scores, its spread comes from the lower half only (defects score high, so they inflate the upper
-half but barely the lower), and the threshold is that mode's ``1 - false_alarm_rate`` quantile under
-a Gaussian shape. The median moves when defects are many, so the fit is repeated on the scores
-below the current threshold, correcting the centre and spread for the truncation, until it settles.
+normal mode is fitted from the side the defects do not reach: its centre is the densest point of the
+scores (their half-sample mode), its spread comes from the scores below that centre only (defects
+score high, so they widen the upper side but barely the lower).
+
+Two rules turn the fitted mode into a threshold:
+
+- ``false_alarm``: the mode's ``1 - false_alarm_rate`` quantile. It ignores how many defects there
+  are, so on a line with many defects it flags only the clearest.
+- ``f1`` (default): the fitted mode also says how many images are defective (the share of scores
+  the mode does not explain: ``pi = 1 - 2 * P(score <= centre)``, since the mode holds half of its
+  own mass below its centre) and how many normals any threshold would flag, so the expected
+  precision and recall of every candidate threshold follow from the scores alone; the threshold is
+  the one whose expected F1 is highest. With no defects to speak of (``pi`` under ``min_share``)
+  it falls back to ``false_alarm``.
 """
 
 from __future__ import annotations
@@ -16,24 +25,35 @@ import numpy as np
 from scipy.stats import norm
 
 
-def normal_mode(scores: np.ndarray, iterations: int = 20) -> tuple[float, float]:
-    """(centre, spread) of the normal mode of an unlabeled score sample with a right tail of defects."""
-    scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
+def normal_mode(scores: np.ndarray) -> tuple[float, float]:
+    """(centre, spread) of the normal mode of an unlabeled score sample with a right tail of defects.
+
+    The centre is the half-sample mode (Bickel & Fruhwirth 2006): the densest half of the sample,
+    halved again until three points remain, then refined by the median of a window around it. Unlike
+    the median of the whole sample it stays on the normal mode while defects are fewer than the
+    normals. The spread is the lower-side sigma around it.
+    """
+    scores = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
     if len(scores) < 8:
         raise ValueError(f"an unlabeled threshold needs at least 8 finite scores, got {len(scores)}")
-    centre = float(np.median(scores))
-    spread = _lower_spread(scores, centre)
-    for _ in range(iterations):
-        # Keep what the current mode explains (up to 3 sigma); for a Gaussian truncated there, the
-        # median and the lower-half spread are nearly unbiased (3 sigma drops 0.13% of the mode).
-        kept = scores[scores <= centre + 3 * spread]
-        new_centre = float(np.median(kept))
-        new_spread = _lower_spread(kept, new_centre)
-        if abs(new_centre - centre) <= 1e-6 * (abs(centre) + spread) and abs(new_spread - spread) <= 1e-6 * spread:
+    window = scores
+    while len(window) > 3:
+        half = (len(window) + 1) // 2
+        widths = window[half - 1 :] - window[: len(window) - half + 1]
+        start = int(np.argmin(widths))
+        window = window[start : start + half]
+    centre = float(np.mean(window))
+    # The half-sample mode is robust but noisy (it ends on three points); refine it with the median of
+    # a window symmetric around it, which is unbiased for a symmetric mode and still ignores most
+    # of a right tail of defects.
+    for _ in range(20):
+        spread = _lower_spread(scores, centre)
+        inside = scores[np.abs(scores - centre) <= 1.5 * spread]
+        new_centre = float(np.median(inside)) if len(inside) else centre
+        if abs(new_centre - centre) <= 1e-9 * (abs(centre) + spread):
             break
-        centre, spread = new_centre, new_spread
-    return centre, spread
+        centre = new_centre
+    return centre, _lower_spread(scores, centre)
 
 
 def _lower_spread(scores: np.ndarray, centre: float) -> float:
@@ -45,9 +65,33 @@ def _lower_spread(scores: np.ndarray, centre: float) -> float:
     return spread
 
 
-def unlabeled_threshold(scores: np.ndarray, false_alarm_rate: float = 0.01) -> float:
-    """Score above which an image is called anomalous, at ``false_alarm_rate`` of the normal mode."""
+RULES = ("f1", "false_alarm")
+
+
+def unlabeled_threshold(
+    scores: np.ndarray, false_alarm_rate: float = 0.01, rule: str = "f1", min_share: float = 0.05
+) -> float:
+    """Score above which an image is called anomalous (see the module docstring for the rules)."""
     if not 0 < false_alarm_rate < 0.5:
         raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {false_alarm_rate}")
+    if rule not in RULES:
+        raise ValueError(f"threshold rule must be one of {', '.join(RULES)}, got {rule!r}")
+    scores = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
     centre, spread = normal_mode(scores)
-    return centre + float(norm.ppf(1 - false_alarm_rate)) * spread
+    fallback = centre + float(norm.ppf(1 - false_alarm_rate)) * spread
+    share = defect_share(scores, centre)
+    if rule == "false_alarm" or share < min_share:
+        return fallback
+    n = len(scores)
+    candidates = scores[scores > centre]
+    flagged = n - np.searchsorted(scores, candidates, side="right")  # images above each candidate
+    false_alarms = (1 - share) * n * norm.sf((candidates - centre) / spread)
+    true_hits = np.clip(flagged - false_alarms, 0, None)
+    expected_f1 = 2 * true_hits / (flagged + share * n)
+    return float(candidates[int(np.argmax(expected_f1))]) if len(candidates) else fallback
+
+
+def defect_share(scores: np.ndarray, centre: float) -> float:
+    """Share of the sample the normal mode does not explain: the mode puts half its mass below ``centre``."""
+    below = float(np.mean(np.asarray(scores) <= centre))
+    return max(0.0, 1.0 - 2.0 * below)

@@ -80,20 +80,26 @@ def ref_cfa_fleet(ray_cluster, tmp_path_factory):
     return root, target
 
 
-def test_adapt_target_publishes_a_new_line_once_per_target(ref_cfa_fleet, capsys):
+def test_adapt_target_gates_every_candidate_and_publishes_the_winner_once_per_target(ref_cfa_fleet, capsys):
     root, target = ref_cfa_fleet
     job = load_job("adapt_target")
     argv = ["--line", "shifted", "--source-line", "src", "--target", str(target), "--root", root,
             "--eval-data", str(target), "--quiet"]
     assert job.main(argv) == 0
     out = capsys.readouterr().out
-    assert "src (source, no CFA)" in out and "shifted (REF+CFA)" in out  # the before/after table
+    assert "<- winner" in out and "gate (synthetic), decision: published" in out
     detector, version = registry.load_current(root, "shifted", device="cpu")
-    assert detector.adapted
     assert torch.isfinite(detector.predict(torch.zeros(2, 3, 64, 64)).pred_score).all()
     [status_file] = storage.list_files(storage.join(root, "jobs"))
     status = json.loads(storage.read_text(status_file))
     assert status["state"] == "succeeded" and status["version"] == version and status["source_line"] == "src"
+    assert status["decision"] == "published" and status["served_version"] is None  # a new line
+    candidates = status["gate"]["candidates"]
+    assert set(candidates) == {"source", "target_memory", "ref_cfa"}  # a ref_cfa source: all three
+    winner = max(candidates, key=lambda name: candidates[name]["gate_auroc"])
+    assert status["winner"] == winner
+    assert detector.method == ("target_memory" if winner == "target_memory" else "ref_cfa")
+    assert detector.threshold == pytest.approx(candidates[winner]["threshold"])
     # The same target again: nothing is trained or published.
     assert job.main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out

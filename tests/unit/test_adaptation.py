@@ -15,12 +15,13 @@ from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
 from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
-from ray_ad.adaptation.threshold import normal_mode, unlabeled_threshold
+from ray_ad.adaptation.threshold import defect_share, normal_mode, unlabeled_threshold
 from ray_ad.data import Sample, load_samples, write_manifest
 from ray_ad.data.images import load_image, to_tensor
 from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
+from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import target_image_uris
 from tests.conftest import texture
 
@@ -53,13 +54,22 @@ def test_unlabeled_threshold_fits_the_normal_mode_of_a_contaminated_mixture():
     rng = np.random.default_rng(0)
     for defective in (0.0, 0.1, 0.3, 0.45):
         n = 4000
-        scores = np.r_[rng.normal(0, 1, int(n * (1 - defective))), rng.normal(6, 1, int(n * defective))]
+        labels = np.r_[np.zeros(int(n * (1 - defective))), np.ones(int(n * defective))]
+        scores = np.where(labels == 1, rng.normal(5, 1, len(labels)), rng.normal(0, 1, len(labels)))
         centre, spread = normal_mode(scores)
         assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
-        threshold = unlabeled_threshold(scores, false_alarm_rate=0.01)
-        assert 2.0 < threshold < 2.7  # the normal mode's 0.99 quantile is 2.33
+        assert abs(defect_share(scores, centre) - defective) < 0.04
+        # The false-alarm rule: the normal mode's 0.99 quantile (2.33), whatever the contamination.
+        assert 2.1 < unlabeled_threshold(scores, 0.01, "false_alarm") < 2.6
+        # The F1 rule: within 0.02 of the best F1 any threshold reaches on these labels.
+        f1 = decision_metrics(scores, labels, unlabeled_threshold(scores))["f1"]
+        best = max(decision_metrics(scores, labels, t)["f1"] for t in np.linspace(0, 5, 101))
+        assert defective == 0.0 or f1 > best - 0.02, (defective, f1, best)
+    # With no defects to speak of, the F1 rule falls back to the false-alarm rule.
+    clean = rng.normal(0, 1, 4000)
+    assert unlabeled_threshold(clean) == unlabeled_threshold(clean, rule="false_alarm")
     # The rule a clean source uses (0.99 quantile of the scores) lands inside the defects here:
-    assert np.quantile(scores, 0.99) > 6
+    assert np.quantile(scores, 0.99) > 5
     with pytest.raises(ValueError, match="false_alarm_rate"):
         unlabeled_threshold(scores, false_alarm_rate=0.7)
 
