@@ -1,8 +1,8 @@
 """Does a landed batch make a line better? Every adaptation candidate, the gate's pick and a labelled
-reference, on elpv mono -> poly and poly -> mono.
+reference, on elpv mono -> poly and poly -> mono, and on magnetic_tile seen by a new camera.
 
-    .venv/bin/python benchmarks/adaptation.py [--tasks mono-poly poly-mono] [--seeds 0 1 2]
-        [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME]
+    .venv/bin/python benchmarks/adaptation.py [--tasks mono-poly poly-mono magnetic_tile-shift]
+        [--seeds 0 1 2] [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME]
 
 Each domain is laid out as a camera delivers it (``elpv:<d>?layout=landing``): a fixed 40% of its cells
 is the labelled test split and never lands; every other cell lands, defective and ambiguous ones too.
@@ -13,7 +13,16 @@ labels and score every candidate: image AUROC, F1-max, and precision / recall / 
 candidate would ship with. Rows: the source as is, the target memory, REF+CFA (ref_cfa sources), the
 gate's pick, and a kNN fitted on the *labelled* normals of the landed cells (a reference that reads
 labels: what a labelling effort would buy). The gate's Spearman rank correlation with test AUROC
-across candidates is reported per run. Figures go to benchmarks/results/adaptation[_NAME].{json,md},
+across candidates is reported per run.
+
+``magnetic_tile-shift`` (needs ../shared/datasets/magnetic_tile): the source is a kNN (PatchCore, the
+recipe of benchmarks/configs/patchcore_magnetic_tile.yaml) on the tile's train normals; the target is
+every tile darker and lower in contrast (0.6 x + 20, a new camera), laid out like elpv's landing: the
+shifted train normals and a fixed hashed half of the shifted test images land (about 18% of the landed
+tiles are defective), the other half of the test images is the labelled test split. A ref_cfa source is
+not used there: trained on every labelled tile, it would have seen the target's test defects.
+
+Figures go to benchmarks/results/adaptation[_NAME].{json,md},
 rewritten after every run. About 12 CPU-minutes per run with a ref_cfa source on 2 cores.
 """
 
@@ -40,15 +49,47 @@ from ray_ad.metrics import decision_metrics  # noqa: E402
 from ray_ad.pipeline import train_detector  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ref_cfa_cpu.yaml"
-TASKS = {"mono-poly": ("mono", "poly"), "poly-mono": ("poly", "mono")}
+TASKS = {"mono-poly": ("mono", "poly"), "poly-mono": ("poly", "mono"), "magnetic_tile-shift": ("tile", "tile-shift")}
+MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
+PATCHCORE_TILE = Path(__file__).resolve().parent / "configs" / "patchcore_magnetic_tile.yaml"
 LABELLED_REFERENCE = "kNN on labelled target normals (reads labels)"
 
 
-def landing(domain: str) -> str:
-    return f"elpv:{domain}?layout=landing"
+def landing(domain: str, cache_dir: str) -> str:
+    return shifted_magnetic_tile(cache_dir) if domain == "tile-shift" else f"elpv:{domain}?layout=landing"
+
+
+def shifted_magnetic_tile(cache_dir: str) -> str:
+    """A Parquet manifest of the shifted tiles with ``landing`` and ``test`` splits (written once)."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from ray_ad.data import Sample, write_manifest
+
+    folder = Path(cache_dir).parent / "magnetic_tile_shift"
+    manifest = folder / "manifest.parquet"
+    if manifest.exists():
+        return str(manifest)
+    samples = []
+    for sample in load_samples(str(MAGNETIC_TILE)):
+        out = folder / Path(sample.path).relative_to(MAGNETIC_TILE)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.asarray(Image.open(sample.path), dtype=np.float32)
+        Image.fromarray((0.6 * pixels + 20).clip(0, 255).astype(np.uint8)).save(out)
+        unit = int(hashlib.sha256(out.name.encode()).hexdigest()[:8], 16) / 2**32
+        split = "landing" if sample.split == "train" or unit < 0.5 else "test"
+        samples.append(Sample(str(out), sample.label, sample.mask_path, split, "magnetic_tile-shift", sample.defect))
+    write_manifest(samples, str(manifest))
+    return str(manifest)
 
 
 def source_model(method: str, domain: str, seed: int, cache_dir: str):
+    if domain == "tile":
+        config = {**yaml.safe_load(PATCHCORE_TILE.read_text()), "seed": seed}
+        return train_detector("patchcore", str(MAGNETIC_TILE), config, progress=False, cache_dir=cache_dir,
+                              evaluate=False)[0]
     if method == "ref_cfa":
         config = {**yaml.safe_load(CONFIG.read_text()), "seed": seed}
         return train_detector("ref_cfa", f"elpv:{domain}", config, progress=False, cache_dir=cache_dir,
@@ -80,7 +121,7 @@ def score(detector, test, threshold: float) -> dict[str, float]:
 
 def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str) -> dict:
     source_domain, target_domain = TASKS[task]
-    target = landing(target_domain)
+    target = landing(target_domain, cache_dir)
     tick = time.perf_counter()
     source = source_model(method, source_domain, seed, cache_dir)
     source_seconds = time.perf_counter() - tick

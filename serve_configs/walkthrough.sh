@@ -53,7 +53,7 @@ curl -s -F image=@"$IMAGE" -H "Authorization: Bearer $MONO" "$URL/v1/lines/elpv-
 curl -s -o /dev/null -w "the same token on elpv-poly: HTTP %{http_code}\n" -X POST --data-binary @"$IMAGE" \
   -H "Content-Type: image/png" -H "Authorization: Bearer $MONO" "$URL/v1/lines/elpv-poly/detect"
 
-step "5. A new domain lands: unlabeled poly cells under $ROOT/landing/$NEW_LINE/<batch>/, _READY last"
+step "5. A new domain lands: poly cells as the camera saw them under $ROOT/landing/$NEW_LINE/<batch>/, _READY last"
 BATCH="$ROOT/landing/$NEW_LINE/batch-$(date -u +%Y%m%dt%H%M%S)"
 "$PY" - "$BATCH" <<'EOF'
 import shutil, sys
@@ -61,8 +61,10 @@ from pathlib import Path
 from ray_ad.data.elpv import elpv_samples
 batch = Path(sys.argv[1])
 batch.mkdir(parents=True)
-images = [s.path for s in elpv_samples("elpv:poly") if s.split == "train"]
-for path in images:  # the images only: no label, no mask travels with a landing batch
+# Every poly cell except a fixed evaluation split that never lands: defective and ambiguous cells
+# land too (no label chooses what lands), and only the image files travel, no label, no mask.
+images = [s.path for s in elpv_samples("elpv:poly?layout=landing") if s.split == "landing"]
+for path in images:
     shutil.copy(path, batch / Path(path).name)
 print(f"{len(images)} images copied to {batch}")
 EOF
@@ -74,7 +76,9 @@ until [ -f "$BATCH/_STATE" ]; do sleep 2; done
 JOB=$(json "data['job_id']" < "$BATCH/_STATE")
 echo "adaptation job: $JOB"
 
-step "6. Watch the job (GET /v1/jobs/$JOB) until $NEW_LINE is served (minutes on 2 cores)"
+step "6. Watch the job (GET /v1/jobs/$JOB): it builds the candidates (the source as is, a memory of the landed
+   cells, REF+CFA), ranks them on held-out landed cells with small synthetic defects pasted in, and
+   publishes the winner only if it beats what $NEW_LINE serves (minutes on 2 cores)"
 while true; do
   STATE=$(curl -s -H "Authorization: Bearer $ADMIN" "$URL/v1/jobs/$JOB" | json "(data.get('ray') or {}).get('ray_status')")
   echo "$(date -u +%H:%M:%S) job $STATE"
@@ -84,10 +88,14 @@ while true; do
   esac
   sleep 20
 done
+curl -s -H "Authorization: Bearer $ADMIN" "$URL/v1/jobs/$JOB" | json "'\\n'.join(
+  [f\"  {name}: gate AUROC {c['gate_auroc']:.3f}\" for name, c in data['status']['gate']['candidates'].items()]
+  + [f\"decision: {data['status']['decision']} ({data['status']['winner']})\"])"
 curl -s -H "Authorization: Bearer $ADMIN" "$URL/v1/lines/$NEW_LINE" \
   | json "f\"{data['line']} now serves {data['version']} (threshold {data['threshold']:.3f})\""
 POLY=$("$PY" -c "from ray_ad.data.elpv import elpv_samples
-print(next(s.path for s in elpv_samples('elpv:poly') if s.split == 'test' and s.label == 1))")
+print(next(s.path for s in elpv_samples('elpv:poly?layout=landing') if s.split == 'test' and s.label == 1))")
+echo "a defective poly cell of the evaluation split (never landed):"
 curl -s -X POST --data-binary @"$POLY" -H "Content-Type: image/png" -H "Authorization: Bearer $ADMIN" \
   "$URL/v1/lines/$NEW_LINE/detect"; echo
 step "Done; stopping the service."
