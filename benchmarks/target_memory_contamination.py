@@ -28,7 +28,6 @@ from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
 
-OFF = None
 VARIANTS = {
     "no drop": {"drop_image_z": 1e9},
     "drop images at 5 sigma": {"drop_image_z": 5.0},
@@ -52,7 +51,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     args = parser.parse_args()
     samples = load_samples(args.data)
-    landed = [s for s in samples if s.split == "train"] + [s for s in samples if s.split == "test" and _unit(s.path) < 0.5]
+    landed = [s for s in samples if s.split == "train" or _unit(s.path) < 0.5]
     scored = [s for s in samples if s.split == "test" and _unit(s.path) >= 0.5]
     fit_part = split_landing([s.path for s in landed], GateConfig(max_holdout=400))[0]
     defective = {s.path for s in landed if s.label == 1}
