@@ -2,7 +2,7 @@
 reference, on elpv mono -> poly and poly -> mono, and on magnetic_tile seen by a new camera.
 
     .venv/bin/python benchmarks/adaptation.py [--tasks mono-poly poly-mono magnetic_tile-shift]
-        [--seeds 0 1 2] [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME]
+        [--seeds 0 1 2] [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME] [--resume]
 
 Each domain is laid out as a camera delivers it (``elpv:<d>?layout=landing``): a fixed 40% of its cells
 is the labelled test split and never lands; every other cell lands, defective and ambiguous ones too.
@@ -29,6 +29,7 @@ rewritten after every run. About 12 CPU-minutes per run with a ref_cfa source on
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ import yaml
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import RESULTS, machine, save  # noqa: E402
 
 from ray_ad.adaptation.promote import adapt_candidates, split_overrides  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
@@ -185,12 +186,21 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="adaptation overrides (gate.*, memory.*, cfa.*)")
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
     args = parser.parse_args()
     apply_overrides({}, args.set)  # fail fast on a malformed --set
     name = "adaptation" + (f"_{args.name}" if args.name else "")
     results: dict[str, dict[int, dict]] = {}
-    for task in args.tasks:
-        for seed in args.seeds:
+    saved = RESULTS / f"{name}.json"
+    if args.resume and saved.exists():  # runs already measured with these settings are kept, not re-run
+        payload = json.loads(saved.read_text())
+        if payload["source_method"] == args.source_method and payload["overrides"] == args.set:
+            results = {task: {int(seed): run_ for seed, run_ in runs.items()}
+                       for task, runs in payload["results"].items()}
+    for seed in args.seeds:  # seed-major: a partial run still covers every task
+        for task in args.tasks:
+            if seed in results.get(task, {}):
+                continue
             tick = time.perf_counter()
             results.setdefault(task, {})[seed] = run(task, seed, args.source_method, args.set, args.cache_dir)
             results[task][seed]["seconds"] = time.perf_counter() - tick

@@ -31,6 +31,8 @@ from ray_ad.errors import DataError
 from ray_ad.methods.base import Detector
 
 ACCEPTANCE = "_acceptance"
+MIN_HELD_OUT = 8  # the threshold's mixture fit needs a few scores (threshold.normal_mode)
+MIN_FIT = 4
 
 
 @dataclass
@@ -60,9 +62,10 @@ def _unit(name: str, seed: int) -> float:
 def split_landing(images: list[str], config: GateConfig) -> tuple[list[str], list[str]]:
     """(images to fit on, held-out images) by a seeded hash of each file name: no content, no label."""
     ranked = sorted(images, key=lambda path: _unit(path.rsplit("/", 1)[-1], config.seed))
-    held = min(config.max_holdout, max(2, round(len(images) * config.holdout_fraction)))
-    if len(images) - held < 2:
-        raise DataError(f"a landing batch needs at least {held + 2} images to fit and gate, got {len(images)}")
+    held = min(config.max_holdout, max(MIN_HELD_OUT, round(len(images) * config.holdout_fraction)))
+    if len(images) - held < MIN_FIT:
+        raise DataError(f"a landing batch needs at least {MIN_HELD_OUT + MIN_FIT} images ({MIN_HELD_OUT} held out "
+                        f"for the gate and its threshold, {MIN_FIT} to fit on), got {len(images)}")
     held_out = set(ranked[:held])
     return [p for p in images if p not in held_out], [p for p in images if p in held_out]
 

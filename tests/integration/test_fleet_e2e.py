@@ -39,7 +39,7 @@ def test_publish_detect_land_adapt_detect(ray_cluster, s3_bucket, tmp_path):
         assert call(f"{url}/v1/lines/src/detect", image, SRC)[0] == 200
 
         # A new camera's images land; the batch counts only once _READY exists.
-        target = shift_folder(make_mvtec(tmp_path / "raw", n_train=10, seed=3), tmp_path / "target")
+        target = shift_folder(make_mvtec(tmp_path / "raw", n_train=16, seed=3), tmp_path / "target")
         batch = f"{root}/landing/cam2/b1"
         upload_folder(target / "train", batch)
         assert call(f"{url}/v1/landing/poll", b"", ADMIN)[1]["events"] == []
