@@ -250,3 +250,13 @@ def test_elpv_landing_layout_lands_every_label_and_never_the_evaluation_split():
     assert abs(len(test) / (len(test) + len(landing) + 0.0) - 0.37) < 0.05  # 40% of cells, less ambiguous
     with pytest.raises(DataError, match="layout"):
         load_samples("elpv:poly?layout=random")
+
+
+def test_a_small_landing_keeps_every_image_and_still_fits(tmp_path):
+    landed = _textures(tmp_path / "few", 4, seed=9, defective=(1,))
+    memory = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
+                                                                             "device": "cpu"}))
+    info = memory.fit([Sample(p, -1) for p in landed], [], progress=False)
+    assert info["dropped_images"] == 0 and info["bank_size"] == 4 * 64
+    with pytest.raises(ConfigError, match="reference_images"):
+        method_config("target_memory", {"reference_images": 0})

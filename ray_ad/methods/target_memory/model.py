@@ -27,6 +27,7 @@ from ray_ad.errors import DataError
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
 
 log = logging.getLogger(__name__)
+MIN_IMAGES_TO_DROP = 8
 
 
 def _default_backbone() -> BackboneConfig:
@@ -70,6 +71,8 @@ class TargetMemoryConfig:
             raise ValueError(f"bank_size must be positive, got {self.bank_size}")
         if self.threshold_rule not in RULES:
             raise ValueError(f"threshold_rule must be one of {', '.join(RULES)}, got {self.threshold_rule!r}")
+        if self.reference_images < 1:
+            raise ValueError(f"reference_images must be positive, got {self.reference_images}")
         if self.scoring not in ("nearest", "mutual"):
             raise ValueError(f"scoring must be nearest or mutual, got {self.scoring!r}")
         if not 0 < self.false_alarm_rate < 0.5:
@@ -105,8 +108,10 @@ class TargetMemory(Detector):
         cfg = self.config
         mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         image_scores = mutual.amax(1)
-        centre, spread = normal_mode(image_scores.numpy())
-        keep_image = image_scores <= centre + cfg.drop_image_z * spread
+        keep_image = torch.ones(len(image_scores), dtype=torch.bool)
+        if len(image_scores) >= MIN_IMAGES_TO_DROP:  # a handful of images has no mode to stand out from
+            centre, spread = normal_mode(image_scores.numpy())
+            keep_image = image_scores <= centre + cfg.drop_image_z * spread
         keep_cell = keep_image[:, None].expand_as(mutual)
         if cfg.drop_cell_z is not None:
             centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
