@@ -168,7 +168,9 @@ def _evaluate_candidates(
     evaluated = {}
     for name, detector in outcome.candidates.items():
         results, figures = evaluate_split(detector, eval_data, eval_split, progress)
-        figures.update(decision_metrics(results.scores, results.labels, detector.threshold))
+        # Each new candidate at the threshold it would ship with; the served version at its own.
+        threshold = detector.threshold if name == SERVED else outcome.gate[name]["threshold"]
+        figures.update(decision_metrics(results.scores, results.labels, threshold))
         evaluated[name] = figures
     rows = {f"{name}{' <- winner' if name == outcome.winner else ''}": {**figures,
             "gate_auroc": outcome.gate[name]["gate_auroc"]} for name, figures in evaluated.items()}
