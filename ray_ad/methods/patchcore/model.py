@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ray_ad.adaptation.mutual import nearest_distance
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
@@ -60,11 +61,7 @@ class PatchCore(Detector):
 
     def _cell_scores(self, features: torch.Tensor) -> torch.Tensor:
         b, c, h, w = features.shape
-        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
-        nearest = torch.full((len(queries),), float("inf"), device=features.device)
-        for bank_chunk in self.bank.split(32768):
-            nearest = torch.minimum(nearest, torch.cdist(queries, bank_chunk).amin(dim=1))
-        return nearest.view(b, h, w)
+        return nearest_distance(features.permute(0, 2, 3, 1).reshape(-1, c), self.bank).view(b, h, w)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -24,7 +24,8 @@ from ray_ad.adaptation.threshold import RULES, normal_mode, unlabeled_threshold
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
-from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
+from ray_ad.methods.base import Detector
+from ray_ad.methods.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
 MIN_IMAGES_TO_DROP = 8
@@ -79,12 +80,10 @@ class TargetMemoryConfig:
             raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
 
 
-class TargetMemory(Detector):
-    method = "target_memory"
+class TargetMemory(PatchCore):
+    """PatchCore's bank, map and bundle format; its own fit (from unlabeled landed images) and scoring."""
 
-    def __init__(self, config: TargetMemoryConfig) -> None:
-        super().__init__(config)
-        self.bank = torch.zeros(0, self.extractor.out_channels)
+    method = "target_memory"
 
     @classmethod
     def from_source(cls, source: Detector, config: TargetMemoryConfig | None = None) -> TargetMemory:
@@ -153,19 +152,6 @@ class TargetMemory(Detector):
             fraction = self.config.mutual_fraction
             return torch.stack([score_against(q, references, fraction) for q in queries]).view(b, h, w)
         return nearest_distance(queries.reshape(-1, c), self.bank).view(b, h, w)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
-        cell = self._cell_scores(self.extractor(images.to(self.device)))
-        score = cell.flatten(1).amax(1)
-        return Prediction(score.cpu(), upsample_map(cell, self.image_size, self.config.map_sigma).cpu())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        check_tensor_keys({"bank"}, tensors)
-        self.bank = tensors["bank"].to(self.device)
 
 
 __all__ = ["TargetMemory", "TargetMemoryConfig"]
