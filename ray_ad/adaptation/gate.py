@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ray_ad import metrics, storage
-from ray_ad.adaptation.threshold import RULES, unlabeled_threshold
+from ray_ad.adaptation.threshold import RULES, SHAPES, unlabeled_threshold
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
 from ray_ad.data.images import load_image, to_tensor
 from ray_ad.data.synthetic import subtle_defect
@@ -43,6 +43,7 @@ class GateConfig:
     margin: float = 0.01  # gate AUROC by which a winner must beat the line's served version
     threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
+    threshold_shape: str = "gaussian"  # threshold.py: the normal mode's law, "gaussian" or "gumbel"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class GateConfig:
             raise ValueError(f"gate holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.threshold_rule not in RULES:
             raise ValueError(f"gate threshold_rule must be one of {', '.join(RULES)}, got {self.threshold_rule!r}")
+        if self.threshold_shape not in SHAPES:
+            raise ValueError(f"gate threshold_shape must be one of {', '.join(SHAPES)}, got {self.threshold_shape!r}")
         if self.defects_per_image < 1:
             raise ValueError(f"gate defects_per_image must be >= 1, got {self.defects_per_image}")
 
@@ -152,7 +155,8 @@ def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[st
     result: dict[str, Any] = {
         "gate_auroc": against(positives),
         "per_kind": {kind: against(positives[kinds == kind]) for kind in sorted(set(gate.positive_kinds))},
-        "threshold": unlabeled_threshold(untouched, config.false_alarm_rate, config.threshold_rule),
+        "threshold": unlabeled_threshold(untouched, config.false_alarm_rate, config.threshold_rule,
+                                         shape=config.threshold_shape),
         "flagged_held_out": None,
         "seconds": 0.0,
     }

@@ -1,7 +1,7 @@
 """Adapt a line to a landed batch: build every candidate, rank them without target labels, pick one.
 
     landed images --split_landing--> fit part ------> candidates: the source as is,
-                                 \\                               a target memory (any source method),
+                                 \\                               target memories (any source method),
                                   \\                              REF+CFA (ref_cfa sources)
                                    held-out part --> gate (synthetic defects, or _acceptance/ labels)
                                                      -> winner, its unlabeled threshold,
@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_ad.adaptation.gate import GateConfig, GateSet, acceptance_images, choose, gate_score, split_landing
@@ -29,7 +29,10 @@ from ray_ad.training import ScoreNetTrainer
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("source", "target_memory", "ref_cfa")
+# target_memory drops the landed images its mutual scores flag (memory.drop_image_z); target_memory_all
+# keeps every landed image. Which is better depends on the batch (rare normal structures get dropped
+# with the defects), so the gate decides, per batch, without labels.
+CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
 SERVED = "served"
 
 
@@ -89,6 +92,8 @@ def adapt_candidates(
     builders = {
         "source": lambda: copy.deepcopy(source),
         "target_memory": lambda: _target_memory(source, fit_part, config.memory, progress, cache_dir, feature_backend),
+        "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
+                                                    drop_cell_z=None), progress, cache_dir, feature_backend),
         "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, progress, cache_dir, score_net_trainer,
                                     feature_backend),
     }

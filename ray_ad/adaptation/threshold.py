@@ -17,22 +17,46 @@ Two rules turn the fitted mode into a threshold:
   precision and recall of every candidate threshold follow from the scores alone; the threshold is
   the one whose expected F1 is highest. With no defects to speak of (``pi`` under ``min_share``)
   it falls back to ``false_alarm``.
+
+The shape of the normal mode (``shape``): ``gaussian`` (symmetric), or ``gumbel`` for image scores
+that are the largest of many cell scores (every memory-based detector here): such maxima follow an
+extreme-value law, whose upper tail is longer than its lower side says under a Gaussian. A Gumbel
+mode with location mu (its mode) and scale beta puts exp(-1) of its mass below mu and the median of
+that part at mu - 0.527 beta.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import gumbel_r, norm
+
+SHAPES = ("gaussian", "gumbel")
+# Share of the mode's mass below its centre, and where the median of that part lies in scale units.
+_MASS_BELOW = {"gaussian": 0.5, "gumbel": math.exp(-1.0)}
+_LOWER_MEDIAN = {"gaussian": float(norm.ppf(0.25)), "gumbel": float(gumbel_r.ppf(math.exp(-1.0) / 2))}
+_WINDOW = 1.5  # half-width, in scales, of the window whose median refines the centre
+# Where the median of the mode's mass inside that window lies (0 for a symmetric mode).
+_WINDOW_MEDIAN = {name: float(law.ppf((law.cdf(-_WINDOW) + law.cdf(_WINDOW)) / 2))
+                  for name, law in (("gaussian", norm), ("gumbel", gumbel_r))}
 
 
-def normal_mode(scores: np.ndarray) -> tuple[float, float]:
+def _law(shape: str):
+    if shape not in SHAPES:
+        raise ValueError(f"normal-mode shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    return norm if shape == "gaussian" else gumbel_r
+
+
+def normal_mode(scores: np.ndarray, shape: str = "gaussian") -> tuple[float, float]:
     """(centre, spread) of the normal mode of an unlabeled score sample with a right tail of defects.
 
     The centre is the half-sample mode (Bickel & Fruhwirth 2006): the densest half of the sample,
     halved again until three points remain, then refined by the median of a window around it. Unlike
     the median of the whole sample it stays on the normal mode while defects are fewer than the
-    normals. The spread is the lower-side sigma around it.
+    normals. The spread is the scale of ``shape`` (sigma, or the Gumbel beta) from the lower side.
     """
+    _law(shape)
     scores = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
     if len(scores) < 8:
         raise ValueError(f"an unlabeled threshold needs at least 8 finite scores, got {len(scores)}")
@@ -44,22 +68,23 @@ def normal_mode(scores: np.ndarray) -> tuple[float, float]:
         window = window[start : start + half]
     centre = float(np.mean(window))
     # The half-sample mode is robust but noisy (it ends on three points); refine it with the median of
-    # a window symmetric around it, which is unbiased for a symmetric mode and still ignores most
-    # of a right tail of defects.
+    # a window symmetric around it (less that median's offset from the mode of a skewed shape), which
+    # still ignores most of a right tail of defects.
     for _ in range(20):
-        spread = _lower_spread(scores, centre)
-        inside = scores[np.abs(scores - centre) <= 1.5 * spread]
-        new_centre = float(np.median(inside)) if len(inside) else centre
+        spread = _lower_spread(scores, centre, shape)
+        inside = scores[np.abs(scores - centre) <= _WINDOW * spread]
+        new_centre = float(np.median(inside)) - _WINDOW_MEDIAN[shape] * spread if len(inside) else centre
         if abs(new_centre - centre) <= 1e-9 * (abs(centre) + spread):
             break
         centre = new_centre
-    return centre, _lower_spread(scores, centre)
+    return centre, _lower_spread(scores, centre, shape)
 
 
-def _lower_spread(scores: np.ndarray, centre: float) -> float:
-    """Gaussian sigma from the lower half: the median distance below the centre is 0.6745 sigma."""
+def _lower_spread(scores: np.ndarray, centre: float, shape: str) -> float:
+    """Scale from the part below the centre: its median lies ``_LOWER_MEDIAN`` scales below it
+    (0.6745 sigma for a Gaussian)."""
     below = centre - scores[scores <= centre]
-    spread = float(np.median(below)) / 0.6745 if len(below) else 0.0
+    spread = float(np.median(below)) / -_LOWER_MEDIAN[shape] if len(below) else 0.0
     if spread <= 0:  # ties at the centre: fall back to the whole sample's scale
         spread = float(np.std(scores)) or 1e-12
     return spread
@@ -69,7 +94,8 @@ RULES = ("f1", "false_alarm")
 
 
 def unlabeled_threshold(
-    scores: np.ndarray, false_alarm_rate: float = 0.01, rule: str = "f1", min_share: float = 0.05
+    scores: np.ndarray, false_alarm_rate: float = 0.01, rule: str = "f1", min_share: float = 0.05,
+    shape: str = "gaussian",
 ) -> float:
     """Score above which an image is called anomalous (see the module docstring for the rules)."""
     if not 0 < false_alarm_rate < 0.5:
@@ -77,21 +103,24 @@ def unlabeled_threshold(
     if rule not in RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(RULES)}, got {rule!r}")
     scores = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
-    centre, spread = normal_mode(scores)
-    fallback = centre + float(norm.ppf(1 - false_alarm_rate)) * spread
-    share = defect_share(scores, centre)
+    law = _law(shape)
+    centre, spread = normal_mode(scores, shape)
+    fallback = centre + float(law.ppf(1 - false_alarm_rate)) * spread
+    share = defect_share(scores, centre, shape)
     if rule == "false_alarm" or share < min_share:
         return fallback
     n = len(scores)
     candidates = scores[scores > centre]
     flagged = n - np.searchsorted(scores, candidates, side="right")  # images above each candidate
-    false_alarms = (1 - share) * n * norm.sf((candidates - centre) / spread)
+    false_alarms = (1 - share) * n * law.sf((candidates - centre) / spread)
     true_hits = np.clip(flagged - false_alarms, 0, None)
     expected_f1 = 2 * true_hits / (flagged + share * n)
     return float(candidates[int(np.argmax(expected_f1))]) if len(candidates) else fallback
 
 
-def defect_share(scores: np.ndarray, centre: float) -> float:
-    """Share of the sample the normal mode does not explain: the mode puts half its mass below ``centre``."""
+def defect_share(scores: np.ndarray, centre: float, shape: str = "gaussian") -> float:
+    """Share of the sample the normal mode does not explain: the mode puts ``_MASS_BELOW`` of its mass
+    (half, for a Gaussian) below ``centre``."""
+    _law(shape)
     below = float(np.mean(np.asarray(scores) <= centre))
-    return max(0.0, 1.0 - 2.0 * below)
+    return max(0.0, 1.0 - below / _MASS_BELOW[shape])

@@ -74,6 +74,26 @@ def test_unlabeled_threshold_fits_the_normal_mode_of_a_contaminated_mixture():
         unlabeled_threshold(scores, false_alarm_rate=0.7)
 
 
+def test_a_gumbel_mode_fits_maxima_that_a_gaussian_mode_misreads():
+    """Normal scores that are maxima (Gumbel: mode 0, scale 1, 0.99 quantile 4.60) and defects above them."""
+    rng = np.random.default_rng(1)
+    for defective in (0.0, 0.1, 0.3, 0.45):
+        n = 4000
+        labels = np.r_[np.zeros(int(n * (1 - defective))), np.ones(int(n * defective))]
+        scores = np.where(labels == 1, rng.normal(7, 1.5, len(labels)), rng.gumbel(0, 1, len(labels)))
+        centre, spread = normal_mode(scores, "gumbel")
+        assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
+        assert abs(defect_share(scores, centre, "gumbel") - defective) < 0.04
+        assert 4.2 < unlabeled_threshold(scores, 0.01, "false_alarm", shape="gumbel") < 5.0
+        f1 = decision_metrics(scores, labels, unlabeled_threshold(scores, shape="gumbel"))["f1"]
+        best = max(decision_metrics(scores, labels, t)["f1"] for t in np.linspace(0, 8, 161))
+        assert defective == 0.0 or f1 > best - 0.02, (defective, f1, best)
+        # A Gaussian read of the same scores takes the long upper side of the normals for defects.
+        assert defect_share(scores, normal_mode(scores)[0]) > defective + 0.08
+    with pytest.raises(ValueError, match="shape"):
+        unlabeled_threshold(scores, shape="cauchy")
+
+
 def _textures(folder: Path, count: int, seed: int, defective: tuple[int, ...] = (), size: int = 64) -> list[str]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,8 +223,13 @@ def test_acceptance_images_rank_the_candidates_and_never_land(tmp_path):
     outcome = adapt_candidates(source, batch, images, _small_adapt_config(), progress=False)
     assert outcome.gate_source == "acceptance"
     assert outcome.candidates["target_memory"].config.backbone.image_size == source.image_size
-    # Both candidates tell the bright-square acceptance defects from the acceptance goods.
-    assert all(outcome.gate[name]["gate_auroc"] > 0.9 for name in ("source", "target_memory"))
+    # Every candidate tells the bright-square acceptance defects from the acceptance goods.
+    assert all(outcome.gate[name]["gate_auroc"] > 0.9 for name in ("source", "target_memory", "target_memory_all"))
+    # target_memory_all holds every cell of every image it was fitted on; target_memory may drop some.
+    fit_part = split_landing(images, _small_adapt_config().gate)[0]
+    cells_per_image = outcome.candidates["target_memory"].config.backbone.grid_size ** 2
+    assert len(outcome.candidates["target_memory_all"].bank) == len(fit_part) * cells_per_image
+    assert outcome.candidates["target_memory_all"].config.drop_image_z is None
 
 
 def test_kept_publishes_nothing_and_leaves_current_untouched(tmp_path):
@@ -258,5 +283,8 @@ def test_a_small_landing_keeps_every_image_and_still_fits(tmp_path):
                                                                              "device": "cpu"}))
     info = memory.fit([Sample(p, -1) for p in landed], [], progress=False)
     assert info["dropped_images"] == 0 and info["bank_size"] == 4 * 64
+    coreset = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
+                                                                              "device": "cpu", "bank_size": 50}))
+    assert coreset.fit([Sample(p, -1) for p in landed], [], progress=False)["bank_size"] == 50
     with pytest.raises(ConfigError, match="reference_images"):
         method_config("target_memory", {"reference_images": 0})

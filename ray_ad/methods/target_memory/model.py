@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ray_ad.adaptation.mutual import cells, greedy_coreset, mutual_scores, nearest_distance, score_against
-from ray_ad.adaptation.threshold import RULES, normal_mode, unlabeled_threshold
+from ray_ad.adaptation.threshold import RULES, SHAPES, normal_mode, unlabeled_threshold
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
@@ -43,14 +43,18 @@ class TargetMemoryConfig:
     mutual_fraction: float = 0.3  # MuSc: mean of the lowest 30% of per-image nearest distances
     mutual_references: int = 64  # other images each landed image is compared with
     # Drop an image whose largest mutual cell score is this many sigma above the images' normal mode;
-    # drop cells of the images kept likewise (None: keep every cell). Chosen on magnetic_tile with
-    # 18% of its defective images landed among its normals (a development set that is no elpv
-    # target; the target memory README has the table): dropping images at 3 sigma helps there
-    # (image AUROC 0.693 -> 0.731), dropping cells hurts (0.620 at 6 sigma), because rare normal
-    # structures score as high as defects cell by cell.
-    drop_image_z: float = 3.0
+    # drop cells of the images kept likewise (None: keep them all). Chosen on magnetic_tile with 18%
+    # of its defective images landed among its normals (a development set that is no elpv target;
+    # the adaptation README has the table): dropping images at 3 sigma helps there a little, dropping
+    # cells hurts, because rare normal structures score as high as defects cell by cell. Whether to
+    # drop images at all is the gate's call per batch: ``adaptation/promote.py`` also builds the
+    # memory of every landed image (candidate ``target_memory_all``).
+    drop_image_z: float | None = 3.0
     drop_cell_z: float | None = None
-    bank_size: int = 8192  # greedy coreset of the kept cells beyond this many (32 images' worth at 16x16)
+    # None: every kept cell is in the bank (PatchCore at 100%). A number: greedy k-centre coreset to
+    # that many cells, for a faster scorer. On a contaminated batch the k-centre picks the cells far
+    # from all others first, which are the defect cells, so the coreset is no default here.
+    bank_size: int | None = None
     # "nearest": a cell's distance to the nearest bank cell (PatchCore). "mutual": the memory keeps
     # ``reference_images`` whole landed images, and a cell scores as in mutual scoring against them
     # (nearest cell in each, lowest ``mutual_fraction`` averaged): a defect that recurs in a few landed
@@ -59,6 +63,7 @@ class TargetMemoryConfig:
     reference_images: int = 128
     threshold_rule: str = "f1"  # how held-out landed scores become a threshold (adaptation/threshold.py)
     false_alarm_rate: float = 0.01
+    threshold_shape: str = "gaussian"  # the normal mode's law (threshold.py): "gaussian" or "gumbel"
     map_sigma: float = 4.0
     seed: int = 0
     device: str = "auto"
@@ -68,10 +73,12 @@ class TargetMemoryConfig:
             raise ValueError(f"mutual_fraction must be in (0, 1], got {self.mutual_fraction}")
         if self.mutual_references < 1:
             raise ValueError(f"mutual_references must be positive, got {self.mutual_references}")
-        if self.bank_size < 1:
+        if self.bank_size is not None and self.bank_size < 1:
             raise ValueError(f"bank_size must be positive, got {self.bank_size}")
         if self.threshold_rule not in RULES:
             raise ValueError(f"threshold_rule must be one of {', '.join(RULES)}, got {self.threshold_rule!r}")
+        if self.threshold_shape not in SHAPES:
+            raise ValueError(f"threshold_shape must be one of {', '.join(SHAPES)}, got {self.threshold_shape!r}")
         if self.reference_images < 1:
             raise ValueError(f"reference_images must be positive, got {self.reference_images}")
         if self.scoring not in ("nearest", "mutual"):
@@ -105,16 +112,10 @@ class TargetMemory(PatchCore):
             raise DataError(f"a target memory needs at least 2 landed images, got {len(train)}")
         features = cells(self.extract_features(train, 1, cache_dir, progress, "landed images"))
         cfg = self.config
-        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
-        image_scores = mutual.amax(1)
-        keep_image = torch.ones(len(image_scores), dtype=torch.bool)
-        if len(image_scores) >= MIN_IMAGES_TO_DROP:  # a handful of images has no mode to stand out from
-            centre, spread = normal_mode(image_scores.numpy())
-            keep_image = image_scores <= centre + cfg.drop_image_z * spread
-        keep_cell = keep_image[:, None].expand_as(mutual)
-        if cfg.drop_cell_z is not None:
-            centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
-            keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
+        keep_image = torch.ones(len(features), dtype=torch.bool)
+        keep_cell = keep_image[:, None].expand(features.shape[:2])
+        if cfg.drop_image_z is not None or cfg.drop_cell_z is not None:
+            keep_image, keep_cell = self._mutual_keep(features)
         if cfg.scoring == "mutual":
             kept = torch.nonzero(keep_image).flatten()
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -122,8 +123,9 @@ class TargetMemory(PatchCore):
             self.bank = features[kept].reshape(-1, features.shape[-1]).to(self.device)
         else:
             candidates = features[keep_cell]
-            chosen = greedy_coreset(candidates, cfg.bank_size, seed=cfg.seed)
-            self.bank = candidates[chosen].to(self.device)
+            if cfg.bank_size is not None:
+                candidates = candidates[greedy_coreset(candidates, cfg.bank_size, seed=cfg.seed)]
+            self.bank = candidates.to(self.device)
         info = {
             "landed_images": len(train),
             "dropped_images": int((~keep_image).sum()),
@@ -136,12 +138,30 @@ class TargetMemory(PatchCore):
             info["threshold"] = self.calibrate_unlabeled(calibration, progress, cache_dir)
         return info
 
+    def _mutual_keep(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which landed images ``[N]`` and cells ``[N, L]`` stay, by their mutual scores."""
+        cfg = self.config
+        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+        image_scores = mutual.amax(1)
+        keep_image = torch.ones(len(image_scores), dtype=torch.bool)
+        # A handful of images has no mode to stand out from.
+        if cfg.drop_image_z is not None and len(image_scores) >= MIN_IMAGES_TO_DROP:
+            centre, spread = normal_mode(image_scores.numpy())
+            keep_image = image_scores <= centre + cfg.drop_image_z * spread
+        keep_cell = keep_image[:, None].expand_as(mutual)
+        if cfg.drop_cell_z is not None:
+            centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
+            keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
+        return keep_image, keep_cell
+
     def calibrate_unlabeled(self, images: list[Sample], progress: bool = True, cache_dir: str | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain."""
         features = self.extract_features(images, 1, cache_dir, progress, "held-out landed images")
         scores = torch.cat([self._cell_scores(chunk.to(self.device)).flatten(1).amax(1).cpu()
                             for chunk in features.split(16)])
-        self.threshold = unlabeled_threshold(scores.numpy(), self.config.false_alarm_rate, self.config.threshold_rule)
+        cfg = self.config
+        self.threshold = unlabeled_threshold(scores.numpy(), cfg.false_alarm_rate, cfg.threshold_rule,
+                                             shape=cfg.threshold_shape)
         return self.threshold
 
     def _cell_scores(self, features: torch.Tensor) -> torch.Tensor:
