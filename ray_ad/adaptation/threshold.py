@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import gumbel_r, norm
+from scipy.stats import gumbel_r, norm, rv_continuous
 
 SHAPES = ("gaussian", "gumbel")
 # Share of the mode's mass below its centre, and where the median of that part lies in scale units.
@@ -42,7 +42,7 @@ _WINDOW_MEDIAN = {name: float(law.ppf((law.cdf(-_WINDOW) + law.cdf(_WINDOW)) / 2
                   for name, law in (("gaussian", norm), ("gumbel", gumbel_r))}
 
 
-def _law(shape: str):
+def _law(shape: str) -> rv_continuous:
     if shape not in SHAPES:
         raise ValueError(f"normal-mode shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     return norm if shape == "gaussian" else gumbel_r
