@@ -50,21 +50,31 @@ def test_greedy_coreset_covers_every_cluster():
     assert torch.cdist(centres, chosen).amin(1).max() < 0.1  # a random 3 of 210 would miss a small cluster
 
 
+def _mixture(rng: np.random.Generator, defective: float, normal, defect) -> tuple[np.ndarray, np.ndarray]:
+    n = 4000
+    labels = np.r_[np.zeros(int(n * (1 - defective))), np.ones(int(n * defective))]
+    return np.where(labels == 1, defect(len(labels)), normal(len(labels))), labels
+
+
+def _assert_mode_fit(scores: np.ndarray, labels: np.ndarray, defective: float, shape: str,
+                     false_alarm: tuple[float, float], grid: np.ndarray) -> None:
+    """Centre 0 and scale 1 within 0.1, the share within 0.04, the false-alarm threshold in range, and
+    the F1 rule within 0.02 of the best F1 any threshold of ``grid`` reaches on these labels."""
+    centre, spread = normal_mode(scores, shape)
+    assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
+    assert abs(defect_share(scores, centre, shape) - defective) < 0.04
+    assert false_alarm[0] < unlabeled_threshold(scores, 0.01, "false_alarm", shape=shape) < false_alarm[1]
+    f1 = decision_metrics(scores, labels, unlabeled_threshold(scores, shape=shape))["f1"]
+    best = max(decision_metrics(scores, labels, t)["f1"] for t in grid)
+    assert defective == 0.0 or f1 > best - 0.02, (defective, f1, best)
+
+
 def test_unlabeled_threshold_fits_the_normal_mode_of_a_contaminated_mixture():
     rng = np.random.default_rng(0)
     for defective in (0.0, 0.1, 0.3, 0.45):
-        n = 4000
-        labels = np.r_[np.zeros(int(n * (1 - defective))), np.ones(int(n * defective))]
-        scores = np.where(labels == 1, rng.normal(5, 1, len(labels)), rng.normal(0, 1, len(labels)))
-        centre, spread = normal_mode(scores)
-        assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
-        assert abs(defect_share(scores, centre) - defective) < 0.04
+        scores, labels = _mixture(rng, defective, lambda n: rng.normal(0, 1, n), lambda n: rng.normal(5, 1, n))
         # The false-alarm rule: the normal mode's 0.99 quantile (2.33), whatever the contamination.
-        assert 2.1 < unlabeled_threshold(scores, 0.01, "false_alarm") < 2.6
-        # The F1 rule: within 0.02 of the best F1 any threshold reaches on these labels.
-        f1 = decision_metrics(scores, labels, unlabeled_threshold(scores))["f1"]
-        best = max(decision_metrics(scores, labels, t)["f1"] for t in np.linspace(0, 5, 101))
-        assert defective == 0.0 or f1 > best - 0.02, (defective, f1, best)
+        _assert_mode_fit(scores, labels, defective, "gaussian", (2.1, 2.6), np.linspace(0, 5, 101))
     # With no defects to speak of, the F1 rule falls back to the false-alarm rule.
     clean = rng.normal(0, 1, 4000)
     assert unlabeled_threshold(clean) == unlabeled_threshold(clean, rule="false_alarm")
@@ -78,16 +88,8 @@ def test_a_gumbel_mode_fits_maxima_that_a_gaussian_mode_misreads():
     """Normal scores that are maxima (Gumbel: mode 0, scale 1, 0.99 quantile 4.60) and defects above them."""
     rng = np.random.default_rng(1)
     for defective in (0.0, 0.1, 0.3, 0.45):
-        n = 4000
-        labels = np.r_[np.zeros(int(n * (1 - defective))), np.ones(int(n * defective))]
-        scores = np.where(labels == 1, rng.normal(7, 1.5, len(labels)), rng.gumbel(0, 1, len(labels)))
-        centre, spread = normal_mode(scores, "gumbel")
-        assert abs(centre) < 0.1 and abs(spread - 1) < 0.1, (defective, centre, spread)
-        assert abs(defect_share(scores, centre, "gumbel") - defective) < 0.04
-        assert 4.2 < unlabeled_threshold(scores, 0.01, "false_alarm", shape="gumbel") < 5.0
-        f1 = decision_metrics(scores, labels, unlabeled_threshold(scores, shape="gumbel"))["f1"]
-        best = max(decision_metrics(scores, labels, t)["f1"] for t in np.linspace(0, 8, 161))
-        assert defective == 0.0 or f1 > best - 0.02, (defective, f1, best)
+        scores, labels = _mixture(rng, defective, lambda n: rng.gumbel(0, 1, n), lambda n: rng.normal(7, 1.5, n))
+        _assert_mode_fit(scores, labels, defective, "gumbel", (4.2, 5.0), np.linspace(0, 8, 161))
         # A Gaussian read of the same scores takes the long upper side of the normals for defects.
         assert defect_share(scores, normal_mode(scores)[0]) > defective + 0.08
     with pytest.raises(ValueError, match="shape"):
