@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -59,3 +60,14 @@ def save(name: str, payload: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(f"saved {RESULTS / name}.json and .md")
+
+
+def contaminated_landing(samples: list) -> tuple[list, list]:
+    """magnetic_tile as a contaminated landing: (landed, scored). Landed are the train normals and a
+    hashed half of the test images (defects included); scored is the other half of the test images."""
+    def unit(path: str) -> float:
+        return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 2**32
+
+    landed = [s for s in samples if s.split == "train" or unit(s.path) < 0.5]
+    scored = [s for s in samples if s.split == "test" and unit(s.path) >= 0.5]
+    return landed, scored

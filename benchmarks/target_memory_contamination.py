@@ -14,13 +14,12 @@ benchmarks/results/target_memory_contamination.{json,md}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
@@ -40,10 +39,6 @@ VARIANTS = {
 }
 
 
-def _unit(path: str) -> float:
-    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 2**32
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
@@ -51,8 +46,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     args = parser.parse_args()
     samples = load_samples(args.data)
-    landed = [s for s in samples if s.split == "train" or _unit(s.path) < 0.5]
-    scored = [s for s in samples if s.split == "test" and _unit(s.path) >= 0.5]
+    landed, scored = contaminated_landing(samples)
     fit_part = split_landing([s.path for s in landed], GateConfig(max_holdout=400))[0]
     defective = {s.path for s in landed if s.label == 1}
     clean = [s.path for s in samples if s.split == "train"]

@@ -12,7 +12,6 @@ About 5 CPU-minutes on 2 cores. Figures go to benchmarks/results/threshold_shape
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from scipy.stats import skew
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.adaptation.threshold import RULES, SHAPES, unlabeled_threshold  # noqa: E402
@@ -30,18 +29,13 @@ from ray_ad.methods import build_detector, method_config  # noqa: E402
 from ray_ad.metrics import decision_metrics  # noqa: E402
 
 
-def _unit(path: str) -> float:
-    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 2**32
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     args = parser.parse_args()
     samples = load_samples(args.data)
-    landed = [s for s in samples if s.split == "train" or _unit(s.path) < 0.5]
-    scored = [s for s in samples if s.split == "test" and _unit(s.path) >= 0.5]
+    landed, scored = contaminated_landing(samples)
     fit_part, held_out = split_landing([s.path for s in landed], GateConfig())
     memory = build_detector("target_memory", method_config("target_memory", {"drop_image_z": None,
                                                                              "bank_size": 8192}))
