@@ -1,6 +1,6 @@
-"""The unlabeled threshold's normal-mode shape (Gaussian or Gumbel) on magnetic_tile, the development
-set: a memory of every landed image fitted on a contaminated landing, thresholds from its held-out
-landed images (no label read), F1 on the scored half.
+"""The unlabeled threshold's shapes (Gaussian or Gumbel normal mode, or two Gaussians by EM) on
+magnetic_tile, the development set: a memory of every landed image fitted on a contaminated landing,
+thresholds from its held-out landed images (no label read), F1 on the scored half.
 
     .venv/bin/python benchmarks/threshold_shapes.py
 
@@ -52,7 +52,8 @@ def main() -> None:
              "| shape / rule | threshold | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {name} | {m['threshold']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |"
               for name, m in rows.items()]
-    save("threshold_shapes", {"machine": machine(), "rows": rows, "best_f1": best}, "\n".join(lines))
+    scores = {"unlabeled": unlabeled.tolist(), "scored": results.scores.tolist(), "labels": results.labels.tolist()}
+    save("threshold_shapes", {"machine": machine(), "rows": rows, "best_f1": best, "scores": scores}, "\n".join(lines))
     print("\n".join(lines))
 
 

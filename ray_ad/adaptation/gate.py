@@ -43,7 +43,7 @@ class GateConfig:
     margin: float = 0.01  # gate AUROC by which a winner must beat the line's served version
     threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
-    threshold_shape: str = "gaussian"  # threshold.py: the normal mode's law, "gaussian" or "gumbel"
+    threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
     seed: int = 0
 
     def __post_init__(self) -> None:

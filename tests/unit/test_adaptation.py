@@ -15,7 +15,7 @@ from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
 from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
-from ray_ad.adaptation.threshold import defect_share, normal_mode, unlabeled_threshold
+from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
 from ray_ad.data import Sample, load_samples, write_manifest
 from ray_ad.data.images import load_image, to_tensor
 from ray_ad.errors import ConfigError, DataError
@@ -94,6 +94,23 @@ def test_a_gumbel_mode_fits_maxima_that_a_gaussian_mode_misreads():
         assert defect_share(scores, normal_mode(scores)[0]) > defective + 0.08
     with pytest.raises(ValueError, match="shape"):
         unlabeled_threshold(scores, shape="cauchy")
+
+
+def test_a_two_gaussian_fit_reads_defects_that_overlap_the_normals():
+    """Defects N(3, 2) over normals N(0, 1): wide, overlapping, and reaching below the normals' mode."""
+    rng = np.random.default_rng(2)
+    grid = np.linspace(-1, 8, 181)
+    for defective in (0.15, 0.3, 0.45):
+        scores, labels = _mixture(rng, defective, lambda n: rng.normal(0, 1, n), lambda n: rng.normal(3, 2, n))
+        fit = fit_two_gaussians(scores)
+        assert abs(fit.share - defective) < 0.05 and abs(fit.normal_mean) < 0.1 and abs(fit.normal_std - 1) < 0.1
+        f1 = decision_metrics(scores, labels, unlabeled_threshold(scores, shape="mixture"))["f1"]
+        best = max(decision_metrics(scores, labels, t)["f1"] for t in grid)
+        assert f1 > best - 0.02, (defective, f1, best)
+    # One Gaussian explains clean scores (BIC): no defect share, the normal mode's 0.99 quantile.
+    clean = rng.normal(0, 1, 4000)
+    assert fit_two_gaussians(clean).share == 0.0
+    assert 2.1 < unlabeled_threshold(clean, shape="mixture") < 2.6
 
 
 def _textures(folder: Path, count: int, seed: int, defective: tuple[int, ...] = (), size: int = 64) -> list[str]:

@@ -63,7 +63,7 @@ class TargetMemoryConfig:
     reference_images: int = 128
     threshold_rule: str = "f1"  # how held-out landed scores become a threshold (adaptation/threshold.py)
     false_alarm_rate: float = 0.01
-    threshold_shape: str = "gaussian"  # the normal mode's law (threshold.py): "gaussian" or "gumbel"
+    threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
     map_sigma: float = 4.0
     seed: int = 0
     device: str = "auto"
