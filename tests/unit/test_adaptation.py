@@ -104,6 +104,8 @@ def test_a_two_gaussian_fit_reads_defects_that_overlap_the_normals():
         scores, labels = _mixture(rng, defective, lambda n: rng.normal(0, 1, n), lambda n: rng.normal(3, 2, n))
         fit = fit_two_gaussians(scores)
         assert abs(fit.share - defective) < 0.05 and abs(fit.normal_mean) < 0.1 and abs(fit.normal_std - 1) < 0.1
+        # The fit does not depend on the scores' unit (probabilities spread over 1e-4 included).
+        assert fit_two_gaussians(1e-4 * scores + 0.5).share == pytest.approx(fit.share, abs=1e-3)
         f1 = decision_metrics(scores, labels, unlabeled_threshold(scores, shape="mixture"))["f1"]
         best = max(decision_metrics(scores, labels, t)["f1"] for t in grid)
         assert f1 > best - 0.02, (defective, f1, best)
