@@ -72,7 +72,8 @@ def shifted_magnetic_tile(cache_dir: str) -> str:
 
     from ray_ad.data import Sample, write_manifest
 
-    folder = Path(cache_dir).parent / "magnetic_tile_shift"
+    # Absolute: a manifest resolves relative paths against its own folder.
+    folder = (Path(cache_dir).parent / "magnetic_tile_shift").resolve()
     manifest = folder / "manifest.parquet"
     if manifest.exists():
         return str(manifest)
