@@ -217,7 +217,7 @@ def main() -> None:
             results[task][seed]["seconds"] = time.perf_counter() - tick
             payload = {"source_method": args.source_method, "overrides": args.set, "machine": machine(),
                        "results": results}
-            save(name, payload, f"Source: {args.source_method}.\n\n" + table(results))
+            save(name, payload, f"Source: {args.source_method} (magnetic_tile-shift: patchcore).\n\n" + table(results))
     print(table(results))
 
 

@@ -165,16 +165,22 @@ def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[st
     return result
 
 
-def choose(scores: dict[str, dict[str, Any]], served: str | None, margin: float) -> tuple[str, str]:
+def choose(
+    scores: dict[str, dict[str, Any]], served: str | None, margin: float, baseline: str | None = "source"
+) -> tuple[str, str]:
     """(winner among the new candidates, "published" | "kept") by gate AUROC.
 
     ``served`` names the entry of ``scores`` that is the line's current version, if it has one: the
-    winner replaces it only when it scores at least ``margin`` higher.
+    winner replaces it only when it scores at least ``margin`` higher. ``baseline`` (the source as
+    is, the do-nothing candidate) is held to the same rule: an adaptation that does not beat it by
+    ``margin`` loses to it.
     """
     new = {name: s["gate_auroc"] for name, s in scores.items() if name != served and np.isfinite(s["gate_auroc"])}
     if not new:
         raise DataError("no candidate produced finite gate scores")
     winner = max(new, key=lambda name: new[name])
+    if baseline in new and new[winner] < new[baseline] + margin:
+        winner = baseline
     if served is not None and np.isfinite(scores[served]["gate_auroc"]):
         if new[winner] < scores[served]["gate_auroc"] + margin:
             return winner, "kept"

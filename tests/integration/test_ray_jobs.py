@@ -96,7 +96,10 @@ def test_adapt_target_gates_every_candidate_and_publishes_the_winner_once_per_ta
     assert status["decision"] == "published" and status["served_version"] is None  # a new line
     candidates = status["gate"]["candidates"]
     assert set(candidates) == {"source", "target_memory", "target_memory_all", "ref_cfa"}  # a ref_cfa source: all
-    winner = max(candidates, key=lambda name: candidates[name]["gate_auroc"])
+    best = max(candidates, key=lambda name: candidates[name]["gate_auroc"])
+    # The source as is wins unless the best adaptation beats it by gate.margin (0.01).
+    beats_source = candidates[best]["gate_auroc"] >= candidates["source"]["gate_auroc"] + 0.01
+    winner = best if beats_source else "source"
     assert status["winner"] == winner
     assert detector.method == ("target_memory" if winner.startswith("target_memory") else "ref_cfa")
     assert detector.threshold == pytest.approx(candidates[winner]["threshold"])

@@ -169,7 +169,12 @@ def test_choose_keeps_the_served_version_unless_beaten_by_the_margin():
     scores = {"source": {"gate_auroc": 0.70}, "target_memory": {"gate_auroc": 0.805}, "served": {"gate_auroc": 0.80}}
     assert choose(scores, "served", 0.01) == ("target_memory", "kept")
     assert choose(scores, "served", 0.0) == ("target_memory", "published")
-    assert choose(scores, None, 0.5) == ("target_memory", "published")
+    assert choose(scores, None, 0.1) == ("target_memory", "published")
+    # An adaptation has to beat the source as is by the margin too, or the source is the winner.
+    assert choose(scores, None, 0.2) == ("source", "published")
+    close = {"source": {"gate_auroc": 0.626}, "target_memory_all": {"gate_auroc": 0.631}}
+    assert choose(close, None, 0.01) == ("source", "published")
+    assert choose(close, None, 0.01, baseline=None) == ("target_memory_all", "published")
     assert choose({"a": {"gate_auroc": float("nan")}, "b": {"gate_auroc": 0.6}}, None, 0.0) == ("b", "published")
 
 
