@@ -40,7 +40,7 @@ class GateConfig:
     holdout_fraction: float = 0.2  # of the landed batch: never fitted on, scored by the gate
     max_holdout: int = 160  # cap on held-out images (the gate's cost grows with them)
     defects_per_image: int = 2  # pasted copies of each held-out image
-    margin: float = 0.01  # gate AUROC by which a winner must beat the line's served version
+    margin: float = 0.01  # gate AUROC by which a winner must beat the served version (an adaptation: the source)
     threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
