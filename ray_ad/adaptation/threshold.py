@@ -23,6 +23,12 @@ that are the largest of many cell scores (every memory-based detector here): suc
 extreme-value law, whose upper tail is longer than its lower side says under a Gaussian. A Gumbel
 mode with location mu (its mode) and scale beta puts exp(-1) of its mass below mu and the median of
 that part at mu - 0.527 beta.
+
+Both read the normal mode from its lower side and so assume that side tells the upper one.
+``mixture`` (the default of the gate and the target memory) does not: it fits two Gaussians to all
+the scores by EM (the lower one the normals, the upper one the defects), keeps the second only when
+it lowers the BIC below one Gaussian's, and takes expected hits and false alarms from both fitted
+components. It was chosen on magnetic_tile (benchmarks/threshold_shapes.py).
 """
 
 from __future__ import annotations
