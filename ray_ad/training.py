@@ -62,6 +62,25 @@ def epsilon_loss(net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t_ma
 
 
 @torch.no_grad()
+def per_sample_epsilon_loss(
+    net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, timesteps: list[int], seed: int = 0,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Mean || eps - eps_theta(x_t, t) ||^2 of each sample of ``x0`` over ``timesteps``, one seeded noise
+    draw per sample and timestep (the same draws for every network, so losses compare across them)."""
+    generator = torch.Generator().manual_seed(seed)
+    losses = torch.zeros(x0.shape[0])
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        for start in range(0, x0.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            t_batch = torch.full((noise[rows].shape[0],), int(t), device=x0.device)
+            x_t = schedule.add_noise(x0[rows], noise[rows], t_batch)
+            losses[rows] += (net(x_t, t_batch) - noise[rows]).pow(2).flatten(1).mean(1).cpu() / len(timesteps)
+    return losses
+
+
+@torch.no_grad()
 def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), net.parameters()):
         ema_p.lerp_(p.detach(), 1 - decay)

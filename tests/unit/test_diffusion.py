@@ -2,7 +2,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ray_ad.diffusion import DiT, NoiseSchedule, ScoreNetConfig, build_score_net
-from ray_ad.training import TrainConfig, lr_at, train_score_net
+from ray_ad.training import TrainConfig, lr_at, per_sample_epsilon_loss, train_score_net
 
 
 def test_schedule_is_the_linear_ddpm_schedule():
@@ -92,3 +92,21 @@ def test_gaussian_skip_starts_as_the_exact_denoiser_of_standard_normal_data():
         with torch.no_grad():
             irf = net(alpha_bar.sqrt() * x0[:2], torch.full((2,), t))
         assert torch.allclose(irf, (alpha_bar * (1 - alpha_bar)).sqrt() * x0[:2], atol=1e-5)
+
+
+def test_per_sample_loss_of_the_exact_denoiser_of_zero_data_is_its_closed_form():
+    """eps_theta(x, t) = x / sigma_t is exact for x0 = 0; a sample at x0 = c costs alpha_bar c^2 / sigma_t^2."""
+    schedule = NoiseSchedule()
+
+    class ZeroDataDenoiser(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return x / (1 - schedule.alpha_bar(t)).sqrt().view(-1, 1, 1, 1)
+
+    x0 = torch.zeros(5, 2, 3, 3)
+    x0[3] = 0.5
+    timesteps = [100, 400]
+    losses = per_sample_epsilon_loss(ZeroDataDenoiser(), schedule, x0, timesteps, seed=0, batch_size=2)
+    alpha_bar = torch.stack([schedule.alpha_bar(t) for t in timesteps])
+    expected = (alpha_bar * 0.25 / (1 - alpha_bar)).mean()
+    torch.testing.assert_close(losses[3], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(losses[[0, 1, 2, 4]], torch.zeros(4), atol=1e-5, rtol=0)

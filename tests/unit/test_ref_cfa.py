@@ -134,7 +134,8 @@ def test_statistic_directions_fold_flips_into_the_alignment(source_model, domain
     assert torch.equal(detector.align_a, torch.diag(flip))
     assert torch.equal(flip[:-scalars], torch.ones(len(flip) - scalars))
     assert int((flip < 0).sum()) == info["statistics_flipped"]
-    fields = cache[("target_fields", True)].resample(detector.positions)
+    fields = detector.aligned_fields(detector.target, detector.target.normalise(cache["target_features"]),
+                                     detector.target_basis(), detector.positions)
     # The rule: -1 exactly where the target's heavier tail disagrees with the source's labelled direction.
     target = tail_directions(detector._image_statistics(detector._signatures(fields)))
     assert torch.equal(flip[-scalars:], detector.source_directions * target)
@@ -162,8 +163,9 @@ def test_synthetic_witness_reads_pasted_anomalies_through_the_target_network(sou
     # The rule: the sign of the median change of each statistic over the cells the anomaly covers.
     directions = []
     for features in (originals, anomalous):
-        fields, _ = detector.fields(detector.target, detector.target.normalise(features), detector.target_basis())
-        directions.append(detector._signatures(fields.resample(detector.positions))[:, -detector._scalar_dim():])
+        fields = detector.aligned_fields(detector.target, detector.target.normalise(features), detector.target_basis(),
+                                         detector.positions)
+        directions.append(detector._signatures(fields)[:, -detector._scalar_dim():])
     inside = targets.flatten() >= 0.5
     expected = torch.where((directions[1] - directions[0])[inside].median(0).values >= 0, 1.0, -1.0)
     assert info["target_directions"] == [int(v) for v in expected]
@@ -182,6 +184,113 @@ def test_statistic_directions_need_a_source_that_measured_them(source_model, dom
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     with pytest.raises(ConfigError, match="statistic_directions needs the source's statistic directions"):
         detector.adapt(target_images, progress=False)
+
+def test_temporal_alignment_over_diffusion_time_runs_the_target_chain_at_the_warped_timesteps(
+    source_model, domains, tmp_path
+):
+    detector = copy.deepcopy(source_model[0])
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, temporal_mode="timesteps")
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    detector.adapt(target_images, progress=False)
+    detector.positions = torch.tensor([0.5, 1.5, 2.0])  # psi as TA might fit it, clamped at the end
+    chains = []
+    original = detector.fields
+
+    def recording(*args, **kwargs):
+        chains.append(kwargs.get("timesteps"))
+        return original(*args, **kwargs)
+
+    detector.fields = recording
+    fields = detector._domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
+    # t(psi) between the configured 300, 200, 100; the clamped end moved one timestep on, not repeated.
+    assert chains == [[250, 150, 100]]
+    # Step 0 is the chain's first call: no change and no turn, as on the source (interpolating the
+    # stored steps at 0.5 would carry half of step 1's change into it).
+    assert torch.equal(fields.change[:, 0], torch.zeros_like(fields.change[:, 0]))
+    assert torch.equal(fields.turn[:, 0], torch.zeros_like(fields.turn[:, 0]))
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, temporal_mode="resample")
+    resampled = detector._domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
+    assert resampled.change[:, 0].abs().sum() > 0
+
+
+def test_input_alignment_moves_g_phi_inputs_onto_the_source_normals(source_model, domains, tmp_path):
+    detector = copy.deepcopy(source_model[0])
+    assert detector.input_center is not None and detector.input_center.shape == detector.input_scale.shape
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=True)
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    cache: dict = {}
+    info = detector.adapt(target_images, progress=False, cache=cache)
+    fields = detector.aligned_fields(detector.target, detector.target.normalise(cache["target_features"]),
+                                     detector.target_basis(), detector.positions)
+    raw = detector.g_phi_inputs(fields)
+    aligned = raw * detector.input_a + detector.input_b
+    # Per coordinate, the aligned target inputs have the source normals' median (the fit's sample of at
+    # most 50k cells is every cell here).
+    torch.testing.assert_close(aligned.median(0).values, detector.input_center, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(raw.median(0).values, detector.input_center, atol=1e-2)
+    assert info["input_scale_ratio_median"] == pytest.approx(float(detector.input_a.median()))
+    save_bundle(detector, str(tmp_path / "aligned"))
+    loaded = load_bundle(str(tmp_path / "aligned"))
+    torch.testing.assert_close(loaded.input_a, detector.input_a)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.predict(images).pred_score, detector.predict(images).pred_score)
+    # Turned off again, a refit leaves no input alignment behind.
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=False)
+    detector.fit_alignment(target_images, progress=False, cache=cache)
+    assert detector.input_a is None and "input_a" not in detector.tensors()
+
+
+def test_input_alignment_needs_the_source_spread_or_its_normals(source_model, domains):
+    detector = copy.deepcopy(source_model[0])
+    center = detector.input_center
+    detector.input_center = detector.input_scale = None  # a source bundle older than the option
+    detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=True)
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    with pytest.raises(ConfigError, match="fit_input_anchors"):
+        detector.adapt(target_images, progress=False)
+    normals = [s for s in load_samples(str(domains["source"])) if s.label == 0]
+    detector.fit_input_anchors(normals, progress=False)
+    assert detector.input_center.shape == center.shape
+
+
+def test_robust_target_net_retrains_without_the_images_it_denoises_worst(source_model, domains):
+    from ray_ad.training import per_sample_epsilon_loss
+
+    detector = copy.deepcopy(source_model[0])
+    detector.config.target_trim = 0.25
+    seen: list[torch.Tensor] = []
+    trainer = detector.score_net_trainer
+
+    def recording(net, x0, *args, **kwargs):
+        seen.append(x0)
+        return trainer(net, x0, *args, **kwargs)
+
+    detector.score_net_trainer = recording
+    target_images = [s.path for s in load_samples(str(domains["target"]))]
+    cache: dict = {}
+    first_losses = {}
+
+    original_train = detector._train_domain
+
+    def train_domain(features, progress, name):
+        domain, losses = original_train(features, progress, name)
+        if not first_losses:
+            x0 = domain.normalise(features)
+            first_losses["loss"] = per_sample_epsilon_loss(domain.net, detector.schedule, x0,
+                                                           detector.timesteps.tolist(), detector.config.seed)
+        return domain, losses
+
+    detector._train_domain = train_domain
+    info = detector.fit_target_score_net(target_images, progress=False, cache=cache)
+    n = len(target_images)
+    assert [len(x) for x in seen] == [n, round(0.75 * n)] == [n, info["target_images_kept"]]
+    # The second pass saw exactly the images with the lowest first-pass loss.
+    kept = first_losses["loss"].argsort()[: round(0.75 * n)].sort().values
+    features = cache["target_features"]
+    expected = detector.target.normalise(features[kept])
+    torch.testing.assert_close(seen[1], expected)
+    assert info["target_pass2_loss_last"] is not None
+
 
 def test_unknown_target_init_is_named():
     with pytest.raises(ValueError, match="'warm'"):

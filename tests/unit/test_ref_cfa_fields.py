@@ -11,6 +11,7 @@ from ray_ad.methods.ref_cfa.align import (
     covariance,
     orthogonal_procrustes,
     paired_directions,
+    robust_moments,
     source_directions,
     subspace_distance,
     subspace_rotation,
@@ -18,6 +19,7 @@ from ray_ad.methods.ref_cfa.align import (
     temporal_reparameterisation,
     top_left_singular,
     trimmed_moments,
+    warped_timesteps,
     whiten_recolor,
 )
 from ray_ad.methods.ref_cfa.fields import (
@@ -172,6 +174,41 @@ def test_whiten_recolor_matches_the_source_covariance():
     assert torch.allclose(covariance(aligned), cov_s, atol=1e-3 * cov_s.abs().max())
     assert torch.allclose(aligned.mean(0), mean_s, atol=1e-4)
     assert coral_loss(aligned, cov_s) < 1e-6 < coral_loss(z_target, cov_s)
+
+
+def test_relative_ridge_makes_whiten_recolor_unit_free():
+    """Signatures on a 1e-3 scale: an absolute ridge of 1e-4 swamps their covariance, a relative one does not."""
+    generator = torch.Generator().manual_seed(2)
+    z_source = torch.randn(4000, 3, generator=generator) @ torch.randn(3, 3, generator=generator).T
+    z_target = torch.randn(4000, 3, generator=generator) @ torch.randn(3, 3, generator=generator).T + 1.0
+    mean_s, cov_s = z_source.mean(0), covariance(z_source)
+    unit = whiten_recolor(z_target, mean_s, cov_s, eps=1e-4, relative=True)[0]
+    small = 1e-3
+    scaled = {relative: whiten_recolor(z_target * small, mean_s * small, cov_s * small**2, eps=1e-4,
+                                       relative=relative)[0] for relative in (False, True)}
+    torch.testing.assert_close(scaled[True], unit, atol=1e-3, rtol=1e-3)  # A is unitless: the same map
+    assert (scaled[False] - unit).norm() > 0.5 * unit.norm()
+
+
+def test_robust_moments_ignore_a_contaminating_minority():
+    generator = torch.Generator().manual_seed(3)
+    normal = torch.randn(9000, 2, generator=generator) * torch.tensor([1.0, 3.0]) + 5.0
+    outliers = torch.full((1000, 2), 100.0)
+    x = torch.cat([normal, outliers])
+    center, scale = robust_moments(x)
+    spread = torch.tensor([1.0, 3.0])
+    # A one-sided 10% minority moves the median by 0.14 standard deviations (the 5/9 quantile), the mean by 9.5.
+    assert ((center - 5.0).abs() < 0.2 * spread).all() and ((x.mean(0) - 5.0).abs() > 9 * spread.min()).all()
+    torch.testing.assert_close(scale, spread, atol=0.0, rtol=0.25)
+    assert (x.std(0) > 8 * spread).all()
+
+
+def test_warped_timesteps_follow_psi_between_the_configured_steps():
+    timesteps = torch.tensor([400, 300, 200, 100])
+    assert warped_timesteps(torch.arange(4.0), timesteps) == [400, 300, 200, 100]  # identity psi
+    assert warped_timesteps(torch.tensor([0.5, 1.25, 2.0, 3.0]), timesteps) == [350, 275, 200, 100]
+    # psi clamped at the last step: the chain still moves on, one timestep at a time.
+    assert warped_timesteps(torch.tensor([1.0, 3.0, 3.0, 3.0]), timesteps) == [300, 100, 99, 98]
 
 
 def test_trimmed_moments_ignore_a_contaminating_cluster():

@@ -97,17 +97,27 @@ def trimmed_moments(
     return z[keep].mean(0), covariance(z[keep])
 
 
+def relative_ridge(cov: torch.Tensor, ridge: float) -> float:
+    """``ridge`` times the mean eigenvalue of ``cov`` (its trace / d): a ridge in the matrix's own units."""
+    return ridge * float(cov.diagonal().mean().clamp_min(1e-12))
+
+
 def whiten_recolor(
-    z_target: torch.Tensor, source_mean: torch.Tensor, source_cov: torch.Tensor, eps: float = 1e-4, trim: float = 0.0
+    z_target: torch.Tensor, source_mean: torch.Tensor, source_cov: torch.Tensor, eps: float = 1e-4, trim: float = 0.0,
+    relative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, b) with z' = A z + b: whiten with the target covariance, recolor with the source's.
 
     A = Cov_S^{1/2} Cov_T^{-1/2} and b = mu_S - A mu_T; Cov(A z + b) = Cov_S (up to the ridge eps),
     which minimises the CORAL loss. ``trim`` > 0 takes the target moments without that share of
-    outlying rows (``trimmed_moments``).
+    outlying rows (``trimmed_moments``). ``relative``: each covariance gets ``eps`` times its own mean
+    eigenvalue, so the ridge means the same whatever the scale of the signatures (an absolute 1e-4 is
+    nothing to a covariance on a scale of 1e2 and everything to one on 1e-5).
     """
-    target_mean, target_cov = trimmed_moments(z_target, trim, eps=eps)
-    a = _matrix_power(source_cov, 0.5, eps) @ _matrix_power(target_cov, -0.5, eps)
+    eps_target = relative_ridge(covariance(z_target), eps) if relative else eps
+    eps_source = relative_ridge(source_cov, eps) if relative else eps
+    target_mean, target_cov = trimmed_moments(z_target, trim, eps=eps_target)
+    a = _matrix_power(source_cov, 0.5, eps_source) @ _matrix_power(target_cov, -0.5, eps_target)
     b = source_mean.double() - a @ target_mean.double()
     return a.float(), b.float()
 
@@ -136,6 +146,31 @@ def temporal_reparameterisation(profile_target: np.ndarray, profile_source: np.n
     target = target + 1e-9 * steps
     positions = np.interp(source, target, steps)
     return torch.tensor(np.maximum.accumulate(positions), dtype=torch.float32)
+
+
+def warped_timesteps(positions: torch.Tensor, timesteps: torch.Tensor) -> list[int]:
+    """The diffusion timesteps at fractional step ``positions`` (TA over diffusion time).
+
+    psi maps source step s to target step tau_s; rather than interpolating per-step quantities between
+    the target's precomputed steps (where a change or a turn between steps is not an interpolation of
+    its neighbours), the target chain is run at t(tau_s), linear in tau between the configured steps.
+    Rounded to integers; equal neighbours (psi clamped at an end) are separated by one timestep so the
+    chain keeps moving towards t = 0 as on the source.
+    """
+    k = torch.arange(len(timesteps), dtype=torch.float64)
+    t = np.interp(positions.double().numpy(), k.numpy(), timesteps.double().numpy())
+    out = [int(round(t[0]))]
+    for value in t[1:]:
+        out.append(max(0, min(int(round(value)), out[-1] - 1)))
+    return out
+
+
+def robust_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``x`` [rows, ...]: the median and 1.4826 x the median absolute deviation (the standard
+    deviation for Gaussian data, undisturbed by a minority of outlying rows such as a target's defects)."""
+    center = x.median(0).values
+    scale = 1.4826 * (x - center).abs().median(0).values
+    return center, scale.clamp_min(1e-6)
 
 
 def source_directions(image_statistics: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

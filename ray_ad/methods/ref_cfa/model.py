@@ -38,12 +38,14 @@ from ray_ad.methods.ref_cfa.align import (
     covariance,
     paired_directions,
     residual_profile,
+    robust_moments,
     source_directions,
     subspace_distance,
     subspace_rotation,
     tail_directions,
     temporal_reparameterisation,
     top_left_singular,
+    warped_timesteps,
     whiten_recolor,
 )
 from ray_ad.methods.ref_cfa.fields import (
@@ -57,7 +59,7 @@ from ray_ad.methods.ref_cfa.fields import (
 )
 from ray_ad.methods.ref_cfa.network import DetectionHead, FieldTransformer
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
-from ray_ad.training import TrainConfig, epsilon_loss, loss_summary
+from ray_ad.training import TrainConfig, epsilon_loss, loss_summary, per_sample_epsilon_loss
 
 LOG_EPS = 1e-6
 
@@ -104,6 +106,15 @@ class CFAConfig:
     # synthetic anomaly is pasted into target images, paired with the same cells before).
     direction_witness: Literal["tail", "synthetic"] = "tail"
     witness_images: int = 64  # target images that get a synthetic anomaly (direction_witness=synthetic)
+    # TA applied by interpolating the stored per-step quantities between the target's steps ("resample",
+    # which gives step 0 a change and a turn that never occur on the source), or by running the target
+    # chain at the warped diffusion timesteps ("timesteps"; see align.warped_timesteps).
+    temporal_mode: Literal["resample", "timesteps"] = "resample"
+    ridge_relative: bool = False  # SFA ridge = ridge x each covariance's mean eigenvalue (not absolute)
+    # Input alignment (ours): the target's g_phi inputs (tokens and log energies per step) matched per
+    # coordinate to the source normals' median and spread, so the frozen, non-linear g_phi sees inputs
+    # on the scale it was trained on. SFA only aligns what comes out of it.
+    input_alignment: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.sfa_trim < 1:
@@ -112,6 +123,8 @@ class CFAConfig:
             raise ValueError(f"cfa.direction_witness must be tail or synthetic, got {self.direction_witness!r}")
         if self.witness_images < 1:
             raise ValueError(f"cfa.witness_images must be >= 1, got {self.witness_images}")
+        if self.temporal_mode not in ("resample", "timesteps"):
+            raise ValueError(f"cfa.temporal_mode must be resample or timesteps, got {self.temporal_mode!r}")
 
 
 TARGET_INITS = ("scratch", "source", "source_frozen")
@@ -132,6 +145,9 @@ class REFCFAConfig:
     # from the source score network ("source": fine-tuning), or is S1 itself, untrained on the target
     # but re-standardised on the target's features ("source_frozen"); benchmarks measure all three.
     target_init: Literal["source", "scratch", "source_frozen"] = "scratch"
+    # Robust T1 (label-free): share of the target images with the highest denoising loss under the first
+    # T1 that a second pass leaves out (the target holds defects; S1 saw normals only). 0 = one pass.
+    target_trim: float = 0.0
     top_p: float = 1.0  # image score = mean of the top p% pixels of the map
     map_sigma: float = 4.0
     threshold_quantile: float = 0.99
@@ -146,6 +162,8 @@ class REFCFAConfig:
         if self.train.t_max and max(self.fields.timesteps) >= self.train.t_max:
             raise ValueError(f"fields.timesteps reach t = {max(self.fields.timesteps)}, outside the trained range "
                              f"train.t_max = {self.train.t_max}")
+        if not 0 <= self.target_trim < 1:
+            raise ValueError(f"target_trim must be in [0, 1), got {self.target_trim}")
         if self.target_init not in TARGET_INITS:
             raise ValueError(f"target_init must be one of {', '.join(TARGET_INITS)}; got {self.target_init!r}")
 
@@ -187,6 +205,10 @@ class REFCFA(Detector):
         # +1 / -1 per statistic: higher / lower on the source's anomalous images (None: not measured,
         # a bundle trained before the statistic-direction alignment existed).
         self.source_directions: torch.Tensor | None = None
+        # Median and spread of g_phi's inputs over source-normal cells [K, F] (None: a bundle older than
+        # the input alignment); the target's inputs are matched to them (cfa.input_alignment).
+        self.input_center: torch.Tensor | None = None
+        self.input_scale: torch.Tensor | None = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.g_phi = FieldTransformer(
@@ -199,6 +221,8 @@ class REFCFA(Detector):
         self.rotation = torch.eye(channels)  # DSA rotation R
         self.align_a = torch.eye(signature_dim)  # SFA whiten-recolor z' = A z + b
         self.align_b = torch.zeros(signature_dim)
+        self.input_a: torch.Tensor | None = None  # input alignment x' = a x + b, [K, F] each (None: off)
+        self.input_b: torch.Tensor | None = None
         self.diagnostics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- shapes
@@ -236,17 +260,19 @@ class REFCFA(Detector):
     @torch.no_grad()
     def fields(
         self, domain: _Domain, x0: torch.Tensor, basis: torch.Tensor | None, progress: bool = False,
-        grams: bool = False, desc: str = "fields",
+        grams: bool = False, desc: str = "fields", timesteps: list[int] | None = None,
     ) -> tuple[FieldSequence, dict[str, torch.Tensor]]:
         """REF of normalised features ``x0`` [B, C, G, G] (K score-net calls per image).
 
         With ``grams``, also the Gram matrices X X^T of the stacked R and M vectors (over cells and steps).
+        ``timesteps`` runs the chain at other timesteps than the configured ones (TA over diffusion time).
         """
+        chain = self.timesteps.tolist() if timesteps is None else list(timesteps)
         parts, gram = [], {"R": torch.zeros(self.channels, self.channels, dtype=torch.float64),
                            "M": torch.zeros(self.channels, self.channels, dtype=torch.float64)}
         basis = None if basis is None else basis.to(self.device)
         for chunk in tqdm(x0.split(32), desc=desc, disable=not progress, leave=False):
-            steps = list(reverse_residuals(domain.net, self.schedule, chunk.to(self.device), self.timesteps.tolist()))
+            steps = list(reverse_residuals(domain.net, self.schedule, chunk.to(self.device), chain))
             if grams:
                 for step in steps:
                     for name in ("R", "M"):
@@ -274,12 +300,19 @@ class REFCFA(Detector):
             scalars, _ = self._scalars(fields, uniform_weights(fields.energy.shape[1]))
             z = torch.cat([fields.tokens[:, :, 0].mean(1), (scalars - self.stat_mean) / self.stat_std], 1)
             return z.to(device), None
-        tokens = fields.tokens[:, :, self.components].flatten(2)
-        log_energy = torch.log(fields.energy[:, :, self.components] + LOG_EPS)
-        alpha, h = self.g_phi(torch.cat([tokens, log_energy], 2).to(device), self.timesteps)
+        inputs = self.g_phi_inputs(fields).to(device)
+        if self.adapted and self.input_a is not None:
+            inputs = inputs * self.input_a.to(device) + self.input_b.to(device)  # input alignment (ours)
+        alpha, h = self.g_phi(inputs, self.timesteps)
         scalars, stats = self._scalars(_to(fields, device), alpha)  # adaptive E^att, NS^att, DV (Eq. 8)
         z = torch.cat([h, (scalars - self.stat_mean.to(device)) / self.stat_std.to(device)], 1)
         return z, stats
+
+    def g_phi_inputs(self, fields: FieldSequence) -> torch.Tensor:
+        """What the Field Transformer reads per cell and step: token projections and log energies [N, K, F]."""
+        tokens = fields.tokens[:, :, self.components].flatten(2)
+        log_energy = torch.log(fields.energy[:, :, self.components] + LOG_EPS)
+        return torch.cat([tokens, log_energy], 2)
 
     def patch_logits(self, fields: FieldSequence) -> torch.Tensor:
         z, _ = self.signature(fields)
@@ -290,12 +323,23 @@ class REFCFA(Detector):
 
     # ---------------------------------------------------------------- inference
     def _domain_fields(self, x0_raw: torch.Tensor) -> FieldSequence:
-        domain = self.target if self.target is not None else self.source
-        basis = self.target_basis() if self.adapted else self.basis
-        fields, _ = self.fields(domain, domain.normalise(x0_raw), basis)
-        if self.adapted and self.config.cfa.temporal:
-            fields = fields.resample(self.positions)  # TA: target steps at psi(source steps)
-        return fields
+        if not self.adapted:
+            return self.fields(self.source, self.source.normalise(x0_raw), self.basis)[0]
+        positions = self.positions if self.config.cfa.temporal else None
+        return self.aligned_fields(self.target, self.target.normalise(x0_raw), self.target_basis(), positions)
+
+    def aligned_fields(
+        self, domain: _Domain, x0: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor | None,
+        progress: bool = False, desc: str = "fields",
+    ) -> FieldSequence:
+        """Fields of ``domain`` with TA applied at step ``positions`` psi (None: no TA), as cfa.temporal_mode says:
+        target steps interpolated at psi, or the target chain run at the timesteps t(psi)."""
+        if positions is None:
+            return self.fields(domain, x0, basis, progress, desc=desc)[0]
+        if self.config.cfa.temporal_mode == "timesteps":
+            chain = warped_timesteps(positions, self.timesteps)
+            return self.fields(domain, x0, basis, progress, desc=desc, timesteps=chain)[0]
+        return self.fields(domain, x0, basis, progress, desc=desc)[0].resample(positions)
 
     def target_basis(self) -> torch.Tensor:
         """Token bases for target fields (R, M, Q): DSA rotates the target's M into the source's
@@ -434,9 +478,7 @@ class REFCFA(Detector):
         originals, anomalous, targets = cache["witness"]
         statistics = []
         for features in (originals, anomalous):
-            fields, _ = self.fields(domain, domain.normalise(features.to(self.device)), basis)
-            if positions is not None:
-                fields = fields.resample(positions)
+            fields = self.aligned_fields(domain, domain.normalise(features.to(self.device)), basis, positions)
             statistics.append(self._signatures(fields)[:, -self._scalar_dim():])
         inside = targets.flatten() >= 0.5  # cells at least half covered by the pasted anomaly
         if not inside.any():
@@ -498,8 +540,31 @@ class REFCFA(Detector):
         self.anchor_mean, self.anchor_cov = z[normal_rows].mean(0), covariance(z[normal_rows])
         self.source_directions = source_directions(self._image_statistics(z), labels)
         self.profile_source = torch.from_numpy(residual_profile(fields.index(normal_rows).energy[:, :, 0])).float()
+        if not self.raw:
+            self._fit_input_anchors(fields.index(normal_rows))
         return {"head_loss_first": losses[0], "head_loss_last": float(np.mean(losses[-50:])),
                 "source_images": len(train), "synthetic_images": int(len(labels) - len(train))}
+
+    @torch.no_grad()
+    def fit_input_anchors(self, normals: list[Sample], progress: bool = True, cache_dir: str | None = None) -> None:
+        """The source-normal median and spread of g_phi's inputs, for a source model trained before they
+        were recorded (``fit_detector`` records them); needs the source's normal images."""
+        if self.raw:
+            raise ConfigError("cfa.input_alignment needs the Field Transformer; fields.representation=raw has none")
+        features = self._features(normals, cache_dir, progress, "source features")
+        fields, _ = self.fields(self.source, self.source.normalise(features.to(self.device)), self.basis, progress,
+                                desc="source normal fields")
+        self._fit_input_anchors(fields)
+
+    def _fit_input_anchors(self, normal_fields: FieldSequence) -> None:
+        self.input_center, self.input_scale = robust_moments(self._input_sample(normal_fields))
+
+    def _input_sample(self, fields: FieldSequence, rows: int = 50_000) -> torch.Tensor:
+        """g_phi inputs of at most ``rows`` cells drawn without replacement (seeded): medians of every cell
+        would cost memory and time for no better estimate."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        index = torch.randperm(len(fields), generator=generator)[:rows]
+        return self.g_phi_inputs(fields.index(index.sort().values))
 
     @torch.no_grad()
     def _signatures(self, fields: FieldSequence) -> torch.Tensor:
@@ -629,14 +694,28 @@ class REFCFA(Detector):
         self, target_images: list[str], progress: bool = True, cache_dir: str | None = None,
         cache: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """T1: a score network on the target images as they come (anomalies included)."""
+        """T1: a score network on the target images as they come (anomalies included).
+
+        With ``target_trim`` > 0 (robust T1), a second T1 is trained, from the same initialisation and
+        budget, on the target images without the ``target_trim`` share that the first one denoises worst:
+        defects are what a network trained mostly on normal cells fits least. No label is read.
+        """
         features = self._target_features(target_images, cache_dir, progress, {} if cache is None else cache)
         if self.config.target_init == "source_frozen":
             # S1 as T1, normalised by the target's own feature statistics: no target training at all.
             self.target = _Domain(copy.deepcopy(self.source.net), self._normaliser().fit(features))
             return {"target_images": len(target_images), "target_training_steps": 0}
         self.target, losses = self._train_domain(features, progress, "target")
-        return {**loss_summary(losses, "target_"), "target_images": len(target_images)}
+        info = {**loss_summary(losses, "target_"), "target_images": len(target_images)}
+        if self.config.target_trim > 0:
+            image_loss = per_sample_epsilon_loss(self.target.net, self.schedule,
+                                                 self.target.normalise(features.to(self.device)),
+                                                 self.timesteps.tolist(), self.config.seed)
+            kept_count = max(1, round(len(image_loss) * (1 - self.config.target_trim)))
+            kept = image_loss <= torch.kthvalue(image_loss, kept_count).values
+            self.target, losses = self._train_domain(features[kept], progress, "target")
+            info.update({**loss_summary(losses, "target_pass2_"), "target_images_kept": int(kept.sum())})
+        return info
 
     @torch.no_grad()
     def fit_alignment(
@@ -652,7 +731,11 @@ class REFCFA(Detector):
             raise RuntimeError("fit_alignment needs the target score network: run fit_target_score_net first")
         self._check_rank()
         cfa = self.config.cfa
+        if cfa.input_alignment and self.input_center is None:
+            raise ConfigError("cfa.input_alignment needs the source-normal spread of g_phi's inputs, which this "
+                              "source model predates: retrain it, or call fit_input_anchors with its normals")
         cache = {} if cache is None else cache
+        self.input_a = self.input_b = None  # nothing of an earlier fit may shape this one's signatures
         x0 = self.target.normalise(self._target_features(target_images, cache_dir, progress, cache).to(self.device))
         if "target_pass1" not in cache:
             fields, gram = self.fields(self.target, x0, None, progress, grams=True, desc="target fields (1/2)")
@@ -665,9 +748,7 @@ class REFCFA(Detector):
             temporal_reparameterisation(profile_target, self.profile_source.double().numpy())
             if cfa.temporal else torch.arange(k, dtype=torch.float32)
         )
-        resampled = np.interp(self.positions.numpy(), np.arange(k), profile_target)
         info["ta_profile_gap_before"] = float(np.abs(profile_target - self.profile_source.numpy()).mean())
-        info["ta_profile_gap_after"] = float(np.abs(resampled - self.profile_source.numpy()).mean())
         # Eq. 11, DSA: orthogonal Procrustes between the top-r subspaces of stacked M (U_T -> U_S).
         u_target = u_target.to(self.device)
         identity = torch.eye(self.channels)
@@ -675,17 +756,29 @@ class REFCFA(Detector):
         info["dsa_subspace_distance_before"] = subspace_distance(u_target, self.u_source)
         info["dsa_subspace_distance_after"] = subspace_distance(self.rotation.to(self.device) @ u_target, self.u_source)
         # Eq. 11, SFA: whiten-recolor the target signatures onto the source's normal anchors (min. of CORAL).
-        key = ("target_fields", cfa.directional)
+        positions = self.positions if cfa.temporal else None
+        key = ("target_fields", cfa.directional, cfa.temporal and cfa.temporal_mode,
+               None if positions is None else tuple(positions.tolist()))
         if key not in cache:
-            cache[key] = self.fields(self.target, x0, self.target_basis(), progress, desc="target fields (2/2)")[0]
-        fields = cache[key].resample(self.positions) if cfa.temporal else cache[key]
+            cache[key] = self.aligned_fields(self.target, x0, self.target_basis(), positions, progress,
+                                             desc="target fields (2/2)")
+        fields = cache[key]
+        info["ta_profile_gap_after"] = float(
+            np.abs(residual_profile(fields.energy[:, :, 0]) - self.profile_source.numpy()).mean())
+        if cfa.input_alignment:
+            # Input alignment: each coordinate of g_phi's input moved onto the source normals' median and
+            # spread, robustly (the target's defects are a minority of its cells).
+            target_center, target_scale = robust_moments(self._input_sample(fields))
+            self.input_a = self.input_scale / target_scale
+            self.input_b = self.input_center - self.input_a * target_center
+            info["input_scale_ratio_median"] = float(self.input_a.median())
         z = self._signatures(fields)
         flip = torch.ones(z.shape[1])
         if cfa.statistic_directions:
             self._check_directions()
             if cfa.direction_witness == "synthetic":
-                target = self.synthetic_directions(self.target, self.target_basis(), target_images,
-                                                   self.positions if cfa.temporal else None, progress, cache)
+                target = self.synthetic_directions(self.target, self.target_basis(), target_images, positions,
+                                                   progress, cache)
             else:
                 target = tail_directions(self._image_statistics(z))
             flip[-self._scalar_dim():] = self.source_directions * target  # -1 where the directions differ
@@ -694,7 +787,8 @@ class REFCFA(Detector):
             z = z * flip
         info["sfa_coral_before"] = coral_loss(z, self.anchor_cov)
         if cfa.second_order:
-            self.align_a, self.align_b = whiten_recolor(z, self.anchor_mean, self.anchor_cov, cfa.ridge, cfa.sfa_trim)
+            self.align_a, self.align_b = whiten_recolor(z, self.anchor_mean, self.anchor_cov, cfa.ridge, cfa.sfa_trim,
+                                                        relative=cfa.ridge_relative)
         else:
             self.align_a, self.align_b = torch.eye(z.shape[1]), torch.zeros(z.shape[1])
         self.align_a = self.align_a * flip  # A diag(flip): the flips happen before SFA
@@ -716,6 +810,8 @@ class REFCFA(Detector):
                    anchor_cov=self.anchor_cov)
         if self.source_directions is not None:
             out["source_directions"] = self.source_directions
+        if self.input_center is not None:
+            out.update(input_center=self.input_center, input_scale=self.input_scale)
         out.update({f"f_psi.{k}": v for k, v in self.f_psi.state_dict().items()})
         if not self.raw:
             out.update({f"g_phi.{k}": v for k, v in self.g_phi.state_dict().items()})
@@ -724,6 +820,8 @@ class REFCFA(Detector):
             out.update(self.target.normaliser.tensors("target_"))
             out.update(positions=self.positions,
                        rotation=self.rotation, align_a=self.align_a, align_b=self.align_b)
+            if self.input_a is not None:
+                out.update(input_a=self.input_a, input_b=self.input_b)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -731,6 +829,9 @@ class REFCFA(Detector):
             self.target = self._new_domain(self.config.seed + 1)  # an adapted bundle
         if "source_directions" in tensors:  # absent from bundles older than the direction alignment
             self.source_directions = tensors["source_directions"].cpu()
+        # Optional: absent from bundles older than the input alignment, or adapted without it.
+        for name in ("input_center", "input_scale", "input_a", "input_b"):
+            setattr(self, name, tensors[name].cpu() if name in tensors else None)
         check_tensor_keys(set(self.tensors()), tensors)
 
         def sub(prefix: str) -> dict[str, torch.Tensor]:
