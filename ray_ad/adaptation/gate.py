@@ -4,7 +4,11 @@ Part of the landed batch is held out before any candidate is built (``split_land
 is fitted on it. Each held-out image is scored as it landed and with small synthetic defects pasted
 in (``data.synthetic.subtle_defect``: faint stains, scratches, smears, misplaced texture); a
 candidate's gate score is the AUROC of pasted against untouched. Real defects among the held-out
-images count as "untouched", which lowers every candidate's score alike.
+images would count as "untouched", and against the candidates that see them most: a memory that
+learnt the batch's defects as normal scored them low and won (on every elpv run and on magnetic_tile
+the memory of every image outranked the one without the flagged images, and did worse on the test
+split). So the held-out images that stand out from the others by their mutual scores (``suspects``,
+label-free, by a referee that is none of the candidates) are neither negatives nor pasted into.
 
 When a quality engineer put a few labelled images beside the batch (``_acceptance/good``,
 ``_acceptance/defect``), the gate ranks on those instead. Those labels reach this module only: they
@@ -44,6 +48,9 @@ class GateConfig:
     threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
+    # Held-out images whose mutual score stands this many robust spreads above the held-out images'
+    # normal mode are suspects: left out of the ranking (None: every held-out image ranks).
+    suspect_z: float | None = 3.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +62,8 @@ class GateConfig:
             raise ValueError(f"gate threshold_shape must be one of {', '.join(SHAPES)}, got {self.threshold_shape!r}")
         if self.defects_per_image < 1:
             raise ValueError(f"gate defects_per_image must be >= 1, got {self.defects_per_image}")
+        if self.suspect_z is not None and self.suspect_z <= 0:
+            raise ValueError(f"gate suspect_z must be positive (or null), got {self.suspect_z}")
 
 
 def _unit(name: str, seed: int) -> float:
@@ -101,6 +110,8 @@ class GateSet:
 
     untouched: list[np.ndarray]  # held-out landed images, for the threshold (and negatives when synthetic)
     negatives: list[np.ndarray]
+    # Synthetic ranking: which untouched images are negatives (the others are suspects).
+    clean: np.ndarray
     positives: list[np.ndarray]
     positive_kinds: list[str]
     source: str  # "synthetic" or "acceptance"
@@ -109,22 +120,29 @@ class GateSet:
 
     @classmethod
     def build(cls, held_out: list[str], size: int, config: GateConfig,
-              acceptance: tuple[list[str], list[str]] | None = None) -> GateSet:
+              acceptance: tuple[list[str], list[str]] | None = None, suspects: np.ndarray | None = None) -> GateSet:
+        """``suspects`` (bool per held-out image) are left out of a synthetic ranking (not of the threshold)."""
         untouched = [_square_array(p, size) for p in held_out]
         if acceptance is not None:
             good, defect = ([_square_array(p, size) for p in group] for group in acceptance)
-            return cls(untouched, good, defect, ["acceptance"] * len(defect), "acceptance", size,
-                       {"held_out": len(untouched), "good": len(good), "defect": len(defect)})
+            return cls(untouched, good, np.ones(len(untouched), dtype=bool), defect, ["acceptance"] * len(defect),
+                       "acceptance", size, {"held_out": len(untouched), "good": len(good), "defect": len(defect)})
+        clean = np.ones(len(untouched), dtype=bool) if suspects is None else ~np.asarray(suspects, dtype=bool)
+        if len(clean) != len(untouched):
+            raise ValueError(f"{len(clean)} suspect flags for {len(untouched)} held-out images")
+        if not clean.any():
+            raise DataError("every held-out image is a suspect: nothing is left to paste into")
         rng = np.random.default_rng(config.seed)
         positives, kinds = [], []
-        for i, image in enumerate(untouched):
+        for i in np.flatnonzero(clean):
             for _ in range(config.defects_per_image):
                 donor = untouched[(i + 1 + int(rng.integers(len(untouched) - 1))) % len(untouched)]
-                defective, _, kind = subtle_defect(image, donor, rng)
+                defective, _, kind = subtle_defect(untouched[i], donor, rng)
                 positives.append(defective)
                 kinds.append(kind)
-        return cls(untouched, untouched, positives, kinds, "synthetic", size,
-                   {"held_out": len(untouched), "pasted": len(positives)})
+        negatives = [image for image, keep in zip(untouched, clean) if keep]
+        return cls(untouched, negatives, clean, positives, kinds, "synthetic", size,
+                   {"held_out": len(untouched), "suspects": int((~clean).sum()), "pasted": len(positives)})
 
 
 @torch.no_grad()
@@ -143,7 +161,7 @@ def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[st
     """The candidate's gate AUROC (overall and per defect kind) and its unlabeled threshold."""
     tick = time.perf_counter()
     untouched = score_arrays(detector, gate.untouched)
-    negatives = untouched if gate.source == "synthetic" else score_arrays(detector, gate.negatives)
+    negatives = untouched[gate.clean] if gate.source == "synthetic" else score_arrays(detector, gate.negatives)
     positives = score_arrays(detector, gate.positives)
     if not (np.isfinite(untouched).all() and np.isfinite(positives).all() and np.isfinite(negatives).all()):
         return {"gate_auroc": float("nan"), "error": "non-finite scores", "seconds": time.perf_counter() - tick}

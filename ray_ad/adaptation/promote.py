@@ -85,7 +85,14 @@ def adapt_candidates(
     """
     fit_part, held_out = split_landing(images, config.gate)
     acceptance = acceptance_images(target)
-    gate_set = GateSet.build(held_out, source.image_size, config.gate, acceptance)
+    suspects = None
+    if acceptance is None and config.gate.suspect_z is not None:
+        # The referee is mutual scoring among the held-out images, none of the candidates.
+        referee = TargetMemory.from_source(source, config.memory)
+        if feature_backend is not None:
+            referee.feature_backend = feature_backend
+        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, progress, cache_dir)
+    gate_set = GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
     print(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
           f"({gate_set.source} ranking: {gate_set.counts})", flush=True)

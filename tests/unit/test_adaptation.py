@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ray_ad import registry, storage
-from ray_ad.adaptation.gate import GateConfig, GateSet, choose, split_landing
+from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
 from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
 from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
@@ -184,6 +184,35 @@ def test_gate_set_pastes_defects_into_held_out_images_only(tmp_path):
     assert gate.source == "synthetic" and len(gate.positives) == 15 and len(gate.negatives) == 5
     assert set(gate.positive_kinds) <= {"blend", "intensity", "scratch", "smear", "cutpaste"}
     assert all(not np.array_equal(p, gate.untouched[i // 3]) for i, p in enumerate(gate.positives))
+
+
+def test_mutual_suspects_are_the_held_out_images_that_stand_out(tmp_path):
+    held = _textures(tmp_path / "held", 24, seed=1, defective=(3, 11, 17))
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu"})
+    referee = build_detector("target_memory", config)
+    suspects = referee.mutual_suspects([Sample(p, -1) for p in held], z=3.0, progress=False)
+    assert np.flatnonzero(suspects).tolist() == [3, 11, 17]
+    # A handful of images has no mode to stand out from: nobody is a suspect.
+    assert not referee.mutual_suspects([Sample(p, -1) for p in held[:5]], z=3.0, progress=False).any()
+
+
+def test_suspects_are_neither_negatives_nor_pasted_into_but_still_set_the_threshold(tmp_path):
+    held = _textures(tmp_path / "held", 12, seed=3, defective=(4, 9))
+    source = _source(tmp_path)
+    config = GateConfig(defects_per_image=2)
+    suspects = np.zeros(12, dtype=bool)
+    suspects[[4, 9]] = True
+    plain, cleaned = GateSet.build(held, 64, config), GateSet.build(held, 64, config, suspects=suspects)
+    assert len(plain.negatives) == 12 and len(plain.positives) == 24
+    assert len(cleaned.negatives) == 10 and len(cleaned.positives) == 20 and cleaned.counts["suspects"] == 2
+    assert not any(np.array_equal(n, held_image) for n in cleaned.negatives
+                   for held_image in (cleaned.untouched[4], cleaned.untouched[9]))
+    # The real defects among the held-out images scored high and counted against the source; no more.
+    scores = {name: gate_score(source, gate, config) for name, gate in (("plain", plain), ("cleaned", cleaned))}
+    assert scores["cleaned"]["gate_auroc"] > scores["plain"]["gate_auroc"]
+    assert scores["cleaned"]["threshold"] == scores["plain"]["threshold"]  # every untouched image still counts
+    with pytest.raises(DataError, match="every held-out image is a suspect"):
+        GateSet.build(held, 64, config, suspects=np.ones(12, dtype=bool))
 
 
 def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ray_ad.adaptation.mutual import cells, greedy_coreset, mutual_scores, nearest_distance, score_against
@@ -142,17 +143,24 @@ class TargetMemory(PatchCore):
         """Which landed images ``[N]`` and cells ``[N, L]`` stay, by their mutual scores."""
         cfg = self.config
         mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
-        image_scores = mutual.amax(1)
-        keep_image = torch.ones(len(image_scores), dtype=torch.bool)
-        # A handful of images has no mode to stand out from.
-        if cfg.drop_image_z is not None and len(image_scores) >= MIN_IMAGES_TO_DROP:
-            centre, spread = normal_mode(image_scores.numpy())
-            keep_image = image_scores <= centre + cfg.drop_image_z * spread
+        keep_image = torch.ones(len(mutual), dtype=torch.bool)
+        if cfg.drop_image_z is not None:
+            keep_image = ~_standing_out(mutual.amax(1), cfg.drop_image_z)
         keep_cell = keep_image[:, None].expand_as(mutual)
         if cfg.drop_cell_z is not None:
             centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
             keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
         return keep_image, keep_cell
+
+    def mutual_suspects(
+        self, images: list[Sample], z: float, progress: bool = True, cache_dir: str | None = None
+    ) -> np.ndarray:
+        """Which of ``images`` (unlabeled) stand out from the others: largest mutual cell score more than
+        ``z`` robust spreads above the images' normal mode (the rule that drops landed images)."""
+        features = cells(self.extract_features(images, 1, cache_dir, progress, "held-out landed images"))
+        cfg = self.config
+        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+        return _standing_out(mutual.amax(1), z).numpy()
 
     def calibrate_unlabeled(self, images: list[Sample], progress: bool = True, cache_dir: str | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain."""
@@ -175,3 +183,12 @@ class TargetMemory(PatchCore):
 
 
 __all__ = ["TargetMemory", "TargetMemoryConfig"]
+
+
+def _standing_out(image_scores: torch.Tensor, z: float) -> torch.Tensor:
+    """Images whose score is more than ``z`` spreads above the normal mode; none of a handful of images,
+    which has no mode to stand out from."""
+    if len(image_scores) < MIN_IMAGES_TO_DROP:
+        return torch.zeros(len(image_scores), dtype=torch.bool)
+    centre, spread = normal_mode(image_scores.numpy())
+    return image_scores > centre + z * spread
