@@ -39,7 +39,8 @@ from _common import RESULTS, machine, save  # noqa: E402
 from adaptation import TASKS, landing, source_model  # noqa: E402
 from ref_cfa_statistics import statistic_aurocs  # noqa: E402
 
-from ray_ad.adaptation.gate import GateConfig, GateSet, gate_score, split_landing  # noqa: E402
+from ray_ad.adaptation.gate import gate_score, split_landing  # noqa: E402
+from ray_ad.adaptation.promote import build_gate_set, split_overrides  # noqa: E402
 from ray_ad.data import load_samples, split_calibration  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
@@ -80,11 +81,12 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
     if source.input_center is None:  # a cached source older than the input alignment
         source.fit_input_anchors([s for s in source_train if s.label == 0], progress=False, cache_dir=cache_dir)
     landed = load_samples(target, "landing")
-    gate_config = GateConfig(seed=seed)
+    adapt_config = split_overrides([f"gate.seed={seed}"])[0]  # the job's gate, as benchmarks/adaptation.py runs it
+    gate_config = adapt_config.gate
     fit_part, held_out = split_landing([s.path for s in landed], gate_config)
     fit_set = set(fit_part)
     labelled_normals = [s.path for s in landed if s.path in fit_set and s.label == 0]  # oracle T1 only
-    gate_set = GateSet.build(held_out, source.image_size, gate_config)
+    gate_set = build_gate_set(source, target, held_out, adapt_config, progress=False, cache_dir=cache_dir)
     test = [s for s in load_samples(target, "test") if s.label in (0, 1)]
     out = results.setdefault(task, {}).setdefault(str(seed), {"rows": {}, "target_nets": {}, "flips": {}})
     out["flips"]["source model on its held-out images"] = statistic_aurocs(source, source_held_out, cache_dir)

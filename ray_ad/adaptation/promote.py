@@ -84,15 +84,7 @@ def adapt_candidates(
     The winner's threshold is set to its unlabeled operating point; nothing is published here.
     """
     fit_part, held_out = split_landing(images, config.gate)
-    acceptance = acceptance_images(target)
-    suspects = None
-    if acceptance is None and config.gate.suspect_z is not None:
-        # The referee is mutual scoring among the held-out images, none of the candidates.
-        referee = TargetMemory.from_source(source, config.memory)
-        if feature_backend is not None:
-            referee.feature_backend = feature_backend
-        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, progress, cache_dir)
-    gate_set = GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
+    gate_set = build_gate_set(source, target, held_out, config, progress, cache_dir, feature_backend)
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
     print(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
           f"({gate_set.source} ranking: {gate_set.counts})", flush=True)
@@ -123,6 +115,23 @@ def adapt_candidates(
     winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin)
     candidates[winner].threshold = scores[winner]["threshold"]
     return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out))
+
+
+def build_gate_set(
+    source: Detector, target: str, held_out: list[str], config: AdaptConfig, progress: bool = True,
+    cache_dir: str | None = None, feature_backend: FeatureBackend | None = None,
+) -> GateSet:
+    """What the gate ranks on: the batch's ``_acceptance/`` images if it has them, else synthetic defects
+    pasted into the held-out images that are no suspects (``gate.suspect_z``)."""
+    acceptance = acceptance_images(target)
+    suspects = None
+    if acceptance is None and config.gate.suspect_z is not None:
+        # The referee is mutual scoring among the held-out images, none of the candidates.
+        referee = TargetMemory.from_source(source, config.memory)
+        if feature_backend is not None:
+            referee.feature_backend = feature_backend
+        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, progress, cache_dir)
+    return GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
 
 
 def _samples(paths: list[str]) -> list[Sample]:
