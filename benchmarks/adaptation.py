@@ -29,6 +29,7 @@ rewritten after every run. About 12 CPU-minutes per run with a ref_cfa source on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -42,7 +43,8 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, save  # noqa: E402
 
-from ray_ad.adaptation.promote import adapt_candidates, split_overrides  # noqa: E402
+from ray_ad.adaptation.gate import choose, gate_score, split_landing  # noqa: E402
+from ray_ad.adaptation.promote import adapt_candidates, build_gate_set, split_overrides  # noqa: E402
 from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
@@ -152,6 +154,7 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str)
     reference = labelled_reference(target, seed, cache_dir)
     rows[LABELLED_REFERENCE] = score(reference, test, reference.threshold)
     names = list(outcome.candidates)
+    variants = gate_variants(source, target, images, config, outcome, rows, cache_dir)
     gate_values = [rows[n]["gate_auroc"] for n in names]
     test_values = [rows[n]["image_auroc"] for n in names]
     best = max(names, key=lambda n: rows[n]["image_auroc"])
@@ -161,7 +164,36 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str)
         "pick_minus_source": rows[outcome.winner]["image_auroc"] - rows["source"]["image_auroc"],
         "gate_spearman": float(spearmanr(gate_values, test_values).statistic) if len(names) > 2 else None,
         "source_seconds": source_seconds, "per_kind": {n: outcome.gate[n].get("per_kind") for n in names},
+        "gate_variants": variants,
     }
+
+
+# How the gate treats the held-out images that stand out (gate.suspect_z, gate.suspects): each variant
+# re-ranks the same candidates on its own gate set, so one run measures them all.
+GATE_VARIANTS = {"suspects rank as negatives": {"suspect_z": None},
+                 "suspects excluded": {"suspects": "exclude"},
+                 "suspects as positives": {"suspects": "positive"}}
+
+
+def gate_variants(source, target: str, images: list[str], config, outcome, rows: dict, cache_dir: str) -> dict:
+    _, held_out = split_landing(images, config.gate)
+    out = {}
+    for variant, changes in GATE_VARIANTS.items():
+        variant_config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, **changes))
+        gate_set = build_gate_set(source, target, held_out, variant_config, progress=False, cache_dir=cache_dir)
+        if variant_config.gate == config.gate:  # the job's own gate: its scores are in the outcome
+            scores = outcome.gate
+        else:
+            scores = {name: gate_score(detector, gate_set, variant_config.gate)
+                      for name, detector in outcome.candidates.items()}
+        winner, _ = choose(scores, None, variant_config.gate.margin)
+        best = max(scores, key=lambda n: rows[n]["image_auroc"])
+        out[variant] = {"gate_auroc": {n: s["gate_auroc"] for n, s in scores.items()}, "winner": winner,
+                        "pick_minus_best": rows[winner]["image_auroc"] - rows[best]["image_auroc"],
+                        "pick_minus_source": rows[winner]["image_auroc"] - rows["source"]["image_auroc"],
+                        "suspects": gate_set.counts.get("suspects", 0)}
+        print(f"gate variant {variant}: {out[variant]}", flush=True)
+    return out
 
 
 def table(results: dict[str, dict[int, dict]]) -> str:
@@ -186,6 +218,18 @@ def table(results: dict[str, dict[int, dict]]) -> str:
             lines.append(f"| {seed} | {run_['winner']} | {run_['decision']} | {run_['best_by_test_labels']} | "
                          f"{run_['pick_minus_best']:+.3f} | {run_['pick_minus_source']:+.3f} | {rho} |")
         lines.append("")
+        variants = [v for run_ in seeds.values() for v in run_.get("gate_variants", {})]
+        if variants:
+            lines += ["The same candidates ranked by each treatment of the held-out suspects (gate AUROC per "
+                      "candidate; pick - best, pick - source):", "",
+                      "| seed | gate variant | suspects | gate AUROC | pick | pick - best | pick - source |",
+                      "|---|---|---:|---|---|---:|---:|"]
+            for seed, run_ in seeds.items():
+                for variant, v in run_.get("gate_variants", {}).items():
+                    gates = ", ".join(f"{n} {a:.3f}" for n, a in v["gate_auroc"].items())
+                    lines.append(f"| {seed} | {variant} | {v['suspects']} | {gates} | {v['winner']} | "
+                                 f"{v['pick_minus_best']:+.3f} | {v['pick_minus_source']:+.3f} |")
+            lines.append("")
     return "\n".join(lines)
 
 

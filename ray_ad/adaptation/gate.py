@@ -37,6 +37,7 @@ from ray_ad.methods.base import Detector
 ACCEPTANCE = "_acceptance"
 MIN_HELD_OUT = 8  # the threshold's mixture fit needs a few scores (threshold.normal_mode)
 MIN_FIT = 4
+SUSPECT_USES = ("exclude", "positive")
 
 
 @dataclass
@@ -49,8 +50,11 @@ class GateConfig:
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
     # Held-out images whose mutual score stands this many robust spreads above the held-out images'
-    # normal mode are suspects: left out of the ranking (None: every held-out image ranks).
+    # normal mode are suspects (None: no image is). "exclude": suspects are neither negatives nor pasted
+    # into; "positive": they also rank as positives beside the pasted defects (likely real defects: a
+    # memory that learnt the batch's defects as normal scores them low).
     suspect_z: float | None = 3.0
+    suspects: str = "exclude"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class GateConfig:
             raise ValueError(f"gate threshold_shape must be one of {', '.join(SHAPES)}, got {self.threshold_shape!r}")
         if self.defects_per_image < 1:
             raise ValueError(f"gate defects_per_image must be >= 1, got {self.defects_per_image}")
+        if self.suspects not in SUSPECT_USES:
+            raise ValueError(f"gate suspects must be one of {', '.join(SUSPECT_USES)}, got {self.suspects!r}")
         if self.suspect_z is not None and self.suspect_z <= 0:
             raise ValueError(f"gate suspect_z must be positive (or null), got {self.suspect_z}")
 
@@ -121,7 +127,8 @@ class GateSet:
     @classmethod
     def build(cls, held_out: list[str], size: int, config: GateConfig,
               acceptance: tuple[list[str], list[str]] | None = None, suspects: np.ndarray | None = None) -> GateSet:
-        """``suspects`` (bool per held-out image) are left out of a synthetic ranking (not of the threshold)."""
+        """``suspects`` (bool per held-out image) are no negatives of a synthetic ranking and are not pasted into
+        (they still count for the threshold); with ``config.suspects == "positive"`` they rank as positives."""
         untouched = [_square_array(p, size) for p in held_out]
         if acceptance is not None:
             good, defect = ([_square_array(p, size) for p in group] for group in acceptance)
@@ -141,8 +148,13 @@ class GateSet:
                 positives.append(defective)
                 kinds.append(kind)
         negatives = [image for image, keep in zip(untouched, clean) if keep]
+        pasted = len(positives)
+        if config.suspects == "positive":
+            suspected = [image for image, keep in zip(untouched, clean) if not keep]
+            positives += suspected
+            kinds += ["suspect"] * len(suspected)
         return cls(untouched, negatives, clean, positives, kinds, "synthetic", size,
-                   {"held_out": len(untouched), "suspects": int((~clean).sum()), "pasted": len(positives)})
+                   {"held_out": len(untouched), "suspects": int((~clean).sum()), "pasted": pasted})
 
 
 @torch.no_grad()

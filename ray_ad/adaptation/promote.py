@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # keeps every landed image. Which is better depends on the batch (rare normal structures get dropped
 # with the defects), so the gate decides, per batch, without labels.
 CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
+# Fewer held-out images than this give no normal mode to stand out from: no suspects.
+MIN_IMAGES_FOR_SUSPECTS = 20
 SERVED = "served"
 
 
@@ -125,12 +127,15 @@ def build_gate_set(
     pasted into the held-out images that are no suspects (``gate.suspect_z``)."""
     acceptance = acceptance_images(target)
     suspects = None
-    if acceptance is None and config.gate.suspect_z is not None:
+    if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
         # The referee is mutual scoring among the held-out images, none of the candidates.
         referee = TargetMemory.from_source(source, config.memory)
         if feature_backend is not None:
             referee.feature_backend = feature_backend
         suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, progress, cache_dir)
+        if suspects.mean() > 0.5:  # a "mode" that half the images stand out from is no normal mode
+            log.warning("gate: %s of %s held-out images stand out; no suspects", suspects.sum(), len(held_out))
+            suspects = None
     return GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
 
 

@@ -213,6 +213,13 @@ def test_suspects_are_neither_negatives_nor_pasted_into_but_still_set_the_thresh
     assert scores["cleaned"]["threshold"] == scores["plain"]["threshold"]  # every untouched image still counts
     with pytest.raises(DataError, match="every held-out image is a suspect"):
         GateSet.build(held, 64, config, suspects=np.ones(12, dtype=bool))
+    # "positive": the suspects rank beside the pasted defects, as they landed.
+    positive = GateSet.build(held, 64, GateConfig(defects_per_image=2, suspects="positive"), suspects=suspects)
+    assert len(positive.negatives) == 10 and len(positive.positives) == 22 and positive.counts["pasted"] == 20
+    assert positive.positive_kinds[-2:] == ["suspect", "suspect"]
+    assert np.array_equal(positive.positives[-2], positive.untouched[4])
+    with pytest.raises(ValueError, match="'maybe'"):
+        GateConfig(suspects="maybe")
 
 
 def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():
