@@ -133,7 +133,8 @@ def score(detector, test, threshold: float) -> dict[str, float]:
     return {k: out[k] for k in ("image_auroc", "image_f1max", "precision", "recall", "f1", "seconds_per_image")}
 
 
-def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str) -> dict:
+def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
+        variant_names: list[str] | None = None) -> dict:
     source_domain, target_domain = TASKS[task]
     target = landing(target_domain, cache_dir)
     tick = time.perf_counter()
@@ -154,7 +155,8 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str)
     reference = labelled_reference(target, seed, cache_dir)
     rows[LABELLED_REFERENCE] = score(reference, test, reference.threshold)
     names = list(outcome.candidates)
-    variants = gate_variants(source, target, images, config, outcome, rows, cache_dir)
+    variants = gate_variants(source, target, images, config, outcome, rows, cache_dir,
+                             list(GATE_VARIANTS) if variant_names is None else variant_names)
     gate_values = [rows[n]["gate_auroc"] for n in names]
     test_values = [rows[n]["image_auroc"] for n in names]
     best = max(names, key=lambda n: rows[n]["image_auroc"])
@@ -175,10 +177,12 @@ GATE_VARIANTS = {"suspects rank as negatives": {"suspect_z": None},
                  "suspects as positives": {"suspects": "positive"}}
 
 
-def gate_variants(source, target: str, images: list[str], config, outcome, rows: dict, cache_dir: str) -> dict:
+def gate_variants(source, target: str, images: list[str], config, outcome, rows: dict, cache_dir: str,
+                  names: list[str]) -> dict:
     _, held_out = split_landing(images, config.gate)
     out = {}
-    for variant, changes in GATE_VARIANTS.items():
+    for variant in names:
+        changes = GATE_VARIANTS[variant]
         variant_config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, **changes))
         gate_set = build_gate_set(source, target, held_out, variant_config, progress=False, cache_dir=cache_dir)
         if variant_config.gate == config.gate:  # the job's own gate: its scores are in the outcome
@@ -242,6 +246,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
+    parser.add_argument("--gate-variants", nargs="*", default=list(GATE_VARIANTS), choices=list(GATE_VARIANTS),
+                        help="treatments of the held-out suspects to re-rank each run's candidates by (none: skip)")
     args = parser.parse_args()
     apply_overrides({}, args.set)  # fail fast on a malformed --set
     name = "adaptation" + (f"_{args.name}" if args.name else "")
@@ -257,7 +263,8 @@ def main() -> None:
             if seed in results.get(task, {}):
                 continue
             tick = time.perf_counter()
-            results.setdefault(task, {})[seed] = run(task, seed, args.source_method, args.set, args.cache_dir)
+            results.setdefault(task, {})[seed] = run(task, seed, args.source_method, args.set, args.cache_dir,
+                                                      args.gate_variants)
             results[task][seed]["seconds"] = time.perf_counter() - tick
             payload = {"source_method": args.source_method, "overrides": args.set, "machine": machine(),
                        "results": results}
