@@ -173,8 +173,8 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
 # How the gate treats the held-out images that stand out (gate.suspect_z, gate.suspects): each variant
 # re-ranks the same candidates on its own gate set, so one run measures them all.
 GATE_VARIANTS = {"suspects rank as negatives": {"suspect_z": None},
-                 "suspects excluded": {"suspects": "exclude"},
-                 "suspects as positives": {"suspects": "positive"}}
+                 "suspects excluded": {"suspect_z": 3.0, "suspects": "exclude"},
+                 "suspects as positives": {"suspect_z": 3.0, "suspects": "positive"}}
 
 
 def gate_variants(source, target: str, images: list[str], config, outcome, rows: dict, cache_dir: str,
