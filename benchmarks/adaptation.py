@@ -185,11 +185,9 @@ def gate_variants(source, target: str, images: list[str], config, outcome, rows:
         changes = GATE_VARIANTS[variant]
         variant_config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, **changes))
         gate_set = build_gate_set(source, target, held_out, variant_config, progress=False, cache_dir=cache_dir)
-        if variant_config.gate == config.gate:  # the job's own gate: its scores are in the outcome
-            scores = outcome.gate
-        else:
-            scores = {name: gate_score(detector, gate_set, variant_config.gate)
-                      for name, detector in outcome.candidates.items()}
+        # The job's own gate: its scores are in the outcome already (the set is rebuilt for its counts).
+        scores = outcome.gate if variant_config.gate == config.gate else {
+            name: gate_score(detector, gate_set, variant_config.gate) for name, detector in outcome.candidates.items()}
         winner, _ = choose(scores, None, variant_config.gate.margin)
         best = max(scores, key=lambda n: rows[n]["image_auroc"])
         out[variant] = {"gate_auroc": {n: s["gate_auroc"] for n, s in scores.items()}, "winner": winner,
