@@ -13,6 +13,7 @@ a truncated or tampered file fail loudly instead of serving garbage.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -24,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from ray_ad import storage
 from ray_ad.config import to_dict
 from ray_ad.errors import BundleError, RayADError
-from ray_ad.methods import Detector, build_detector, method_config
+from ray_ad.methods import METHODS, Detector, build_detector, method_config
 
 FORMAT = "ray_ad.bundle"
 FORMAT_VERSION = 1
@@ -106,6 +107,22 @@ def read_metrics(uri: str) -> dict[str, Any]:
     return json.loads(data)
 
 
+def with_stored_defaults(method: str, stored: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a bundle's stored config with the method's ``STORED_DEFAULTS`` filled in where absent."""
+    out = copy.deepcopy(stored)
+    detector_cls = METHODS[method][0] if method in METHODS else None
+    for dotted, value in (detector_cls.STORED_DEFAULTS if detector_cls else {}).items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
+
+
 def load_bundle(uri: str, device: str | None = None) -> Detector:
     """Rebuild a detector from its bundle alone; any inconsistency raises ``BundleError``."""
     config = read_bundle_config(uri)
@@ -114,7 +131,7 @@ def load_bundle(uri: str, device: str | None = None) -> Detector:
         tensors = load_safetensors(weights)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt data
         raise BundleError(f"bundle {uri}: cannot decode {WEIGHTS_FILE} ({exc})") from exc
-    method_cfg = dict(config["config"])
+    method_cfg = with_stored_defaults(config["method"], config["config"])
     if device is not None:
         method_cfg["device"] = device
     try:

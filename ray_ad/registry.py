@@ -21,12 +21,13 @@ from ray_ad.errors import BundleError, ConfigError
 from ray_ad.methods import Detector
 
 POINTER = "CURRENT"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Matched whole (fullmatch): "$" alone would also accept a name followed by a newline.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 def check_name(kind: str, value: str) -> str:
     """Lines and versions become path segments: lower-case letters, digits, '-' and '_' only."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigError(
             f"{kind} {value!r} is not valid: use 1-63 lower-case letters, digits, '-' or '_', "
             "starting with a letter or digit"
@@ -63,7 +64,7 @@ def list_versions(root: str, line: str) -> list[str]:
     versions = set()
     for path in storage.list_files(uri):
         parts = path.rstrip("/").split("/")
-        if len(parts) >= 2 and parts[-1] == CONFIG_FILE and _NAME.match(parts[-2]):
+        if len(parts) >= 2 and parts[-1] == CONFIG_FILE and _NAME.fullmatch(parts[-2]):
             versions.add(parts[-2])
     return sorted(versions)
 
@@ -75,7 +76,7 @@ def list_lines(root: str) -> list[str]:
     lines = set()
     for path in storage.list_files(uri):
         parts = path.rstrip("/").split("/")
-        if parts[-1] == POINTER and _NAME.match(parts[-2]):
+        if parts[-1] == POINTER and _NAME.fullmatch(parts[-2]):
             lines.add(parts[-2])
     return sorted(lines)
 

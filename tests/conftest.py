@@ -142,3 +142,21 @@ def ray_cluster(s3_server):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def batch_dependence(detector, images: torch.Tensor, sizes: tuple[int, ...] = (2, 4, 16)) -> float:
+    """Largest |score alone - score inside a batch| over the first ``max(sizes)`` images: a client's
+    score must not depend on which other requests the service batched its image with."""
+    alone = torch.cat([detector.predict(images[i : i + 1]).pred_score for i in range(max(sizes))])
+    return max(float((detector.predict(images[:size]).pred_score - alone[:size]).abs().max()) for size in sizes)
+
+
+def image_batch(
+    folder: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...], count: int = 16,
+) -> torch.Tensor:
+    """``count`` preprocessed images from a generated dataset (cycled when it holds fewer)."""
+    from ray_ad.data.images import load_image, to_tensor
+
+    paths = sorted(folder.rglob("*.png"))
+    paths = [p for p in paths if "ground_truth" not in p.parts]
+    return torch.stack([to_tensor(load_image(str(paths[i % len(paths)])), size, mean, std) for i in range(count)])

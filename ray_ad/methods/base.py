@@ -80,6 +80,9 @@ class Detector(ABC):
 
     method: ClassVar[str]
     uses_labels: ClassVar[bool] = False  # True: fit() takes labelled normal AND anomalous images
+    # Dotted config keys added after bundles were saved, with the value those older bundles were fitted
+    # and calibrated under: a bundle whose config lacks the key loads with it, so it scores as it did.
+    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any) -> None:
         self.config = config

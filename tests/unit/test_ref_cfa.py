@@ -19,7 +19,7 @@ from ray_ad.errors import ConfigError, DataError
 from ray_ad.evaluation import compute_metrics, run_detector
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.ref_cfa.align import tail_directions
-from tests.conftest import make_mvtec
+from tests.conftest import batch_dependence, image_batch, make_mvtec
 
 
 def tiny_ref_cfa_config(**extra: object) -> dict:
@@ -95,6 +95,14 @@ def test_adapt_aligns_the_target_and_round_trips_through_a_bundle(source_model, 
     assert torch.allclose(loaded.predict(images).pred_score, detector.predict(images).pred_score, atol=1e-6)
     # The source model is unchanged by adapting a copy, and scores the target differently.
     assert not torch.allclose(source_model[0].predict(images).pred_score, detector.predict(images).pred_score)
+
+
+def test_an_image_scores_the_same_alone_and_in_any_batch(source_model, domains):
+    detector = source_model[0]
+    images = image_batch(domains["target"], 64, detector.extractor.mean, detector.extractor.std)
+    # (With fields.last_reference="previous", what older bundles load with, the same images differ by
+    # about 1e-4 here: M_K is rounding noise and so is the turn into it.)
+    assert batch_dependence(detector, images) < 1e-6
 
 
 def test_source_frozen_target_reuses_s1_on_target_statistics_without_training(source_model, domains):

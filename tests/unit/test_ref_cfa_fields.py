@@ -67,7 +67,7 @@ def test_residuals_of_the_exact_gaussian_score_have_closed_forms():
     x0 = torch.randn(2, 3, 4, 4)
     net = GaussianScore()
     steps = list(reverse_residuals(net, SCHEDULE, x0, timesteps))
-    assert net.calls == len(timesteps)  # K reverse steps cost exactly K score-network calls
+    assert net.calls == len(timesteps) + 1  # K reverse steps, and v_K at the last projection
     a = [SCHEDULE.alphas_cumprod[t] for t in timesteps]
     c = 1.0  # the chain's state is y_k = sqrt(a_k) c_k x0 with c_{k+1} = c_k a_k
     for k, step in enumerate(steps):
@@ -79,14 +79,23 @@ def test_residuals_of_the_exact_gaussian_score_have_closed_forms():
 
 
 def test_m_is_the_residual_orthogonal_to_the_score_at_the_projection():
-    # Call 1 predicts eps = (1, 0), call 2 (at the carried projection) eps = (1, 1).
-    net = Scripted([[1.0, 0.0], [1.0, 1.0]])
+    # Call 1 predicts eps = (1, 0), call 2 (at the carried projection) eps = (1, 1), call 3 (v_K, at
+    # the last projection) eps = (0, 1).
+    net = Scripted([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     steps = list(reverse_residuals(net, SCHEDULE, torch.zeros(1, 2, 1, 1), [300, 100]))
-    assert net.calls == 2
+    assert net.calls == 3
     assert torch.allclose(steps[0].R.flatten(), torch.tensor([1.0, 0.0]))
     # M_1 = R_1 - <R_1, v> / ||v||^2 v with v ~ (1, 1): (1, 0) - 0.5 (1, 1) = (0.5, -0.5)
     assert torch.allclose(steps[0].M.flatten(), torch.tensor([0.5, -0.5]))
-    # The last step keeps the previous reference direction; R_2 = (1, 1) is parallel to it.
+    # M_2 = R_2 - its part along v_2 ~ (0, 1): (1, 1) - (0, 1) = (1, 0), no longer zero by construction.
+    assert torch.allclose(steps[1].M.flatten(), torch.tensor([1.0, 0.0]), atol=1e-6)
+
+
+def test_the_legacy_last_step_reuses_the_last_score_and_so_has_no_m():
+    # Bundles saved before fields.last_reference: the last step's v is the score R_K came from.
+    net = Scripted([[1.0, 0.0], [1.0, 1.0]])
+    steps = list(reverse_residuals(net, SCHEDULE, torch.zeros(1, 2, 1, 1), [300, 100], "previous"))
+    assert net.calls == 2
     assert torch.allclose(steps[1].M.flatten(), torch.zeros(2), atol=1e-6)
 
 

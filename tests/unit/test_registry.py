@@ -53,7 +53,7 @@ def test_a_broken_version_is_never_made_current(root):
     assert registry.load_current(root, "line-b")[0].threshold == 1.0
 
 
-@pytest.mark.parametrize("line", ["Line", "../etc", "", "a/b", "x" * 64])
+@pytest.mark.parametrize("line", ["Line", "../etc", "", "a/b", "x" * 64, "line-a\n", "line-a\r\n"])
 def test_bad_line_names_are_refused(tmp_path, line):
     with pytest.raises(ConfigError, match="line"):
         registry.publish(_detector(1), str(tmp_path), line)

@@ -33,6 +33,12 @@ class FieldConfig:
     representation: Literal["ref", "raw"] = "ref"  # "raw": the head sees raw residuals (ablation w/o REF)
     token_dim: int = 16  # each residual vector is projected on this many principal directions for g_phi
     ridge: float = 1e-3  # epsilon_rid of Eq. 7
+    # v_K of the last step. "projection": one more score-network call, at the last projection P_K and
+    # t_K (Eq. 2 as written; K + 1 calls per image). "previous": reuse the last call's score, which
+    # was taken at y_K itself and so is parallel to R_K: M_K = 0 up to rounding, and the turn into
+    # step K is the angle of rounding noise, enough to move an image's score by 5e-3 with the other
+    # images of its batch. Bundles saved before this option used "previous" (REFCFA.STORED_DEFAULTS).
+    last_reference: Literal["projection", "previous"] = "projection"
 
     def __post_init__(self) -> None:
         steps = list(self.timesteps)
@@ -48,6 +54,8 @@ class FieldConfig:
             raise ValueError(f"fields.representation must be 'ref' or 'raw', got {self.representation!r}")
         if self.token_dim < 1:
             raise ValueError(f"fields.token_dim must be >= 1, got {self.token_dim}")
+        if self.last_reference not in ("projection", "previous"):
+            raise ValueError(f"fields.last_reference must be 'projection' or 'previous', got {self.last_reference!r}")
 
 
 @dataclass
@@ -61,9 +69,11 @@ class ResidualStep:
 
 @torch.no_grad()
 def reverse_residuals(
-    score_net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, timesteps: Sequence[int]
+    score_net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, timesteps: Sequence[int],
+    last_reference: str = "projection",
 ) -> Iterator[ResidualStep]:
-    """Yield (R_bar, M_bar, Q_bar) for each step of the reverse chain; K score-network calls in all.
+    """Yield (R_bar, M_bar, Q_bar) for each step of the reverse chain; K score-network calls in all,
+    plus one for the last step's reference direction with ``last_reference="projection"``.
 
     Residuals are divided by sigma_t = sqrt(1 - alpha_bar_t) (the bars of the paper) so that steps at
     different noise levels are comparable; with that scaling R_bar is the predicted noise itself.
@@ -88,6 +98,10 @@ def reverse_residuals(
         if k + 1 < len(timesteps):
             y = (alpha_bar[k + 1] / alpha_bar[k]).sqrt() * projection
     assert pending is not None and v_prev is not None
+    if last_reference == "projection":
+        # Eq. 2 at the last step: v_K = S_theta(P_K(y_K), t_K), the score at the projection itself.
+        t_last = timesteps[-1]
+        v_prev = -score_net(projection, torch.full((x0.shape[0],), int(t_last), device=device)) / sigma
     yield _finish(*pending, v=v_prev)
 
 

@@ -182,6 +182,7 @@ class _Domain:
 class REFCFA(Detector):
     method = "ref_cfa"
     uses_labels = True  # the source stage trains on labelled normal and anomalous images
+    STORED_DEFAULTS = {"fields.last_reference": "previous"}  # bundles from before that option
 
     def __init__(self, config: REFCFAConfig) -> None:
         super().__init__(config)
@@ -272,7 +273,8 @@ class REFCFA(Detector):
                            "M": torch.zeros(self.channels, self.channels, dtype=torch.float64)}
         basis = None if basis is None else basis.to(self.device)
         for chunk in tqdm(x0.split(32), desc=desc, disable=not progress, leave=False):
-            steps = list(reverse_residuals(domain.net, self.schedule, chunk.to(self.device), chain))
+            steps = list(reverse_residuals(domain.net, self.schedule, chunk.to(self.device), chain,
+                                            self.config.fields.last_reference))
             if grams:
                 for step in steps:
                     for name in ("R", "M"):
