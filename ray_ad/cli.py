@@ -14,7 +14,7 @@ from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.config import apply_overrides, load_file
 from ray_ad.data.images import load_image, to_tensor
-from ray_ad.errors import RayADError
+from ray_ad.errors import ConfigError, RayADError
 from ray_ad.methods import METHODS
 from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
 
@@ -115,6 +115,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_landing_key(args: argparse.Namespace) -> int:
+    """Print the marker key that lets a landing batch replace an existing line's model (admin only)."""
+    from ray_ad.registry import check_name
+    from ray_ad.serve.auth import Tokens
+    from ray_ad.serve.landing import update_key
+
+    admin = Tokens.load(args.tokens).admin
+    if not admin:
+        raise ConfigError("the token file has no admin token: only the admin may open a line to landing updates")
+    key = update_key(admin, check_name("line", args.line), check_name("batch id", args.batch))
+    print(json.dumps({"source_line": args.source_line, "update_line": key}) if args.source_line else key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-ad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
     predict.add_argument("--device")
     predict.set_defaults(func=cmd_predict)
+
+    key = sub.add_parser("landing-key", help="admin: the _READY key that lets a landing batch update an existing line")
+    key.add_argument("--line", required=True)
+    key.add_argument("--batch", required=True, help="the batch folder's name under landing/<line>/")
+    key.add_argument("--source-line", help="print a whole _READY marker with this source line")
+    key.add_argument("--tokens", help="token file URI (default: $RAY_AD_TOKENS)")
+    key.set_defaults(func=cmd_landing_key)
     return parser
 
 

@@ -16,6 +16,7 @@ from ray_ad.data.dataset import IMAGE_EXTENSIONS
 from ray_ad.errors import ConfigError, DataError, RayADError
 from ray_ad.evaluation import compute_metrics, run_detector
 from ray_ad.features import FeatureBackend
+from ray_ad.job_status import landing_manifest
 from ray_ad.methods import Detector, build_detector, method_config
 from ray_ad.training import ScoreNetTrainer
 
@@ -86,6 +87,9 @@ def target_image_uris(uri: str, split: str | None = None) -> list[str]:
     A landing batch is just a folder of images, so a folder that is not a dataset is read as one; its
     ``_acceptance/`` folder (a few labelled images for the promotion gate only) is not part of it.
     """
+    manifest = landing_manifest(uri) if split is None else None
+    if manifest is not None:  # a checked landing batch: exactly the images the watcher read
+        return [storage.join(uri, image["name"]) for image in manifest["images"]]
     try:
         return [s.path for s in load_samples(uri, split)]
     except DataError:

@@ -22,7 +22,7 @@ from ray_ad.cli import format_table
 from ray_ad.distributed.batch import RayFeatureBackend
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import RayADError
-from ray_ad.job_status import adapt_job_id, job_status_uri, read_job_status
+from ray_ad.job_status import adapt_job_id, job_status_uri, read_job_status, target_key
 from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector
 
@@ -99,7 +99,7 @@ def adapt_line(
     if source_version is None:
         raise RayADError(f"source line {source_line!r} has no published model under {root}")
     config, ref_cfa_overrides = split_overrides(overrides)
-    job_id = adapt_job_id(new_line, source_line, source_version, target)
+    job_id = adapt_job_id(new_line, source_line, source_version, target_key(target))
     status = read_job_status(root, job_id)
     if status is not None and status.get("state") == "succeeded":
         print(f"{job_id}: {target} was already processed ({status.get('decision', 'published')} "

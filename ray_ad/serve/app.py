@@ -53,7 +53,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 def _overlay_png(image: Image.Image, anomaly_map: np.ndarray) -> str:
     """Base64 PNG: the image with the anomaly map (min-max scaled) as a red overlay."""
-    base = np.asarray(image.resize(anomaly_map.shape[::-1]), dtype=np.float32)
+    base = np.asarray(image.convert("RGB").resize(anomaly_map.shape[::-1]), dtype=np.float32)
     heat = (anomaly_map - anomaly_map.min()) / max(float(np.ptp(anomaly_map)), 1e-12)
     red = np.zeros_like(base)
     red[..., 0] = 255
@@ -173,6 +173,8 @@ class LineScorer:
     async def score(self, images: list[np.ndarray], heatmaps: list[bool]) -> list[dict[str, Any]]:
         model_id = serve.get_multiplexed_model_id()
         detector = await self.get_model(model_id)
+        # The ingress sends each image already at the model's input size (uint8, grey or RGB), so this
+        # resize is a no-op and what crosses between replicas stays small (gRPC caps a message at 4 MiB).
         pil = [Image.fromarray(array) for array in images]
         batch = torch.stack([to_tensor(p, detector.image_size, detector.extractor.mean, detector.extractor.std)
                              for p in pil])
@@ -203,12 +205,16 @@ class Watcher:
     """
 
     def __init__(self, root: str, interval_s: float = 10.0, default_source: dict[str, str] | None = None,
-                 jobs_address: str = "http://127.0.0.1:8265") -> None:
+                 jobs_address: str = "http://127.0.0.1:8265", tokens: dict[str, Any] | None = None,
+                 token_file: str | None = None, skip_unreadable: bool = False) -> None:
         from ray_ad.serve.jobs_api import RayJobs
         from ray_ad.serve.landing import LandingWatcher
 
         self.jobs = RayJobs(jobs_address)
-        self.watcher = LandingWatcher(root, self.jobs.submit, self.jobs.state, default_source)
+        # The admin token keys the opt-in that lets a batch land into a line that already serves.
+        admin = (Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)).admin
+        self.watcher = LandingWatcher(root, self.jobs.submit, self.jobs.state, default_source, admin,
+                                      skip_unreadable)
         self.interval_s = interval_s
         self.last_error: str | None = None
         self._lock = threading.Lock()  # one pass at a time: the timer thread and POST /v1/landing/poll
@@ -250,11 +256,12 @@ class Watcher:
 class FleetAPI:
     def __init__(self, scorer: Any, watcher: Any, root: str, tokens: dict[str, Any] | None = None,
                  token_file: str | None = None, poll_s: float = 2.0, max_pixels: int = 4096 * 4096,
-                 max_images: int = 64) -> None:
+                 max_images: int = 64, max_request_pixels: int = Limits.max_request_pixels) -> None:
         self.scorer, self.watcher, self.root, self.poll_s = scorer, watcher, root, poll_s
         self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
-        self.limits = Limits(max_pixels=max_pixels, max_images=max_images)
+        self.limits = Limits(max_pixels=max_pixels, max_images=max_images, max_request_pixels=max_request_pixels)
         self._versions: dict[str, tuple[float, str]] = {}
+        self._input_sizes: dict[str, int] = {}  # model id -> the input size its images are resized to
         self.metrics = LineMetrics()
 
     def _current(self, line: str) -> str:
@@ -267,6 +274,33 @@ class FleetAPI:
             raise BadRequest(404, f"unknown line {line!r}: nothing is published under it")
         self._versions[line] = (time.monotonic(), version)
         return version
+
+    def _input_size(self, line: str, version: str) -> int:
+        """The square input size of ``line@version`` (a version never changes, so read once)."""
+        model_id = f"{line}@{version}"
+        if model_id not in self._input_sizes:
+            config = json.loads(storage.read_text(storage.join(registry.version_uri(self.root, line, version),
+                                                               "config.json")))
+            self._input_sizes[model_id] = int(config["config"]["backbone"]["image_size"])
+        return self._input_sizes[model_id]
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 from its Content-Length before it is read, or as soon as a
+        body without one grows past the limit."""
+        limit = self.limits.max_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest(400, f"Content-Length {declared!r} is not a byte count")
+            if int(declared) > limit:
+                raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _guard(self, request: Request, line: str) -> None:
         self.tokens.check_line(_checked_name("line", line), request.headers.get("authorization"))
@@ -299,7 +333,7 @@ class FleetAPI:
     @api.post("/v1/lines/{line}/adapt")
     async def adapt(self, line: str, request: Request) -> Any:
         """Admin: adapt ``source_line``'s current model to the images at ``target`` as line ``line``."""
-        from ray_ad.job_status import adapt_job_id
+        from ray_ad.job_status import adapt_job_id, target_key
         from ray_ad.serve.landing import adapt_argv
 
         try:
@@ -315,7 +349,7 @@ class FleetAPI:
             version = registry.current_version(self.root, body["source_line"])
             if version is None:
                 raise BadRequest(404, f"source line {body['source_line']!r} has no published model")
-            job_id = adapt_job_id(line, body["source_line"], version, body["target"])
+            job_id = adapt_job_id(line, body["source_line"], version, target_key(body["target"]))
             await self.watcher.submit.remote(job_id, adapt_argv(line, body["source_line"], body["target"], self.root))
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -350,8 +384,9 @@ class FleetAPI:
         started = time.perf_counter()
         try:
             self._guard(request, line)
-            images = images_from_body(await request.body(), request.headers.get("content-type"), self.limits)
             version = self._current(line)
+            images = images_from_body(await self._body(request), request.headers.get("content-type"), self.limits,
+                                      size=self._input_size(line, version))
             handle = self.scorer.options(multiplexed_model_id=f"{line}@{version}")
             rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
         except BadRequest as exc:  # AccessDenied included
@@ -368,7 +403,8 @@ def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str |
               poll_s: float = 2.0, max_pixels: int = 4096 * 4096, max_images: int = 64,
               landing_interval_s: float = 10.0, default_source: dict[str, str] | None = None,
               jobs_address: str = "http://127.0.0.1:8265", scorer_cpus: float | None = None,
-              scorer_max_ongoing: int | None = None, scorer_replicas: int | None = None) -> Any:
+              scorer_max_ongoing: int | None = None, scorer_replicas: int | None = None,
+              max_request_pixels: int = Limits.max_request_pixels, skip_unreadable: bool = False) -> Any:
     """The Serve application graph: the ingress, the scorer it routes to, the landing watcher.
 
     ``scorer_cpus`` overrides the scorer replica's CPUs (Ray caps its torch threads at that) and
@@ -383,19 +419,22 @@ def build_app(root: str, tokens: dict[str, Any] | None = None, token_file: str |
     if scorer_replicas:
         options["num_replicas"] = scorer_replicas
     scorer = LineScorer.options(**options).bind(root)
-    watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address)
-    return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images)
+    watcher = Watcher.bind(root, landing_interval_s, default_source, jobs_address, tokens, token_file, skip_unreadable)
+    return FleetAPI.bind(scorer, watcher, root, tokens, token_file, poll_s, max_pixels, max_images,
+                         max_request_pixels)
 
 
-APP_ARGS = {"root", "token_file", "poll_s", "max_pixels", "max_images", "landing_interval_s", "default_source",
-            "jobs_address"}
+APP_ARGS = {"root", "token_file", "poll_s", "max_pixels", "max_images", "max_request_pixels", "landing_interval_s",
+            "default_source", "jobs_address", "skip_unreadable"}
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Entry point for ``serve run`` / ``serve deploy`` configs (``import_path: ray_ad.serve.app:app_builder``).
 
     ``args``: ``root`` (required), ``token_file`` (else ``RAY_AD_TOKENS``), ``poll_s``, ``max_pixels``,
-    ``max_images``. An unknown or missing key is an error naming it.
+    ``max_images``, ``max_request_pixels``, ``landing_interval_s``, ``default_source``, ``jobs_address``,
+    ``skip_unreadable`` (landed images that do not decode are left out, named in the batch's manifest,
+    instead of rejecting the batch). An unknown or missing key is an error naming it.
     """
     unknown = set(args) - APP_ARGS
     if unknown:
@@ -410,4 +449,6 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(root, None, token_file, float(args.get("poll_s", 2.0)),
                      int(args.get("max_pixels", 4096 * 4096)), int(args.get("max_images", 64)),
                      float(args.get("landing_interval_s", 10.0)), args.get("default_source"),
-                     args.get("jobs_address", "http://127.0.0.1:8265"))
+                     args.get("jobs_address", "http://127.0.0.1:8265"),
+                     max_request_pixels=int(args.get("max_request_pixels", Limits.max_request_pixels)),
+                     skip_unreadable=bool(args.get("skip_unreadable", False)))

@@ -13,6 +13,7 @@ import base64
 import binascii
 import email.parser
 import email.policy
+import io
 import json
 from dataclasses import dataclass
 
@@ -35,41 +36,70 @@ class Limits:
     max_pixels: int = 4096 * 4096  # per image
     max_images: int = 64  # per request
     max_bytes: int = 64 * 1024 * 1024  # per request body
+    # Decoded pixels per request, summed over its images, checked from the image headers before any
+    # image is decoded: 16 images of 4096 x 4096 fit every other limit and would take 800 MB decoded.
+    max_request_pixels: int = 32 * 1024 * 1024
 
 
-def decode_part(data: bytes, name: str, limits: Limits) -> Image.Image:
-    """One image's bytes -> RGB image; 413 over the pixel limit, 422 when it is not a readable image."""
+def decode_part(data: bytes, name: str, limits: Limits, size: int | None = None) -> Image.Image:
+    """One image's bytes -> RGB image, or with ``size`` the image resized to ``size`` x ``size`` as the
+    detectors resize it (bilinear), grey images kept one channel; 413 over the pixel limit, 422 when it
+    is not a readable image."""
     if not data:
         raise BadRequest(400, f"{name}: empty image")
     try:
-        return decode_image(data, name, limits.max_pixels)
+        image = decode_image(data, name, limits.max_pixels, keep_gray=size is not None)
     except DataError as exc:
         status = 413 if "over the limit" in str(exc) else 422
         raise BadRequest(status, str(exc)) from exc
+    return image if size is None else image.resize((size, size), Image.BILINEAR)
 
 
-def images_from_body(body: bytes, content_type: str | None, limits: Limits) -> list[tuple[str, Image.Image]]:
-    """(name, image) pairs from a raw-image or JSON body."""
+def images_from_body(
+    body: bytes, content_type: str | None, limits: Limits, size: int | None = None,
+) -> list[tuple[str, Image.Image]]:
+    """(name, image) pairs from a raw-image, JSON or multipart body; with ``size``, each image is resized
+    to the model's input as soon as it is decoded, so that at most one full-size image is held at a time
+    and what travels on to the scorer is small, whatever the camera's resolution."""
     if not body:
         raise BadRequest(400, "empty request body: send an image, or JSON {\"images\": [...]}")
     if len(body) > limits.max_bytes:
         raise BadRequest(413, f"request body of {len(body)} bytes is over the limit of {limits.max_bytes}")
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind == "application/json":
-        return _json_batch(body, limits)
-    if kind == "multipart/form-data":
-        return _multipart(body, content_type or "", limits)
-    if kind.startswith("image/") or kind in ("application/octet-stream", ""):
-        return [("image", decode_part(body, "image", limits))]
-    raise BadRequest(415, f"unsupported content type {kind!r}: use image/*, application/octet-stream, "
-                          "application/json or multipart/form-data")
+        parts = _json_batch(body, limits)
+    elif kind == "multipart/form-data":
+        parts = _multipart(body, content_type or "", limits)
+    elif kind.startswith("image/") or kind in ("application/octet-stream", ""):
+        parts = [("image", body)]
+    else:
+        raise BadRequest(415, f"unsupported content type {kind!r}: use image/*, application/octet-stream, "
+                              "application/json or multipart/form-data")
+    _check_request_pixels(parts, limits)
+    return [(name, decode_part(data, name, limits, size)) for name, data in parts]
 
 
-def _json_batch(body: bytes, limits: Limits) -> list[tuple[str, Image.Image]]:
+def _check_request_pixels(parts: list[tuple[str, bytes]], limits: Limits) -> None:
+    """413 when the images' headers add up to more than ``max_request_pixels`` (nothing decoded yet)."""
+    total = 0
+    for _, data in parts:
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                total += image.width * image.height
+        except Exception:  # noqa: BLE001 - unreadable: decode_part names it with its 4xx
+            continue
+    if total > limits.max_request_pixels:
+        raise BadRequest(413, f"the request's images hold {total} pixels in all, over the per-request limit "
+                              f"of {limits.max_request_pixels}: send fewer or smaller images per request")
+
+
+def _json_batch(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
     try:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:  # e.g. 100k nested lists: Python's parser gives up, the body is bad
+        raise BadRequest(400, "malformed JSON body: nested too deeply") from exc
     items = document.get("images") if isinstance(document, dict) else None
     if not isinstance(items, list) or not items:
         raise BadRequest(400, 'the JSON body must be {"images": [...]} with at least one image')
@@ -85,11 +115,13 @@ def _json_batch(body: bytes, limits: Limits) -> list[tuple[str, Image.Image]]:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise BadRequest(400, f"{name}: malformed base64 ({exc})") from exc
-        out.append((name, decode_part(raw, name, limits)))
+        if not raw:
+            raise BadRequest(400, f"{name}: empty image")
+        out.append((name, raw))
     return out
 
 
-def _multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, Image.Image]]:
+def _multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, bytes]]:
     """Every file part of a ``multipart/form-data`` body (what ``curl -F file=@a.png`` sends).
 
     Parsed with the standard library's MIME parser: the body is a MIME message whose header is the
@@ -106,8 +138,4 @@ def _multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str
                               "(e.g. curl -F image=@cell.png)")
     if len(parts) > limits.max_images:
         raise BadRequest(413, f"{len(parts)} images in one request; the limit is {limits.max_images}")
-    images = []
-    for i, part in enumerate(parts):
-        name = part.get_filename() or f"part[{i}]"
-        images.append((name, decode_part(part.get_payload(decode=True) or b"", name, limits)))
-    return images
+    return [(part.get_filename() or f"part[{i}]", part.get_payload(decode=True) or b"") for i, part in enumerate(parts)]

@@ -138,3 +138,31 @@ def test_batch_and_body_size_limits():
     with pytest.raises(BadRequest, match="over the limit of 10") as error:
         images_from_body(png(), "image/png", Limits(max_bytes=10))
     assert error.value.status == 413
+
+
+def test_the_pixels_of_a_whole_request_are_capped_from_the_headers(monkeypatch):
+    import ray_ad.serve.requests as requests
+
+    decoded = []
+    monkeypatch.setattr(requests, "decode_image", lambda *args, **kwargs: decoded.append(args) or None)
+    one = base64.b64encode(png()).decode()  # 32 x 24 = 768 pixels
+    body = json.dumps({"images": [one, one]}).encode()
+    with pytest.raises(BadRequest, match="1536 pixels in all, over the per-request limit of 1000") as error:
+        images_from_body(body, "application/json", Limits(max_request_pixels=1000))
+    assert error.value.status == 413 and decoded == []  # refused before any image was decoded
+
+
+def test_images_are_resized_to_the_model_input_as_they_are_decoded():
+    [(_, grey)] = images_from_body(png((300, 200)), "image/png", Limits(), size=64)
+    assert grey.size == (64, 64) and grey.mode == "L"  # one channel stays one channel
+    [(_, colour)] = images_from_body(png((300, 200), "RGB"), "image/png", Limits(), size=64)
+    assert colour.size == (64, 64) and colour.mode == "RGB"
+    # What the detectors' own preprocessing makes of the full image.
+    full = Image.open(io.BytesIO(png((300, 200)))).resize((64, 64), Image.BILINEAR)
+    np.testing.assert_array_equal(np.asarray(grey), np.asarray(full))
+
+
+def test_deeply_nested_json_is_a_bad_request():
+    with pytest.raises(BadRequest, match="nested too deeply") as error:
+        images_from_body(b"[" * 100_000 + b"]" * 100_000, "application/json", Limits())
+    assert error.value.status == 400
