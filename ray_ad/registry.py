@@ -2,6 +2,7 @@
 
     <root>/models/<line>/<version>/   a bundle (weights.safetensors, metrics.json, config.json)
     <root>/models/<line>/CURRENT      the name of the served version
+    <root>/models/<line>/LAST_GOOD    the last version that loaded and scored in the service
 
 A version is published by writing its bundle first (the bundle's own config.json is its last file),
 checking that it loads, and only then rewriting CURRENT; a reader that follows CURRENT never finds
@@ -21,6 +22,7 @@ from ray_ad.errors import BundleError, ConfigError
 from ray_ad.methods import Detector
 
 POINTER = "CURRENT"
+LAST_GOOD = "LAST_GOOD"  # the newest version that loaded and scored in the service (its fallback)
 # Matched whole (fullmatch): "$" alone would also accept a name followed by a newline.
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -92,6 +94,22 @@ def publish(detector: Detector, root: str, line: str, metrics: dict[str, Any] | 
     load_bundle(uri, device="cpu")  # refuse to point at anything that does not load
     storage.write_text(storage.join(line_uri(root, line), POINTER), version + "\n")
     return version
+
+
+def last_good_version(root: str, line: str) -> str | None:
+    pointer = storage.join(line_uri(root, line), LAST_GOOD)
+    if not storage.exists(pointer):
+        return None
+    try:
+        return check_name("version", storage.read_text(pointer).strip())
+    except ConfigError:
+        return None  # a torn pointer names no fallback
+
+
+def record_good(root: str, line: str, version: str) -> None:
+    """Called by the service when ``version`` has loaded and scored: the line's fallback from now on."""
+    if last_good_version(root, line) != check_name("version", version):
+        storage.write_text(storage.join(line_uri(root, line), LAST_GOOD), version + "\n")
 
 
 def set_current(root: str, line: str, version: str) -> None:

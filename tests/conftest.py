@@ -128,8 +128,10 @@ def ray_cluster(s3_server):
     """A real local Ray cluster (2 CPUs) whose workers reach the loopback S3 endpoint."""
     ray = pytest.importorskip("ray")
     # Export application metrics every second (default 10 s) so the metrics test does not wait long;
-    # give Serve's HTTP proxy 30 s (default 5 s) to come up on a loaded 2-core CI machine.
-    ray_env = {"RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+    # give Serve's HTTP proxy 30 s (default 5 s) to come up on a loaded 2-core CI machine; run Serve with
+    # the throughput flags the README and the walkthrough use (gRPC between its processes).
+    ray_env = {"RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+               "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     saved = {k: os.environ.get(k) for k in [*TEST_S3_ENV, "AWS_ENDPOINT_URL_S3", *ray_env]}
     os.environ.update(TEST_S3_ENV, AWS_ENDPOINT_URL_S3=s3_server, **ray_env)
     from ray_ad.distributed.runtime import init_ray

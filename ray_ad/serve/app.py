@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_ad import registry, storage
 from ray_ad.bundle import METRICS_FILE, load_bundle
 from ray_ad.data.images import to_tensor
-from ray_ad.errors import BundleError, ConfigError, RayADError
+from ray_ad.errors import ConfigError, RayADError
 from ray_ad.serve.auth import AccessDenied, Tokens
 from ray_ad.serve.requests import BadRequest, Limits, images_from_body
 
@@ -103,6 +103,10 @@ class LineMetrics:
                                  boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000], tag_keys=("line",))
         self.version = Gauge("ray_ad_model_version", "1 for the version a line serves, 0 for the one it served before",
                              tag_keys=("line", "version"))
+        self.degraded_gauge = Gauge("ray_ad_line_degraded",
+                                    "1 while a line's CURRENT version does not load and an earlier one serves",
+                                    tag_keys=("line",))
+        self._degraded: dict[str, bool] = {}
         self._served: dict[str, str] = {}
         # Ray's metrics agent evicts a gauge series that has not been set again within about two export
         # intervals, so the served versions are re-set on a timer, not only when they change.
@@ -113,6 +117,13 @@ class LineMetrics:
             time.sleep(interval_s)
             for line, version in list(self._served.items()):
                 self.version.set(1, tags={"line": line, "version": version})
+            for line, degraded in list(self._degraded.items()):
+                self.degraded_gauge.set(int(degraded), tags={"line": line})
+
+    def degraded(self, line: str, value: bool) -> None:
+        if self._degraded.get(line) != value:
+            self.degraded_gauge.set(int(value), tags={"line": line})
+            self._degraded[line] = value
 
     def request(self, line: str, status: int, started: float, rows: list[dict[str, Any]] | None = None,
                 version: str | None = None) -> None:
@@ -150,6 +161,7 @@ def probe_detector(detector: Any, model_id: str) -> None:
 
 
 MODELS_PER_REPLICA = 4  # detectors a scorer replica keeps loaded (least recently used goes first)
+RETRY_FAILED_S = 60.0  # a version that did not load is tried again after this long, not per request
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -167,7 +179,17 @@ class LineScorer:
         detector = load_bundle(registry.version_uri(self.root, line, version), device="auto")
         probe_detector(detector, model_id)  # never route requests to a model that cannot score
         self.loaded[model_id] = detector
+        try:
+            registry.record_good(self.root, line, version)  # the line's fallback from now on
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the fallback is only not advanced
+            print(f"could not record {model_id} as the last good version: {exc}")
         return detector
+
+    async def ready(self) -> int:
+        """Load (and probe) the request's model; its input size. The ingress asks this once per version
+        before routing images to it, so a version that does not load is found once, not per request."""
+        detector = await self.get_model(serve.get_multiplexed_model_id())
+        return int(detector.image_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score(self, images: list[np.ndarray], heatmaps: list[bool]) -> list[dict[str, Any]]:
@@ -261,7 +283,9 @@ class FleetAPI:
         self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
         self.limits = Limits(max_pixels=max_pixels, max_images=max_images, max_request_pixels=max_request_pixels)
         self._versions: dict[str, tuple[float, str]] = {}
-        self._input_sizes: dict[str, int] = {}  # model id -> the input size its images are resized to
+        # model id -> (checked at, input size or None, why it cannot serve): each version is loaded
+        # once, and a version that failed is tried again only after RETRY_FAILED_S.
+        self._checked: dict[str, tuple[float, int | None, str | None]] = {}
         self.metrics = LineMetrics()
 
     def _current(self, line: str) -> str:
@@ -275,14 +299,43 @@ class FleetAPI:
         self._versions[line] = (time.monotonic(), version)
         return version
 
-    def _input_size(self, line: str, version: str) -> int:
-        """The square input size of ``line@version`` (a version never changes, so read once)."""
+    def _public(self, message: str) -> str:
+        """An error message fit for a client: no server paths (the storage root becomes <root>)."""
+        for root in {self.root, storage.absolute(self.root)}:
+            message = message.replace(root.rstrip("/"), "<root>")
+        return message
+
+    async def _check(self, line: str, version: str) -> tuple[int | None, str | None]:
+        """(input size, None) when ``line@version`` loads and scores, else (None, the reason)."""
         model_id = f"{line}@{version}"
-        if model_id not in self._input_sizes:
-            config = json.loads(storage.read_text(storage.join(registry.version_uri(self.root, line, version),
-                                                               "config.json")))
-            self._input_sizes[model_id] = int(config["config"]["backbone"]["image_size"])
-        return self._input_sizes[model_id]
+        cached = self._checked.get(model_id)
+        if cached and (cached[2] is None or time.monotonic() - cached[0] < RETRY_FAILED_S):
+            return cached[1], cached[2]
+        try:
+            size, error = await self.scorer.options(multiplexed_model_id=model_id).ready.remote(), None
+        except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading or scoring
+            cause = getattr(exc, "cause", None) or exc
+            size, error = None, self._public(f"{type(cause).__name__}: {cause}".splitlines()[0])
+        self._checked[model_id] = (time.monotonic(), size, error)
+        return size, error
+
+    async def _serving(self, line: str) -> tuple[str, int, dict[str, Any]]:
+        """The version to serve ``line`` with: CURRENT when it loads, else the line's last good version
+        (the line is then degraded). 503 when neither can serve."""
+        current = self._current(line)
+        size, error = await self._check(line, current)
+        health: dict[str, Any] = {"current": current, "degraded": error is not None, "error": error}
+        if error is None:
+            self.metrics.degraded(line, False)
+            return current, int(size), health
+        fallback = registry.last_good_version(self.root, line)
+        self.metrics.degraded(line, True)
+        if fallback and fallback != current:
+            fallback_size, fallback_error = await self._check(line, fallback)
+            if fallback_error is None:
+                return fallback, int(fallback_size), health
+        raise BadRequest(503, f"line {line!r} cannot be served: version {current} does not load ({error})"
+                              + ("" if fallback and fallback != current else "; no earlier version has served"))
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused with 413 from its Content-Length before it is read, or as soon as a
@@ -312,23 +365,29 @@ class FleetAPI:
     @api.get("/v1/lines")
     def lines(self, request: Request) -> Any:
         header = request.headers.get("authorization")
-        if not header:
-            return JSONResponse({"error": "missing 'Authorization: Bearer <token>' header"}, status_code=401)
-        return _respond(lambda: {"lines": [line for line in registry.list_lines(self.root)
-                                           if _allowed(self.tokens, line, header)]})
+
+        def readable() -> dict[str, list[str]]:
+            self.tokens.check_known(header)  # 401 without a token, 403 for one the service never issued
+            return {"lines": [line for line in registry.list_lines(self.root) if _allowed(self.tokens, line, header)]}
+        return _respond(readable)
 
     @api.get("/v1/lines/{line}")
-    def line_info(self, line: str, request: Request) -> Any:
-        def info() -> dict[str, Any]:
+    async def line_info(self, line: str, request: Request) -> Any:
+        """The version that serves the line (its last good one when CURRENT does not load: then
+        ``degraded`` is true, with the reason), CURRENT, method, threshold and metrics."""
+        try:
             self._guard(request, line)
-            version = self._current(line)
+            version, _, health = await self._serving(line)
             uri = registry.version_uri(self.root, line, version)
             config = json.loads(storage.read_text(storage.join(uri, "config.json")))
             metrics = json.loads(storage.read_text(storage.join(uri, METRICS_FILE)))
-            return {"line": line, "version": version, "method": config["method"],
-                    "threshold": config["state"]["threshold"], "versions": registry.list_versions(self.root, line),
-                    "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
-        return _respond(info)
+        except BadRequest as exc:
+            return JSONResponse({"error": self._public(str(exc))}, status_code=exc.status)
+        except RayADError as exc:
+            return JSONResponse({"error": self._public(str(exc))}, status_code=503)
+        return {"line": line, "version": version, **health, "method": config["method"],
+                "threshold": config["state"]["threshold"], "versions": registry.list_versions(self.root, line),
+                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
 
     @api.post("/v1/lines/{line}/adapt")
     async def adapt(self, line: str, request: Request) -> Any:
@@ -384,17 +443,21 @@ class FleetAPI:
         started = time.perf_counter()
         try:
             self._guard(request, line)
-            version = self._current(line)
+            version, size, _ = await self._serving(line)
             images = images_from_body(await self._body(request), request.headers.get("content-type"), self.limits,
-                                      size=self._input_size(line, version))
+                                      size=size)
             handle = self.scorer.options(multiplexed_model_id=f"{line}@{version}")
             rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
         except BadRequest as exc:  # AccessDenied included
             self.metrics.request(line, exc.status, started)
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        except BundleError as exc:
+            return JSONResponse({"error": self._public(str(exc))}, status_code=exc.status)
+        except RayADError as exc:
             self.metrics.request(line, 503, started)
-            return JSONResponse({"error": f"line {line!r} cannot be served: {exc}"}, status_code=503)
+            return JSONResponse({"error": self._public(f"line {line!r} cannot be served: {exc}")}, status_code=503)
+        except Exception as exc:  # noqa: BLE001 - counted and answered in the same shape; details stay in logs
+            self.metrics.request(line, 500, started)
+            print(f"detect on {line!r} failed: {type(exc).__name__}: {exc}")
+            return JSONResponse({"error": f"internal error while scoring on line {line!r}"}, status_code=500)
         self.metrics.request(line, 200, started, rows, version)
         return {"line": line, "results": [{"name": name, **row} for (name, _), row in zip(images, rows)]}
 

@@ -80,6 +80,13 @@ class Tokens:
         if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
             raise AccessDenied(403, f"this token does not grant access to line {line!r}")
 
+    def check_known(self, authorization: str | None) -> None:
+        """Allow any token this service issued (the admin's or a line's); 403 for any other."""
+        token = _bearer(authorization)
+        issued = [t for t in (self.admin, *self.lines.values()) if t]
+        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in issued):
+            raise AccessDenied(403, "this token is not known to the service")
+
     def check_admin(self, authorization: str | None) -> None:
         token = _bearer(authorization)
         if not self.admin or not hmac.compare_digest(token.encode(), self.admin.encode()):

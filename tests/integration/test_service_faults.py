@@ -1,0 +1,168 @@
+"""The fleet service under abuse and faults, on a real local Serve over 127.0.0.1, a fixed number of
+requests per case. After each case a valid request must score exactly as it did before."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+import torch
+
+from ray_ad import registry, storage
+from ray_ad.bundle import WEIGHTS_FILE
+from ray_ad.data import load_samples
+from ray_ad.methods import build_detector, method_config
+from tests.conftest import _free_port, make_mvtec
+from tests.integration.test_serve_app import call, png
+
+GOOD, FLAKY, BROKEN, ADMIN = "g" * 20, "f" * 20, "n" * 20, "z" * 24
+
+
+def patchcore(data, poison: bool = False):
+    # 256 px: the service's input size, at which the backbone scores an image the same in any batch.
+    config = {"backbone": {"image_size": 256, "grid_size": 8, "layers": [1, 2]}, "bank_fraction": 1.0, "device": "cpu"}
+    detector = build_detector("patchcore", method_config("patchcore", config))
+    normals = load_samples(str(data), "train")
+    detector.fit(normals[:-3], normals[-3:], progress=False)
+    if poison:
+        detector.bank = torch.full_like(detector.bank, float("nan"))
+    return detector
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from ray_ad.serve.app import build_app
+
+    base = tmp_path_factory.mktemp("faults")
+    data = make_mvtec(base / "data", n_train=12)
+    root = str(base / "root")
+    good = patchcore(data)
+    registry.publish(good, root, "good")
+    registry.publish(good, root, "flaky")
+    registry.publish(patchcore(data, poison=True), root, "broken")  # loads, but scores NaN
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(root, {"admin": ADMIN, "lines": {"good": GOOD, "flaky": FLAKY, "broken": BROKEN}},
+                        poll_s=0.2, landing_interval_s=0), name="fleet", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    image = (data / "test" / "spot" / "000.png").read_bytes()
+    status, body = call(f"{url}/v1/lines/good/detect", image, GOOD)
+    assert status == 200
+    yield {"url": url, "root": root, "data": data, "image": image, "score": body["results"][0]["score"],
+           "port": port, "detector": good}
+    serve.shutdown()
+
+
+def still_scores(fleet) -> None:
+    status, body = call(f"{fleet['url']}/v1/lines/good/detect", fleet["image"], GOOD)
+    assert status == 200 and body["results"][0]["score"] == fleet["score"]
+
+
+def ingress_rss() -> int:
+    import psutil
+    from ray.util.state import list_actors
+
+    [actor] = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "FleetAPI" in a.class_name]
+    return psutil.Process(actor.pid).memory_info().rss
+
+
+def test_sixteen_4096_pixel_images_are_refused_and_memory_stays_bounded(fleet):
+    big = png(np.full((4096, 4096), 128, np.uint8))
+    body = json.dumps({"images": [base64.b64encode(big).decode()] * 16}).encode()
+    before = ingress_rss()
+    for _ in range(3):
+        status, out = call(f"{fleet['url']}/v1/lines/good/detect", body, GOOD, "application/json")
+        assert status == 413 and "per-request limit" in out["error"]
+    assert ingress_rss() - before < 300 * 2**20
+    still_scores(fleet)
+
+
+def test_an_image_up_to_the_pixel_limit_scores(fleet):
+    # 2000 x 2000 grey: as a full-resolution array it was over gRPC's 4 MiB; the ingress sends 256 x 256.
+    big = png(np.random.default_rng(0).integers(0, 255, (2000, 2000), dtype=np.uint8))
+    status, out = call(f"{fleet['url']}/v1/lines/good/detect", big, GOOD)
+    assert status == 200 and np.isfinite(out["results"][0]["score"])
+    still_scores(fleet)
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length(fleet):
+    connection = http.client.HTTPConnection("127.0.0.1", fleet["port"], timeout=30)
+    connection.putrequest("POST", "/v1/lines/good/detect")
+    connection.putheader("Authorization", f"Bearer {GOOD}")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(200 * 2**20))
+    connection.endheaders()
+    connection.send(b"\x89PNG" + b"\0" * 65536)  # a sliver of the announced 200 MiB
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    connection.close()
+    still_scores(fleet)
+
+
+@pytest.mark.parametrize(("path", "body", "content_type", "token", "status", "named"), [
+    ("/v1/lines/good/detect", b"[" * 100_000 + b"]" * 100_000, "application/json", GOOD, 400, "nested too deeply"),
+    (f"/v1/lines/{urllib.parse.quote('good' + chr(10))}/detect", b"x", "image/png", ADMIN, 400, "is not valid"),
+    ("/v1/lines", None, None, "w" * 20, 403, "not known"),
+])
+def test_edges_get_their_4xx(fleet, path, body, content_type, token, status, named):
+    code, out = call(fleet["url"] + path, body, token, content_type or "image/png")
+    assert code == status and named in out["error"]
+    still_scores(fleet)
+
+
+def test_an_image_scores_the_same_alone_and_in_a_batch(fleet):
+    images = [p.read_bytes() for p in sorted((fleet["data"] / "test").rglob("*.png"))][:4]
+    alone = [call(f"{fleet['url']}/v1/lines/good/detect", image, GOOD)[1]["results"][0]["score"] for image in images]
+    batch = json.dumps({"images": [base64.b64encode(i).decode() for i in images * 4]}).encode()
+    status, out = call(f"{fleet['url']}/v1/lines/good/detect", batch, GOOD, "application/json")
+    assert status == 200
+    together = [row["score"] for row in out["results"]]
+    assert max(abs(a - b) for a, b in zip(alone * 4, together)) < 1e-6
+
+
+def test_a_current_that_does_not_load_falls_back_to_the_last_good_version(fleet):
+    url, root = fleet["url"], fleet["root"]
+    good_version = registry.current_version(root, "flaky")
+    assert call(f"{url}/v1/lines/flaky/detect", fleet["image"], FLAKY)[0] == 200  # it has served: last good
+    deadline = time.monotonic() + 10
+    while registry.last_good_version(root, "flaky") != good_version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.last_good_version(root, "flaky") == good_version
+    # A new version is published, then its weights are truncated behind the registry's back.
+    bad_version = registry.publish(fleet["detector"], root, "flaky")
+    weights = storage.join(registry.version_uri(root, "flaky", bad_version), WEIGHTS_FILE)
+    storage.write_bytes(weights, storage.read_bytes(weights)[:100])
+    time.sleep(0.5)  # the ingress re-reads CURRENT every poll_s
+    for _ in range(3):
+        status, out = call(f"{url}/v1/lines/flaky/detect", fleet["image"], FLAKY)
+        assert status == 200 and out["results"][0]["model_version"] == good_version
+        assert out["results"][0]["score"] == fleet["score"]  # the same model as line "good"
+    status, info = call(f"{url}/v1/lines/flaky", token=FLAKY)
+    assert status == 200 and info["degraded"] is True
+    assert info["version"] == good_version and info["current"] == bad_version
+    assert "weights" in info["error"] and root not in info["error"] and "/tmp" not in info["error"]
+    # Rolling back clears the degradation.
+    registry.set_current(root, "flaky", good_version)
+    time.sleep(0.5)
+    status, info = call(f"{url}/v1/lines/flaky", token=FLAKY)
+    assert status == 200 and info["degraded"] is False and info["error"] is None
+    still_scores(fleet)
+
+
+def test_a_line_with_nothing_that_scores_answers_503_without_server_paths(fleet):
+    url, root = fleet["url"], fleet["root"]
+    first = call(f"{url}/v1/lines/broken/detect", fleet["image"], BROKEN)
+    second = call(f"{url}/v1/lines/broken/detect", fleet["image"], BROKEN)
+    for status, out in (first, second):
+        assert status == 503 and "non-finite" in out["error"]
+        assert root not in out["error"] and "/tmp" not in out["error"]
+    status, info = call(f"{url}/v1/lines/broken", token=BROKEN)
+    assert status == 503
+    still_scores(fleet)
