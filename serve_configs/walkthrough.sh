@@ -25,13 +25,14 @@ fi
 echo "elpv-mono serves version $(cat "$ROOT/models/elpv-mono/CURRENT")"
 
 step "2. Access tokens: one per line and an admin token, in a secret file (git ignores runs/)"
-if [ ! -f "$ROOT/tokens.yaml" ]; then
-  "$PY" -c "import secrets; print(f'admin: {secrets.token_hex(16)}\nlines:\n  elpv-mono: {secrets.token_hex(16)}\n  elpv-poly: {secrets.token_hex(16)}')" \
+if ! grep -q "$NEW_LINE:" "$ROOT/tokens.yaml" 2>/dev/null; then
+  "$PY" -c "import secrets; print(f'admin: {secrets.token_hex(16)}\nlines:\n  elpv-mono: {secrets.token_hex(16)}\n  elpv-poly: {secrets.token_hex(16)}\n  $NEW_LINE: {secrets.token_hex(16)}')" \
     > "$ROOT/tokens.yaml"
   chmod 600 "$ROOT/tokens.yaml"
 fi
 ADMIN=$(awk '/^admin:/ {print $2}' "$ROOT/tokens.yaml")
 MONO=$(awk '/elpv-mono:/ {print $2}' "$ROOT/tokens.yaml")
+LANDED=$(awk "/$NEW_LINE:/ {print \$2}" "$ROOT/tokens.yaml")
 
 step "3. Start the service: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 serve run serve_configs/local.yaml (log: $ROOT/serve.log)"
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 .venv/bin/serve run serve_configs/local.yaml > "$ROOT/serve.log" 2>&1 &
@@ -44,7 +45,7 @@ until curl -sf "$URL/healthz" > /dev/null; do
 done
 echo "up: $URL (OpenAPI page at $URL/docs)"
 
-step "4. Score a mono cell over HTTP with the line's token (and see another line refuse it)"
+step "4. Score a defective mono cell of the test split (label 1) over HTTP with the line's token (and see another line refuse it)"
 IMAGE=$("$PY" -c "from ray_ad.data.elpv import elpv_samples
 print(next(s.path for s in elpv_samples('elpv:mono') if s.split == 'test' and s.label == 1))")
 curl -s -X POST --data-binary @"$IMAGE" -H "Content-Type: image/png" -H "Authorization: Bearer $MONO" \
@@ -68,11 +69,21 @@ for path in images:
     shutil.copy(path, batch / Path(path).name)
 print(f"{len(images)} images copied to {batch}")
 EOF
-echo '{"source_line": "elpv-mono"}' > "$BATCH/_READY"
+if [ -f "$ROOT/models/$NEW_LINE/CURRENT" ]; then
+  # The line serves already (an earlier run): landing into it replaces what it serves, so the marker
+  # carries the admin's key for this batch.
+  .venv/bin/ray-ad landing-key --line "$NEW_LINE" --batch "$(basename "$BATCH")" --source-line elpv-mono \
+    --tokens "$ROOT/tokens.yaml" > "$BATCH/_READY"
+else
+  echo '{"source_line": "elpv-mono"}' > "$BATCH/_READY"
+fi
 # The watcher polls every landing_interval_s (10 s); the admin can also ask for a pass now. The
 # batch's _STATE records the job it went to (the job id is derived from the batch: at most one job).
 curl -s -X POST -H "Authorization: Bearer $ADMIN" "$URL/v1/landing/poll" > /dev/null
 until [ -f "$BATCH/_STATE" ]; do sleep 2; done
+if [ "$(json "data['state']" < "$BATCH/_STATE")" = rejected ]; then
+  echo "the batch was rejected: $(json "data['error']" < "$BATCH/_STATE")"; exit 1
+fi
 JOB=$(json "data['job_id']" < "$BATCH/_STATE")
 echo "adaptation job: $JOB"
 
@@ -95,7 +106,7 @@ curl -s -H "Authorization: Bearer $ADMIN" "$URL/v1/lines/$NEW_LINE" \
   | json "f\"{data['line']} now serves {data['version']} (threshold {data['threshold']:.3f})\""
 POLY=$("$PY" -c "from ray_ad.data.elpv import elpv_samples
 print(next(s.path for s in elpv_samples('elpv:poly?layout=landing') if s.split == 'test' and s.label == 1))")
-echo "a defective poly cell of the evaluation split (never landed):"
-curl -s -X POST --data-binary @"$POLY" -H "Content-Type: image/png" -H "Authorization: Bearer $ADMIN" \
+echo "a defective poly cell (label 1) of the evaluation split (never landed), with $NEW_LINE's own token:"
+curl -s -X POST --data-binary @"$POLY" -H "Content-Type: image/png" -H "Authorization: Bearer $LANDED" \
   "$URL/v1/lines/$NEW_LINE/detect"; echo
 step "Done; stopping the service."

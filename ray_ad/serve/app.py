@@ -283,9 +283,9 @@ class FleetAPI:
         self.tokens = Tokens.from_mapping(tokens, "tokens") if tokens else Tokens.load(token_file)
         self.limits = Limits(max_pixels=max_pixels, max_images=max_images, max_request_pixels=max_request_pixels)
         self._versions: dict[str, tuple[float, str]] = {}
-        # model id -> (checked at, input size or None, why it cannot serve): each version is loaded
-        # once, and a version that failed is tried again only after RETRY_FAILED_S.
-        self._checked: dict[str, tuple[float, int | None, str | None]] = {}
+        # model id -> (checked at, input size or None, why it cannot serve, when, as UTC text): each
+        # version is loaded once, and a version that failed is tried again only after RETRY_FAILED_S.
+        self._checked: dict[str, tuple[float, int | None, str | None, str]] = {}
         self.metrics = LineMetrics()
 
     def _current(self, line: str) -> str:
@@ -305,33 +305,36 @@ class FleetAPI:
             message = message.replace(root.rstrip("/"), "<root>")
         return message
 
-    async def _check(self, line: str, version: str) -> tuple[int | None, str | None]:
-        """(input size, None) when ``line@version`` loads and scores, else (None, the reason)."""
+    async def _check(self, line: str, version: str) -> tuple[int | None, str | None, str]:
+        """(input size, None, when checked) when ``line@version`` loads and scores, else (None, the
+        reason, when checked)."""
         model_id = f"{line}@{version}"
         cached = self._checked.get(model_id)
         if cached and (cached[2] is None or time.monotonic() - cached[0] < RETRY_FAILED_S):
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         try:
             size, error = await self.scorer.options(multiplexed_model_id=model_id).ready.remote(), None
         except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading or scoring
             cause = getattr(exc, "cause", None) or exc
             size, error = None, self._public(f"{type(cause).__name__}: {cause}".splitlines()[0])
-        self._checked[model_id] = (time.monotonic(), size, error)
-        return size, error
+        checked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._checked[model_id] = (time.monotonic(), size, error, checked)
+        return size, error, checked
 
     async def _serving(self, line: str) -> tuple[str, int, dict[str, Any]]:
         """The version to serve ``line`` with: CURRENT when it loads, else the line's last good version
         (the line is then degraded). 503 when neither can serve."""
         current = self._current(line)
-        size, error = await self._check(line, current)
-        health: dict[str, Any] = {"current": current, "degraded": error is not None, "error": error}
+        size, error, checked = await self._check(line, current)
+        health: dict[str, Any] = {"current": current, "degraded": error is not None, "error": error,
+                                  "current_checked": checked}
         if error is None:
             self.metrics.degraded(line, False)
             return current, int(size), health
         fallback = registry.last_good_version(self.root, line)
         self.metrics.degraded(line, True)
         if fallback and fallback != current:
-            fallback_size, fallback_error = await self._check(line, fallback)
+            fallback_size, fallback_error, _ = await self._check(line, fallback)
             if fallback_error is None:
                 return fallback, int(fallback_size), health
         raise BadRequest(503, f"line {line!r} cannot be served: version {current} does not load ({error})"

@@ -148,6 +148,10 @@ def test_a_current_that_does_not_load_falls_back_to_the_last_good_version(fleet)
     assert status == 200 and info["degraded"] is True
     assert info["version"] == good_version and info["current"] == bad_version
     assert "weights" in info["error"] and root not in info["error"] and "/tmp" not in info["error"]
+    # The failed load was tried once: every request since found it in the cache (same check time).
+    time.sleep(1.1)
+    assert call(f"{url}/v1/lines/flaky/detect", fleet["image"], FLAKY)[0] == 200
+    assert call(f"{url}/v1/lines/flaky", token=FLAKY)[1]["current_checked"] == info["current_checked"]
     # Rolling back clears the degradation.
     registry.set_current(root, "flaky", good_version)
     time.sleep(0.5)
