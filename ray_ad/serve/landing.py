@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_ad import registry, storage
-from ray_ad.adaptation.gate import ACCEPTANCE  # labelled images for the gate only, not the batch
+from ray_ad.adaptation.gate import ACCEPTANCE, MIN_FIT, MIN_HELD_OUT  # _acceptance/: for the gate only
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
 from ray_ad.data.images import decode_image
 from ray_ad.errors import ConfigError, DataError, RayADError
@@ -183,6 +183,9 @@ def batch_manifest(batch: Batch, skip_unreadable: bool = False, max_pixels: int 
     if not images:
         raise DataError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in the batch"
                         + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    if len(images) < MIN_FIT + MIN_HELD_OUT:  # what the adaptation job needs: refused here, not there
+        raise DataError(f"{len(images)} readable images in the batch; an adaptation needs at least "
+                        f"{MIN_FIT + MIN_HELD_OUT} ({MIN_HELD_OUT} held out for the gate, {MIN_FIT} to fit on)")
     return Manifest(sorted(images, key=lambda i: i["name"]), skipped)
 
 

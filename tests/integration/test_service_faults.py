@@ -170,3 +170,32 @@ def test_a_line_with_nothing_that_scores_answers_503_without_server_paths(fleet)
     status, info = call(f"{url}/v1/lines/broken", token=BROKEN)
     assert status == 503
     still_scores(fleet)
+
+
+def test_landing_batches_are_judged_one_by_one_and_a_copy_is_the_same_job(fleet):
+    url, root, data = fleet["url"], fleet["root"], fleet["data"]
+    images = sorted((data / "train" / "good").glob("*.png")) + sorted((data / "test" / "good").glob("*.png"))
+    assert len(images) >= 12  # what an adaptation needs
+    for batch in ("b1", "b1-copy"):  # the same camera images under two folder names
+        for path in images:
+            storage.write_bytes(f"{root}/landing/cam/{batch}/{path.name}", path.read_bytes())
+        storage.write_text(f"{root}/landing/cam/{batch}/_READY", json.dumps({"source_line": "good"}))
+    storage.write_bytes(f"{root}/landing/cam/b0-bad/a.png", images[0].read_bytes())
+    storage.write_text(f"{root}/landing/cam/b0-bad/_READY", "{not json")  # sorts first: must not block
+    storage.write_text(f"{root}/landing/_READY", "")  # at the wrong depth
+    status, out = call(f"{url}/v1/landing/poll", b"", ADMIN)
+    assert status == 200
+    events = {e["batch"].rsplit("/", 1)[-1]: e for e in out["events"]}
+    assert events["b0-bad"]["event"] == "rejected" and "JSON" in events["b0-bad"]["error"]
+    assert events["landing"]["event"] == "rejected"
+    assert events["b1"]["event"] == events["b1-copy"]["event"] == "submitted"
+    job_id = events["b1"]["job_id"]
+    assert events["b1-copy"]["job_id"] == job_id  # one job for both: the id is the content's
+    deadline, ended = time.monotonic() + 300, []
+    while time.monotonic() < deadline and len(ended) < 2:
+        ended += [e for e in call(f"{url}/v1/landing/poll", b"", ADMIN)[1]["events"] if e["event"] != "rejected"]
+        time.sleep(2)
+    assert sorted(e["event"] for e in ended) == ["succeeded", "succeeded"], ended
+    job = call(f"{url}/v1/jobs/{job_id}", token=ADMIN)[1]
+    assert job["ray"]["ray_status"] == "SUCCEEDED" and job["status"]["decision"] == "published"
+    still_scores(fleet)

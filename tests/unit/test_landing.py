@@ -50,7 +50,8 @@ def png(seed: int = 0) -> bytes:
 def land(root: str, line: str, batch: str, ready: str | None = '{"source_line": "src"}',
          images: dict[str, bytes] | None = None) -> str:
     uri = storage.join(root, "landing", line, batch)
-    for name, data in (images if images is not None else {"img_000.png": png(0), "img_001.png": png(1)}).items():
+    images = images if images is not None else {f"img_{i:03d}.png": png(i) for i in range(12)}
+    for name, data in images.items():
         storage.write_bytes(storage.join(uri, name), data)
     if ready is not None:
         storage.write_text(storage.join(uri, "_READY"), ready)
@@ -150,6 +151,7 @@ def test_markers_at_the_wrong_depth_invent_no_line(root):
     ({}, "no readable images"),
     ({"notes.txt": b"hello"}, "no readable images"),
     ({"a.png": png(0), "broken.png": png(1)[:40]}, "broken.png: not a readable image"),
+    ({f"{i}.png": png(i) for i in range(11)}, "11 readable images in the batch; an adaptation needs at least 12"),
 ])
 def test_empty_batches_and_unreadable_images_are_rejected_before_any_job(root, images, reason):
     jobs = FakeJobs()
@@ -160,13 +162,14 @@ def test_empty_batches_and_unreadable_images_are_rejected_before_any_job(root, i
 
 def test_unreadable_images_can_be_skipped_by_config_and_the_job_reads_the_rest(root):
     jobs = FakeJobs()
-    uri = land(root, "cam11", "b1", images={"a.png": png(0), "b.png": png(1), "broken.png": b"\x89PNG junk"})
+    good = {f"{i:02d}.png": png(i) for i in range(12)}
+    uri = land(root, "cam11", "b1", images={**good, "broken.png": b"\x89PNG junk"})
     [event] = LandingWatcher(root, jobs.submit, jobs.state, skip_unreadable=True).poll_once()
     assert event["event"] == "submitted" and event["skipped"] == ["broken.png"]
     manifest = json.loads(storage.read_text(f"{uri}/{MANIFEST}"))
-    assert [i["name"] for i in manifest["images"]] == ["a.png", "b.png"]
+    assert [i["name"] for i in manifest["images"]] == sorted(good)
     assert manifest["skipped"][0]["name"] == "broken.png"
-    assert [p.rsplit("/", 1)[-1] for p in target_image_uris(uri)] == ["a.png", "b.png"]
+    assert [p.rsplit("/", 1)[-1] for p in target_image_uris(uri)] == sorted(good)
 
 
 def test_a_copied_batch_is_the_same_job(root):
@@ -176,7 +179,7 @@ def test_a_copied_batch_is_the_same_job(root):
     events = LandingWatcher(root, jobs.submit, jobs.state).poll_once()
     assert [e["event"] for e in events] == ["submitted", "submitted"]
     assert events[0]["job_id"] == events[1]["job_id"] and len(jobs.submitted) == 1
-    land(root, "cam12", "b2", images={"c.png": png(2)})  # other content: another job
+    land(root, "cam12", "b2", images={f"{i}.png": png(i + 1) for i in range(12)})  # other content: another job
     [other] = LandingWatcher(root, jobs.submit, jobs.state).poll_once()
     assert other["job_id"] != events[0]["job_id"] and len(jobs.submitted) == 2
 
