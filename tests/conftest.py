@@ -162,3 +162,21 @@ def image_batch(
     paths = sorted(folder.rglob("*.png"))
     paths = [p for p in paths if "ground_truth" not in p.parts]
     return torch.stack([to_tensor(load_image(str(paths[i % len(paths)])), size, mean, std) for i in range(count)])
+
+
+def wait_for_serve_gone(seconds: float = 90) -> None:
+    """Before ``serve.start``: an earlier module's ``serve.shutdown()`` can return while its controller
+    is still being killed (it did not stop within Serve's 30 s on a loaded machine); a new start would
+    then reach that dying controller."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"Serve's controller from an earlier test module is still alive after {seconds} s")

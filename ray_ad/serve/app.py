@@ -447,8 +447,11 @@ class FleetAPI:
         try:
             self._guard(request, line)
             version, size, _ = await self._serving(line)
-            images = images_from_body(await self._body(request), request.headers.get("content-type"), self.limits,
-                                      size=size)
+            body = await self._body(request)
+            # Decoding and resizing in a worker thread (PIL releases the GIL): the event loop keeps
+            # reading and routing the other requests meanwhile.
+            images = await asyncio.to_thread(images_from_body, body, request.headers.get("content-type"),
+                                             self.limits, size)
             handle = self.scorer.options(multiplexed_model_id=f"{line}@{version}")
             rows = await asyncio.gather(*[handle.score.remote(np.asarray(image), heatmap) for _, image in images])
         except BadRequest as exc:  # AccessDenied included

@@ -9,7 +9,7 @@ import time
 from ray_ad import registry, storage
 from ray_ad.data import load_samples
 from ray_ad.methods import build_detector, method_config
-from tests.conftest import _free_port, make_mvtec, upload_folder
+from tests.conftest import _free_port, make_mvtec, upload_folder, wait_for_serve_gone
 from tests.integration.test_serve_app import call
 from tests.unit.test_ref_cfa import shift_folder, tiny_ref_cfa_config
 
@@ -30,6 +30,7 @@ def test_publish_detect_land_adapt_detect(ray_cluster, s3_bucket, tmp_path):
     registry.publish(detector, root, "src")
 
     port = _free_port()
+    wait_for_serve_gone()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(root, {"admin": ADMIN, "lines": {"src": SRC, "cam2": CAM2}}, poll_s=0.5,
                         landing_interval_s=0), name="fleet", route_prefix="/")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ray_ad import registry
 from ray_ad.methods import build_detector, method_config
-from tests.conftest import _free_port, make_mvtec, tiny_osd_irf_config
+from tests.conftest import _free_port, make_mvtec, tiny_osd_irf_config, wait_for_serve_gone
 
 A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
 
@@ -55,6 +55,7 @@ def service(ray_cluster, tmp_path_factory):
     for line in ("line-a", "line-b"):
         registry.publish(detector, root, line, {"image_auroc": 1.0})
     port = _free_port()
+    wait_for_serve_gone()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Two scorer replicas, as serve_configs/local.yaml runs: multiplexing, version switches and the
     # metrics must hold when a line's requests may reach either replica.

@@ -17,7 +17,7 @@ from ray_ad import registry, storage
 from ray_ad.bundle import WEIGHTS_FILE
 from ray_ad.data import load_samples
 from ray_ad.methods import build_detector, method_config
-from tests.conftest import _free_port, make_mvtec
+from tests.conftest import _free_port, make_mvtec, wait_for_serve_gone
 from tests.integration.test_serve_app import call, png
 
 GOOD, FLAKY, BROKEN, ADMIN = "g" * 20, "f" * 20, "n" * 20, "z" * 24
@@ -48,16 +48,34 @@ def fleet(ray_cluster, tmp_path_factory):
     registry.publish(good, root, "flaky")
     registry.publish(patchcore(data, poison=True), root, "broken")  # loads, but scores NaN
     port = _free_port()
+    wait_for_serve_gone()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(root, {"admin": ADMIN, "lines": {"good": GOOD, "flaky": FLAKY, "broken": BROKEN}},
                         poll_s=0.2, landing_interval_s=0), name="fleet", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    wait_until_listening(url)
     image = (data / "test" / "spot" / "000.png").read_bytes()
     status, body = call(f"{url}/v1/lines/good/detect", image, GOOD)
     assert status == 200
     yield {"url": url, "root": root, "data": data, "image": image, "score": body["results"][0]["score"],
            "port": port, "detector": good}
     serve.shutdown()
+
+
+def wait_until_listening(url: str, seconds: float = 90) -> None:
+    """After a module before this one shut Serve down, the new HTTP proxy can take a while to bind."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def still_scores(fleet) -> None:
