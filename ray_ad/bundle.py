@@ -110,16 +110,13 @@ def read_metrics(uri: str) -> dict[str, Any]:
 def with_stored_defaults(method: str, stored: dict[str, Any]) -> dict[str, Any]:
     """A copy of a bundle's stored config with the method's ``STORED_DEFAULTS`` filled in where absent."""
     out = copy.deepcopy(stored)
-    detector_cls = METHODS[method][0] if method in METHODS else None
-    for dotted, value in (detector_cls.STORED_DEFAULTS if detector_cls else {}).items():
+    defaults = METHODS[method][0].STORED_DEFAULTS if method in METHODS else {}  # unknown: build_detector says so
+    for dotted, value in defaults.items():
         *parents, leaf = dotted.split(".")
         node = out
         for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict) and leaf not in node:
-            node[leaf] = value
+            node = node.setdefault(key, {})  # a section the bundle lacks altogether gets the default too
+        node.setdefault(leaf, value)
     return out
 
 

@@ -5,12 +5,13 @@ is fitted on it. Each held-out image is scored as it landed and with small synth
 in (``data.synthetic.subtle_defect``: faint stains, scratches, smears, misplaced texture); a
 candidate's gate score is the AUROC of pasted against untouched. Real defects among the held-out
 images count as "untouched", and against the candidates that see them most: a memory that learnt
-the batch's defects as normal scores them low and wins (on the four elpv runs and on magnetic_tile
+the batch's defects as normal scores them low and wins (on all six elpv runs and on magnetic_tile
 the memory of every image outranked the one without the flagged images, and on mono -> poly and
 magnetic_tile it did worse on the test split). With ``suspect_z`` set, the held-out images that stand
 out from the others by their mutual scores (``suspects``, label-free, by a referee that is none of
-the candidates) are not negatives: left out, or ranked as positives (``suspects``). Off by default
-until measured on the development set (see the README).
+the candidates) are not negatives: left out, or ranked as positives (``suspects``). Off by default:
+the development set (magnetic_tile) keeps the source under every treatment, and only elpv's test
+labels favour one (see the README).
 
 When a quality engineer put a few labelled images beside the batch (``_acceptance/good``,
 ``_acceptance/defect``), the gate ranks on those instead. Those labels reach this module only: they

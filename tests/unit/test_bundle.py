@@ -75,3 +75,14 @@ def test_bundle_on_s3(trained, s3_bucket):
     loaded = load_bundle(f"{s3_bucket}/models/line-a/v1")
     images = torch.randn(1, 3, 64, 64)
     assert torch.equal(trained.predict(images).pred_score, loaded.predict(images).pred_score)
+
+
+def test_bundles_saved_before_a_config_key_load_with_what_they_were_fitted_under():
+    from ray_ad.bundle import with_stored_defaults
+
+    older = {"fields": {"timesteps": [300, 100]}, "seed": 1}
+    assert with_stored_defaults("ref_cfa", older)["fields"]["last_reference"] == "previous"
+    assert "last_reference" not in older["fields"]  # the stored config itself is left alone
+    newer = {"fields": {"timesteps": [300, 100], "last_reference": "projection"}}
+    assert with_stored_defaults("ref_cfa", newer)["fields"]["last_reference"] == "projection"
+    assert with_stored_defaults("patchcore", {"seed": 1}) == {"seed": 1}  # no stored defaults
