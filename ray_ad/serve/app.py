@@ -27,6 +27,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import ray.exceptions
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -159,6 +160,10 @@ def probe_detector(detector: Any, model_id: str) -> None:
     if not torch.isfinite(score).all():
         raise RuntimeError(f"model {model_id} gives a non-finite score")
 
+
+# A scorer process that dies (the OOM killer) or cannot be reached: the request answers 500 and the
+# next one tries again; only an error raised by the model itself marks a version as not loading.
+_INFRASTRUCTURE_ERRORS = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
 
 MODELS_PER_REPLICA = 4  # detectors a scorer replica keeps loaded (least recently used goes first)
 RETRY_FAILED_S = 60.0  # a version that did not load is tried again after this long, not per request
@@ -314,6 +319,8 @@ class FleetAPI:
             return cached[1], cached[2], cached[3]
         try:
             size, error = await self.scorer.options(multiplexed_model_id=model_id).ready.remote(), None
+        except _INFRASTRUCTURE_ERRORS:
+            raise  # a replica that died or could not be reached says nothing about the model: not cached
         except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading or scoring
             cause = getattr(exc, "cause", None) or exc
             size, error = None, self._public(f"{type(cause).__name__}: {cause}".splitlines()[0])

@@ -12,6 +12,7 @@ import urllib.parse
 import numpy as np
 import pytest
 import torch
+from ray import serve
 
 from ray_ad import registry, storage
 from ray_ad.bundle import WEIGHTS_FILE
@@ -36,8 +37,6 @@ def patchcore(data, poison: bool = False):
 
 @pytest.fixture(scope="module")
 def fleet(ray_cluster, tmp_path_factory):
-    from ray import serve
-
     from ray_ad.serve.app import build_app
 
     base = tmp_path_factory.mktemp("faults")
@@ -143,6 +142,42 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(fleet):
     assert status == 200
     together = [row["score"] for row in out["results"]]
     assert max(abs(a - b) for a, b in zip(alone * 4, together)) < 1e-6
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ScorerThatFails:
+    """A scorer whose model loads and then fails while scoring, as a CUDA out-of-memory error would:
+    the one fault this suite injects, since every real path raises a ray_ad error (503) instead."""
+
+    async def ready(self) -> int:
+        return 256
+
+    async def score(self, image, heatmap: bool) -> dict:
+        raise RuntimeError("CUDA out of memory (injected)")
+
+
+def test_an_unexpected_scoring_error_answers_a_counted_500_without_details(fleet, ray_cluster):
+    from ray_ad.serve.app import FleetAPI, Watcher
+    from tests.integration.test_serve_app import exported_metrics, metric
+
+    tokens = {"admin": ADMIN, "lines": {"good": GOOD}}
+    app = FleetAPI.bind(ScorerThatFails.bind(), Watcher.bind(fleet["root"], 0, None, "http://127.0.0.1:8265", tokens),
+                        fleet["root"], tokens)
+    serve.run(app, name="failing", route_prefix="/failing")
+    try:
+        for _ in range(3):
+            status, out = call(f"{fleet['url']}/failing/v1/lines/good/detect", fleet["image"], GOOD)
+            assert status == 500 and out == {"error": "internal error while scoring on line 'good'"}
+        status, info = call(f"{fleet['url']}/failing/v1/lines/good", token=GOOD)
+        assert status == 200 and info["degraded"] is False  # a failed request is not a broken model
+        deadline = time.monotonic() + 90  # Ray exports application metrics every few seconds
+        while (counted := metric(exported_metrics(ray_cluster), "ray_ad_requests_total", line="good",
+                                 status="500")) != 3:
+            assert time.monotonic() < deadline, f"{counted} 500s exported for line 'good', 3 answered"
+            time.sleep(1)
+    finally:
+        serve.delete("failing")
+    still_scores(fleet)
 
 
 def test_a_current_that_does_not_load_falls_back_to_the_last_good_version(fleet):
