@@ -35,7 +35,7 @@ def auroc_against(positives: np.ndarray, negatives: np.ndarray) -> float:
 @torch.no_grad()
 def backbone_seconds_per_image(detector: Detector, samples, batch_size: int = 16, limit: int = 128) -> float:
     """Time of the frozen backbone alone on decoded images (the floor any method pays)."""
-    dataset = ImageDataset(samples[:limit], detector.image_size, detector.extractor.mean, detector.extractor.std)
+    dataset = ImageDataset(samples[:limit], detector.preprocessor)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     start = time.perf_counter()
     for chunk in images.split(batch_size):

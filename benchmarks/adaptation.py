@@ -50,6 +50,7 @@ from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import decision_metrics  # noqa: E402
 from ray_ad.pipeline import train_detector  # noqa: E402
 
@@ -107,7 +108,7 @@ def source_model(method: str, domain: str, seed: int, cache_dir: str):
     bundle = SOURCES / f"{method}-{domain}-seed{seed}-{key}"
     if (bundle / "config.json").exists():
         return load_bundle(str(bundle))
-    detector = train_detector(method, data, config, progress=False, cache_dir=cache_dir, evaluate=False)[0]
+    detector = train_detector(method, data, config, runtime=Runtime(False, cache_dir), evaluate=False)[0]
     save_bundle(detector, str(bundle))
     return detector
 
@@ -122,7 +123,7 @@ def labelled_reference(target: str, seed: int, cache_dir: str):
     detector = build_detector("patchcore", method_config("patchcore", {
         "backbone": {"layers": list(backbone.layers), "grid_size": backbone.grid_size,
                      "local_pool": backbone.local_pool}, "bank_fraction": 1.0, "seed": seed}))
-    detector.fit(train, calibration, progress=False, cache_dir=cache_dir)
+    detector.fit(train, calibration, Runtime(False, cache_dir))
     return detector
 
 
@@ -142,8 +143,8 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
     source_seconds = time.perf_counter() - tick
     config, ref_overrides = split_overrides([*overrides, f"gate.seed={seed}"])
     images = [s.path for s in load_samples(target, "landing")]
-    outcome = adapt_candidates(source, target, images, config, ref_cfa_overrides=ref_overrides, progress=False,
-                               cache_dir=cache_dir)
+    outcome = adapt_candidates(source, target, images, config, ref_cfa_overrides=ref_overrides,
+                               runtime=Runtime(False, cache_dir))
     # The decision is made; from here on the target's labels are read, for the figures only.
     test = load_samples(target, "test")
     rows = {}
@@ -184,7 +185,7 @@ def gate_variants(source, target: str, images: list[str], config, outcome, rows:
     for variant in names:
         changes = GATE_VARIANTS[variant]
         variant_config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, **changes))
-        gate_set = build_gate_set(source, target, held_out, variant_config, progress=False, cache_dir=cache_dir)
+        gate_set = build_gate_set(source, target, held_out, variant_config, Runtime(False, cache_dir))
         # The job's own gate: its scores are in the outcome already (the set is rebuilt for its counts).
         scores = outcome.gate if variant_config.gate == config.gate else {
             name: gate_score(detector, gate_set, variant_config.gate) for name, detector in outcome.candidates.items()}

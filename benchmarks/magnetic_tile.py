@@ -35,11 +35,12 @@ from _common import (  # noqa: E402
 )
 
 from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
-from ray_ad.cli import METRIC_KEYS, format_table  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import Results, compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import auroc  # noqa: E402
+from ray_ad.report import METRIC_KEYS, format_table  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -93,7 +94,7 @@ def main() -> None:
         osd_config = method_config("osd_irf", apply_overrides(load_file(args.config), args.set))
         osd = build_detector("osd_irf", osd_config)
         start = time.perf_counter()
-        extra["osd_irf_fit"] = osd.fit(train, calibration, cache_dir=args.cache_dir)
+        extra["osd_irf_fit"] = osd.fit(train, calibration, Runtime(cache_dir=args.cache_dir))
         extra["osd_irf_fit_seconds"] = time.perf_counter() - start
         save_bundle(osd, args.save_model)
     multi = f"inversion ({osd_config.inversion_steps} steps)"
@@ -109,7 +110,7 @@ def main() -> None:
         reference_config = method_config("osd_irf", apply_overrides(
             to_dict(osd_config), ["train.steps=0", "score_net.gaussian_skip=true", "scoring=one_step"]))
         reference = build_detector("osd_irf", reference_config)
-        reference.fit(train, calibration, cache_dir=args.cache_dir)
+        reference.fit(train, calibration, Runtime(cache_dir=args.cache_dir))
         label = "gaussian reference (whitening only, 0 steps)"
         results = run_detector(reference, test)
         rows[label] = compute_metrics(results)
@@ -118,7 +119,7 @@ def main() -> None:
 
     patchcore = build_detector("patchcore", method_config("patchcore", load_file(args.patchcore_config)))
     start = time.perf_counter()
-    patchcore.fit(train, calibration, cache_dir=args.cache_dir)
+    patchcore.fit(train, calibration, Runtime(cache_dir=args.cache_dir))
     extra["patchcore_fit_seconds"] = time.perf_counter() - start
     results = run_detector(patchcore, test)
     rows["patchcore (kNN)"] = compute_metrics(results)

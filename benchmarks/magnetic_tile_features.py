@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor
 
 @torch.no_grad()
 def extract(extractor: FeatureExtractor, samples: list[Sample], desc: str) -> dict[str, torch.Tensor | list[str]]:
-    dataset = ImageDataset(samples, extractor.config.image_size, extractor.mean, extractor.std)
+    dataset = ImageDataset(samples, extractor.preprocessor)
     features, masks, labels, paths = [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=32), desc=desc, leave=False):
         features.append(extractor(batch["image"]))

@@ -35,6 +35,7 @@ from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import Results, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import auroc  # noqa: E402
 
 DISTANCE_BANDS = ((0, 8), (8, 24), (24, 64), (64, None))  # pixels from the nearest marked pixel
@@ -89,7 +90,7 @@ def main() -> None:
     else:
         config = method_config("osd_irf", apply_overrides(load_file(args.config), ["train.steps=0", *args.set]))
         detector = build_detector("osd_irf", config)
-        detector.fit(train, calibration, cache_dir=args.cache_dir)
+        detector.fit(train, calibration, Runtime(cache_dir=args.cache_dir))
     results = run_detector(detector, test)
     report = {"pixel_auroc": pooled(results),
               "by_negatives": pixel_auroc_by_negatives(results.maps, results.masks, results.labels),

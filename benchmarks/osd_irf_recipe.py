@@ -23,10 +23,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
 
-from ray_ad.cli import format_table  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
+from ray_ad.report import format_table  # noqa: E402
 
 KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "fit_seconds", "model_seconds_per_image")
 
@@ -54,10 +55,10 @@ def main() -> None:
         torch.manual_seed(config.seed)
         detector = build_detector("osd_irf", config)
         start = time.perf_counter()
-        detector.fit(train, calibration, cache_dir=args.cache_dir)
+        detector.fit(train, calibration, Runtime(cache_dir=args.cache_dir))
         fit_seconds = time.perf_counter() - start
         for t in args.t:
-            detector.retarget(t, train, calibration, cache_dir=args.cache_dir)
+            detector.retarget(t, train, calibration, Runtime(cache_dir=args.cache_dir))
             metrics = compute_metrics(run_detector(detector, test))
             row = {"variant": name, "t": t, "set": variant.get("set", []), "fit_seconds": fit_seconds, **metrics}
             rows[f"{name} @t={t}"] = row

@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
-from ray_ad.cli import format_table  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
+from ray_ad.methods.base import Runtime
+from ray_ad.report import format_table  # noqa: E402
 
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 
@@ -37,7 +38,7 @@ def main() -> None:
     rows = {}
     for t, gaussian in itertools.product(args.t, ("standard", "fitted")):
         detector.config.irf_gaussian = gaussian
-        detector.retarget(t, train, calibration, cache_dir=args.cache_dir)
+        detector.retarget(t, train, calibration, Runtime(cache_dir=args.cache_dir))
         for terms in ("diff+nll", "diff", "nll"):
             detector.config.score_terms = terms
             name = f"t={t} {gaussian} {terms}"

@@ -43,6 +43,7 @@ from ray_ad.adaptation.gate import gate_score, split_landing  # noqa: E402
 from ray_ad.adaptation.promote import build_gate_set, split_overrides  # noqa: E402
 from ray_ad.data import load_samples, split_calibration  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
 
 ROBUST_TRIM = 0.2
@@ -65,7 +66,7 @@ def target_net(source: REFCFA, kind: str, fit_part: list[str], labelled_normals:
     images = labelled_normals if kind == "oracle" else fit_part
     tick = time.perf_counter()
     # The oracle's features (normals only) must not stand in for the fit part's in the alignment's cache.
-    info = detector.fit_target_score_net(images, progress=False, cache_dir=cache_dir,
+    info = detector.fit_target_score_net(images, Runtime(progress=False, cache_dir=cache_dir),
                                          cache={} if kind == "oracle" else cache)
     info["seconds"] = time.perf_counter() - tick
     detector.config.target_trim = 0.0
@@ -79,7 +80,8 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
     labelled = [s for s in load_samples(f"elpv:{source_domain}") if s.label in (0, 1)]
     source_train, source_held_out = split_calibration(labelled, 0.1)  # as train_detector held it out
     if source.input_center is None:  # a cached source older than the input alignment
-        source.fit_input_anchors([s for s in source_train if s.label == 0], progress=False, cache_dir=cache_dir)
+        normals = [s for s in source_train if s.label == 0]
+        source.fit_input_anchors(normals, Runtime(progress=False, cache_dir=cache_dir))
     landed = load_samples(target, "landing")
     adapt_config = split_overrides([f"gate.seed={seed}"])[0]  # the job's gate, as benchmarks/adaptation.py runs it
     gate_config = adapt_config.gate
@@ -103,7 +105,7 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
         for variant, overrides in VARIANTS.items():
             adapted.config.cfa = dataclasses.replace(paper, **overrides)
             tick = time.perf_counter()
-            alignment = adapted.fit_alignment(fit_part, progress=False, cache_dir=cache_dir, cache=cache)
+            alignment = adapted.fit_alignment(fit_part, Runtime(progress=False, cache_dir=cache_dir), cache=cache)
             row = {**_scores(adapted, test), "gate_auroc": gate_score(adapted, gate_set, gate_config)["gate_auroc"],
                    "seconds": time.perf_counter() - tick, "diagnostics": alignment}
             out["rows"][f"T1 {kind}, {variant}"] = row

@@ -38,6 +38,7 @@ from ray_ad.data import Sample, load_samples, split_calibration  # noqa: E402
 from ray_ad.data.images import load_image  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +142,7 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     print(f"[{name}] source {len(fit_set)} labelled ({sum(s.label for s in fit_set)} anomalous), "
           f"target {len(target_images)} unlabeled, target test {len(target_test)}")
 
+    runtime, quiet = Runtime(cache_dir=cache_dir), Runtime(progress=False, cache_dir=cache_dir)
     tick = time.perf_counter()
     # The ablation rows use T1 fine-tuned from the source network (target_init: source); the default,
     # T1 from scratch, gets its own row below.
@@ -148,12 +150,12 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     source_cache: dict[str, Any] = {}
     normals = [s for s in fit_set if s.label == 0]
     s1_seconds, reused = score_net_stage(full, "source", name, [s.path for s in normals],
-                                         lambda: full.fit_source_score_net(normals, True, cache_dir))
+                                         lambda: full.fit_source_score_net(normals, runtime))
     if reused:
-        full.fit_source_basis(normals, True, cache_dir)
+        full.fit_source_basis(normals, runtime)
     tick = time.perf_counter()
-    full.fit_detector(fit_set, True, cache_dir, cache=source_cache)
-    full.calibrate(calibration, False, cache_dir)
+    full.fit_detector(fit_set, runtime, cache=source_cache)
+    full.calibrate(calibration, quiet)
     s2_seconds = time.perf_counter() - tick
     source_model = copy.deepcopy(full)
     rows["w/o CFA (source model as is)"] = {**evaluate(source_model, target_test),
@@ -170,11 +172,11 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     from ray_ad.features import extract_features
 
     osd.fit_irf_gaussian(osd.normalise(extract_features(osd.extractor, normals, cache_dir=cache_dir, progress=False)))
-    osd.calibrate(calibration, progress=False, cache_dir=cache_dir)
+    osd.calibrate(calibration, quiet)
     rows["OSD-IRF (source score net)"] = {**evaluate(osd, target_test), "fit_seconds": s1_seconds}
 
     t1_seconds, _ = score_net_stage(full, "target", name, target_images,
-                                 lambda: full.fit_target_score_net(target_images, True, cache_dir))
+                                 lambda: full.fit_target_score_net(target_images, runtime))
     target_cache: dict[str, Any] = {}
     variants = {FULL: {}, "w/o TA": {"temporal": False}, "w/o DSA": {"directional": False},
                 "w/o SFA": {"second_order": False}}
@@ -182,7 +184,7 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     for label, off in variants.items():
         full.config.cfa = dataclasses.replace(full.config.cfa, **{**ALL_ON, **off})
         tick = time.perf_counter()
-        diagnostics[label] = full.fit_alignment(target_images, False, cache_dir, cache=target_cache)
+        diagnostics[label] = full.fit_alignment(target_images, quiet, cache=target_cache)
         rows[label] = {**evaluate(full, target_test), "fit_seconds": s1_seconds + s2_seconds + t1_seconds
                        + time.perf_counter() - tick}
         print(label, rows[label])
@@ -193,9 +195,9 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     for label, fields in HEAD_ABLATIONS.items():
         tick = time.perf_counter()
         variant = head_variant(full, fields, cache_dir)
-        variant.fit_detector(fit_set, False, cache_dir, cache=source_cache)
+        variant.fit_detector(fit_set, quiet, cache=source_cache)
         variant.target = full.target
-        variant.fit_alignment(target_images, False, cache_dir, cache=target_cache)
+        variant.fit_alignment(target_images, quiet, cache=target_cache)
         rows[label] = {**evaluate(variant, target_test), "fit_seconds": time.perf_counter() - tick}
         print(label, rows[label])
 
@@ -203,15 +205,15 @@ def run_task(name: str, source, target, target_train, target_test, config: dict[
     scratch = copy.deepcopy(full)
     scratch.config.target_init = "scratch"
     t1_scratch, _ = score_net_stage(scratch, "target", name, target_images,
-                                    lambda: scratch.fit_target_score_net(target_images, True, cache_dir))
-    scratch.fit_alignment(target_images, False, cache_dir)
+                                    lambda: scratch.fit_target_score_net(target_images, runtime))
+    scratch.fit_alignment(target_images, quiet)
     rows[SCRATCH] = {**evaluate(scratch, target_test), "fit_seconds": s1_seconds + s2_seconds + t1_scratch}
     print(SCRATCH, rows[SCRATCH])
 
     tick = time.perf_counter()
     knn_config = {"backbone": {"layers": [2, 3], "grid_size": 32}, "bank_fraction": 0.1}
     knn = build_detector("patchcore", method_config("patchcore", knn_config))
-    knn.fit(*split_calibration(target_train, 0.1), progress=False, cache_dir=cache_dir)
+    knn.fit(*split_calibration(target_train, 0.1), quiet)
     rows["kNN on target normals (labelled reference)"] = {**evaluate(knn, target_test),
                                                           "fit_seconds": time.perf_counter() - tick}
     return {"rows": rows, "diagnostics": diagnostics,

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, save  # noqa: E402
 
 from ray_ad.data import load_samples  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.align import source_directions  # noqa: E402
 from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector  # noqa: E402
 
@@ -48,11 +49,11 @@ REFITS = {
 def true_directions(detector, target: str, cache_dir: str) -> torch.Tensor:
     """The statistics' directions on the target's labelled test split under the adapted model (check only)."""
     samples = load_samples(target, "test")
-    features = detector.extract_features(samples, cache_dir=cache_dir, progress=False)
-    z = torch.cat([detector._signatures(detector._domain_fields(chunk)) for chunk in features.split(32)])
+    features = detector.extract_features(samples, Runtime(progress=False, cache_dir=cache_dir))
+    z = torch.cat([detector.signatures(detector.domain_fields(chunk)) for chunk in features.split(32)])
     labels = torch.tensor([float(s.label) for s in samples])
     keep = labels >= 0
-    return source_directions(detector._image_statistics(z)[keep], labels[keep])
+    return source_directions(detector.image_statistics(z)[keep], labels[keep])
 
 
 def witness_checks(detector, source: str, target: str, infos: dict[str, dict], cache_dir: str) -> dict:
@@ -78,20 +79,21 @@ def run(source: str, target: str, seed: int, cache_dir: str) -> dict[str, float]
            "w/o CFA (source model as is)": evaluate_split(detector, target, "test", progress=False)[1]["image_auroc"]}
     images, cache = target_image_uris(target), {}
     tick = time.perf_counter()
-    detector.adapt(images, progress=False, cache_dir=cache_dir, cache=cache)
+    detector.adapt(images, Runtime(progress=False, cache_dir=cache_dir), cache=cache)
     row["REF+CFA (the paper's CFA, T1 from scratch)"] = evaluate_split(detector, target, "test", progress=False)[1][
         "image_auroc"]
     print(f"{source} -> {target} seed {seed}: adapted in {time.perf_counter() - tick:.0f} s", flush=True)
     paper, infos = detector.config.cfa, {}
     for name, change in REFITS.items():
         detector.config.cfa = dataclasses.replace(paper, **change)
-        info = detector.fit_alignment(images, progress=False, cache_dir=cache_dir, cache=cache)
+        info = detector.fit_alignment(images, Runtime(progress=False, cache_dir=cache_dir), cache=cache)
         row[name] = evaluate_split(detector, target, "test", progress=False)[1]["image_auroc"]
         row[f"{name}: statistics flipped"] = info["statistics_flipped"]
         if change.get("second_order", True):  # the witness does not depend on SFA
             infos[change.get("direction_witness", "tail") + " witness"] = info
     detector.config.cfa = paper
-    detector.fit_alignment(images, progress=False, cache_dir=cache_dir, cache=cache)  # the paper's TA and DSA again
+    # The paper's TA and DSA again.
+    detector.fit_alignment(images, Runtime(progress=False, cache_dir=cache_dir), cache=cache)
     row.update(witness_checks(detector, source, target, infos, cache_dir))
     for key, value in row.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -24,6 +24,7 @@ from _common import RESULTS, save  # noqa: E402
 from ray_ad import registry  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.pipeline import target_image_uris  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
         settings = {"second_order": True, "sfa_trim": 0.0, **change}
         detector.config.cfa = dataclasses.replace(detector.config.cfa, **settings)
         tick = time.perf_counter()
-        detector.fit_alignment(images, False, str(RESULTS / "cache"), cache=cache)
+        detector.fit_alignment(images, Runtime(progress=False, cache_dir=str(RESULTS / "cache")), cache=cache)
         metrics = compute_metrics(run_detector(detector, test, progress=False))
         rows[label] = {"image_auroc": metrics["image_auroc"], "image_ap": metrics["image_ap"],
                        "seconds": time.perf_counter() - tick}

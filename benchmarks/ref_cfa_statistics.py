@@ -28,6 +28,7 @@ from _common import RESULTS, save  # noqa: E402
 
 from ray_ad import registry  # noqa: E402
 from ray_ad.data import Sample, load_samples, split_calibration  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.fields import COMPONENTS  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
@@ -37,14 +38,14 @@ from ray_ad.metrics import auroc  # noqa: E402
 def statistic_aurocs(detector: REFCFA, samples: list[Sample], cache_dir: str) -> dict[str, tuple[float, float]]:
     """{statistic: (AUROC of the cell max, AUROC of the cell mean)} plus the served head score."""
     labels = np.array([s.label for s in samples])
-    features = detector.extract_features(samples, cache_dir=cache_dir, desc="features")
-    fields = detector._domain_fields(features)
+    features = detector.extract_features(samples, Runtime(cache_dir=cache_dir), desc="features")
+    fields = detector.domain_fields(features)
     _, stats = detector.signature(fields)
     cells = detector.grid**2
     columns = {f"E^att_{x}": stats.E[:, i] for i, x in enumerate(COMPONENTS)}
     columns |= {f"NS^att_{x}": stats.NS[:, i] for i, x in enumerate(COMPONENTS)}
     columns["DV"] = stats.DV
-    out = {"head (served image score)": (auroc(detector._score_fields(fields).numpy(), labels), float("nan"))}
+    out = {"head (served image score)": (auroc(detector.score_fields(fields).numpy(), labels), float("nan"))}
     for name, values in columns.items():
         per_image = values.detach().cpu().float().reshape(-1, cells)
         out[name] = (auroc(per_image.amax(1).numpy(), labels), auroc(per_image.mean(1).numpy(), labels))

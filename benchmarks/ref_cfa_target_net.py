@@ -31,7 +31,9 @@ from _common import RESULTS, machine, save  # noqa: E402
 from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
-from ray_ad.methods.ref_cfa.model import REFCFA, _Domain  # noqa: E402
+from ray_ad.methods.base import Runtime  # noqa: E402
+from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
+from ray_ad.methods.ref_cfa.scorer import Domain  # noqa: E402
 from ray_ad.pipeline import target_image_uris  # noqa: E402
 
 TASKS = {"mono-poly": "elpv:poly", "poly-mono": "elpv:mono"}
@@ -46,7 +48,7 @@ CFA_SWITCHES = {
 }
 
 
-def scratch_target(detector: REFCFA, task: str) -> _Domain:
+def scratch_target(detector: REFCFA, task: str) -> Domain:
     """The cached T1 of ``task`` that is not the bundle's (fine-tuned) one: the T1 from scratch."""
     fine_tuned = detector.domain_tensors("target")
     for path in sorted((RESULTS / "cache" / "score_nets").glob(f"{task}-target-*.pt")):
@@ -63,6 +65,7 @@ def run_task(task: str, bundle: str, target: str, cached_scratch: bool) -> dict[
     detector = load_bundle(bundle, device="auto")
     images, test = target_image_uris(target), load_samples(target, "test")
     cache_dir = str(RESULTS / "cache")
+    quiet = Runtime(progress=False, cache_dir=cache_dir)
     rows: dict[str, dict[str, float]] = {}
 
     def evaluate(label: str, tick: float) -> None:
@@ -72,7 +75,7 @@ def run_task(task: str, bundle: str, target: str, cached_scratch: bool) -> dict[
         print(f"{task} | {label}: image AUROC {metrics['image_auroc']:.3f}, AP {metrics['image_ap']:.3f}", flush=True)
 
     own, base_cfa, own_init = detector.target, detector.config.cfa, detector.config.target_init
-    targets: dict[str, _Domain] = {}
+    targets: dict[str, Domain] = {}
     if cached_scratch:  # the cross-domain benchmark's bundles hold T1 fine-tuned; its scratch T1 is cached
         targets["T1 from scratch (the default)"] = scratch_target(detector, task)
         targets["T1 fine-tuned from S1"] = own
@@ -82,9 +85,9 @@ def run_task(task: str, bundle: str, target: str, cached_scratch: bool) -> dict[
     detector.target = None
     evaluate("w/o CFA (source model as is)", tick)
 
-    features = detector._target_features(images, cache_dir, True, {})
+    features = detector.target_features(images, Runtime(cache_dir=cache_dir))
     detector.config.target_init = "source_frozen"  # S1 re-standardised on the target: no training
-    detector.fit_target_score_net(images, False, cache_dir, {"target_features": features})
+    detector.fit_target_score_net(images, quiet, {"target_features": features})
     targets["T1 = S1, target standardisation"] = detector.target
     targets["T1 = S1, source standardisation"] = detector.source
     for name, domain in targets.items():
@@ -93,7 +96,7 @@ def run_task(task: str, bundle: str, target: str, cached_scratch: bool) -> dict[
         for switch, change in CFA_SWITCHES.items():
             detector.config.cfa = dataclasses.replace(base_cfa, **change)
             tick = time.perf_counter()
-            detector.fit_alignment(images, False, cache_dir, cache=cache)
+            detector.fit_alignment(images, quiet, cache=cache)
             evaluate(f"{name}, {switch}", tick)
     return rows
 

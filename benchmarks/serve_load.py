@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import machine, save  # noqa: E402
 from ray_ad import registry  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
-from ray_ad.data.images import decode_image, to_tensor  # noqa: E402
+from ray_ad.data.images import decode_image  # noqa: E402
 
 
 def in_process(root: str, lines: list[str], payloads: list[bytes], passes: int, batch: int = 16) -> float:
@@ -40,9 +40,7 @@ def in_process(root: str, lines: list[str], payloads: list[bytes], passes: int, 
     detectors = [registry.load_current(root, line, device="auto")[0] for line in lines]
 
     def score(detector, chunk: list[bytes]) -> None:
-        images = [decode_image(p, "bench") for p in chunk]
-        tensors = torch.stack([to_tensor(im, detector.image_size, detector.extractor.mean,
-                                         detector.extractor.std) for im in images])
+        tensors = detector.preprocessor.batch([decode_image(p, "bench") for p in chunk])
         with torch.no_grad():
             detector.predict(tensors)
 
@@ -91,14 +89,14 @@ def main() -> None:
     from ray import serve
 
     from ray_ad.distributed.runtime import init_ray
-    from ray_ad.serve.app import build_app
+    from ray_ad.serve.app import ScorerOptions, ServiceConfig, build_app
 
     init_ray(num_cpus=max(2, int(args.scorer_cpus * args.scorer_replicas)))
     tokens = {"admin": secrets.token_hex(16), "lines": {line: secrets.token_hex(16) for line in lines}}
     port = 8123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args.root, tokens, landing_interval_s=0, scorer_cpus=args.scorer_cpus,
-                        scorer_max_ongoing=args.max_ongoing or None, scorer_replicas=args.scorer_replicas),
+    scorer = ScorerOptions(cpus=args.scorer_cpus, max_ongoing=args.max_ongoing or None, replicas=args.scorer_replicas)
+    serve.run(build_app(ServiceConfig(args.root, tokens=tokens, landing_interval_s=0, scorer=scorer)),
               name="fleet", route_prefix="/")
     path = "/v1/lines/{}/detect"
 

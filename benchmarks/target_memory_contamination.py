@@ -25,6 +25,7 @@ from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import auroc  # noqa: E402
 
 VARIANTS = {
@@ -55,7 +56,7 @@ def main() -> None:
         tick = time.perf_counter()
         paths = clean if name.startswith("clean") else fit_part
         memory = build_detector("target_memory", method_config("target_memory", VARIANTS[name]))
-        info = memory.fit([Sample(p, -1) for p in paths], [], progress=False, cache_dir=args.cache_dir)
+        info = memory.fit([Sample(p, -1) for p in paths], [], Runtime(False, args.cache_dir))
         results = run_detector(memory, scored, progress=False)
         rows[name] = {"landed": len(paths), "landed_defective": len(set(paths) & defective),
                       "dropped_images": info["dropped_images"],

@@ -26,6 +26,7 @@ from ray_ad.adaptation.threshold import RULES, SHAPES, unlabeled_threshold  # no
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import decision_metrics  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     fit_part, held_out = split_landing([s.path for s in landed], GateConfig())
     memory = build_detector("target_memory", method_config("target_memory", {"drop_image_z": None,
                                                                              "bank_size": 8192}))
-    memory.fit([Sample(p, -1) for p in fit_part], [], progress=False, cache_dir=args.cache_dir)
+    memory.fit([Sample(p, -1) for p in fit_part], [], Runtime(False, args.cache_dir))
     unlabeled = run_detector(memory, [Sample(p, -1) for p in held_out], progress=False).scores
     results = run_detector(memory, scored, progress=False)
     rows = {f"{shape} / {rule}": decision_metrics(results.scores, results.labels,

@@ -24,6 +24,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from ray_ad.distributed.job_args import add_common, run, train_flags
+from ray_ad.progress import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()  # the library's INFO lines (stages, progress) into the job's log
 
     def body() -> None:
         from ray_ad.distributed.lines import adapt_line

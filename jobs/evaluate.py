@@ -15,6 +15,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from ray_ad.distributed.job_args import add_common, run
+from ray_ad.progress import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", action="store_true", help="one GPU per actor")
     add_common(parser, training=False)
     args = parser.parse_args(argv)
+    configure_logging()  # the library's INFO lines (stages, progress) into the job's log
 
     def body() -> None:
         from ray_ad.distributed.batch import evaluate_line

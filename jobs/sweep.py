@@ -7,7 +7,7 @@
 Trials report validation image AUROC from held-out non-test images (never the test split). Results
 go to <root>/sweeps/<name>/: Tune's trial folders (`tensorboard --logdir <root>/sweeps/<name>/tune`),
 summary.csv, summary.md, sweep.png and best_config.yaml (`ray-ad train --config best_config.yaml`).
-See ray_ad/distributed/sweep.py for the space file format.
+See ray_ad/tuning.py for the space file format.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import _bootstrap  # noqa: F401
 
 from ray_ad.distributed.job_args import add_common, config_overrides, run
 from ray_ad.methods import METHODS
+from ray_ad.progress import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="search and validation-set seed (default 0)")
     add_common(parser, training=False)
     args = parser.parse_args(argv)
+    configure_logging()  # the library's INFO lines (stages, progress) into the job's log
     if args.samples < 1:
         parser.error(f"--samples must be >= 1, got {args.samples}")
 
     def body() -> None:
-        from ray_ad.distributed.sweep import load_space, run_sweep
+        from ray_ad.distributed.sweep import run_sweep
+        from ray_ad.tuning import load_space
 
         run_sweep(args.method, args.data, args.root, load_space(args.space), args.samples,
                   config_overrides(args.config, args.set), args.name, args.cpus_per_trial, args.gpus_per_trial,

@@ -14,6 +14,7 @@ import _bootstrap  # noqa: F401
 
 from ray_ad.distributed.job_args import add_common, config_overrides, run, train_flags
 from ray_ad.methods import METHODS
+from ray_ad.progress import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="version name to publish (default: a new time-stamped one)")
     add_common(parser)
     args = parser.parse_args(argv)
+    configure_logging()  # the library's INFO lines (stages, progress) into the job's log
 
     def body() -> None:
         from ray_ad.distributed.lines import train_line

@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ray_ad import storage
-from ray_ad.config import to_dict
+from ray_ad.config import set_dotted, to_dict
 from ray_ad.errors import BundleError, RayADError
 from ray_ad.methods import METHODS, Detector, build_detector, method_config
 
@@ -111,12 +111,8 @@ def with_stored_defaults(method: str, stored: dict[str, Any]) -> dict[str, Any]:
     """A copy of a bundle's stored config with the method's ``STORED_DEFAULTS`` filled in where absent."""
     out = copy.deepcopy(stored)
     defaults = METHODS[method][0].STORED_DEFAULTS if method in METHODS else {}  # unknown: build_detector says so
-    for dotted, value in defaults.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})  # a section the bundle lacks altogether gets the default too
-        node.setdefault(leaf, value)
+    for dotted, value in defaults.items():  # a section the bundle lacks altogether gets the default too
+        set_dotted(out, dotted, value, replace=False)
     return out
 
 

@@ -13,38 +13,22 @@ from typing import Any
 from ray_ad import storage
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.config import apply_overrides, load_file
-from ray_ad.data.images import load_image, to_tensor
+from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError, RayADError
 from ray_ad.methods import METHODS
+from ray_ad.methods.base import Adaptable, Runtime
 from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
-
-METRIC_KEYS = (
-    "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-    "seconds_per_image",
-)
-
-
-def format_table(rows: dict[str, dict[str, Any]], keys: tuple[str, ...] = METRIC_KEYS) -> str:
-    """A plain-text table: one row per run, one column per metric."""
-    name_width = max(8, *(len(name) for name in rows))
-    header = f"{'':<{name_width}}  " + "  ".join(f"{k:>12}" for k in keys)
-    lines = [header]
-    for name, values in rows.items():
-        cells = []
-        for key in keys:
-            value = values.get(key)
-            cells.append(f"{'-':>12}" if value is None else f"{value:>12.4f}")
-        lines.append(f"{name:<{name_width}}  " + "  ".join(cells))
-    return "\n".join(lines)
+from ray_ad.progress import configure_logging
+from ray_ad.report import format_table
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     detector = load_bundle(args.model, device=args.device)
-    if not hasattr(detector, "adapt"):
+    if not isinstance(detector, Adaptable):
         raise RayADError(f"{args.model} is a {detector.method} bundle; only ref_cfa source models can be adapted")
     target_images = target_image_uris(args.target, args.target_split)
     print(f"adapting {args.model} to {len(target_images)} unlabeled images of {args.target}")
-    info = adapt_detector(detector, target_images, args.set, progress=not args.quiet, cache_dir=args.cache_dir)
+    info = adapt_detector(detector, target_images, args.set, Runtime(not args.quiet, args.cache_dir))
     for key, value in info.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     metrics: dict[str, Any] = {"adapt": info}
@@ -63,8 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     detector, metrics = train_detector(
-        args.method, args.data, overrides, args.calibration_fraction, progress=not args.quiet,
-        cache_dir=args.cache_dir, evaluate=not args.no_eval,
+        args.method, args.data, overrides, args.calibration_fraction, Runtime(not args.quiet, args.cache_dir),
+        evaluate=not args.no_eval,
     )
     if "image_auroc" in metrics:
         print(format_table({args.method: metrics}))
@@ -76,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     detector = load_bundle(args.model, device=args.device)
     if args.scoring:
-        if not hasattr(detector, "set_scoring"):
+        if not detector.supports_inversion:
             raise RayADError(f"--scoring applies to osd_irf bundles, not {detector.method}")
         detector.set_scoring(args.scoring)
     results, metrics = evaluate_split(detector, args.data, args.split, not args.quiet)
@@ -103,10 +87,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        tensor = to_tensor(image, detector.image_size, detector.extractor.mean, detector.extractor.std)
-        prediction = detector.predict(tensor[None])
+        prediction = detector.predict(detector.preprocess(image)[None])
         score = float(prediction.pred_score[0])
-        anomalous = bool(score > detector.threshold)
+        anomalous = bool(detector.decide(score))
         rows.append({"path": path, "score": score, "is_anomaly": anomalous, "threshold": detector.threshold})
         if not args.json:
             print(f"{path}\tscore={score:.4f}\t{'ANOMALY' if anomalous else 'normal'}")
@@ -189,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()  # the library logs its stages; the CLI shows them
     try:
         return args.func(args)
     except RayADError as exc:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -131,28 +132,62 @@ def load_file(uri: str) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``3``, ``0.1``, ``[1,2]``, ``true``)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with dotted-key overrides applied (``train.lr`` -> ``{"train": {"lr": ...}}``).
+
+    ``overrides`` is a list of ``a.b.c=value`` strings (``--set``: values parsed as YAML, so ``3``,
+    ``0.1``, ``[1,2]``, ``true``), or a mapping from dotted keys to values used as they are (a sweep's
+    sampled values).
+    """
     data = json.loads(json.dumps(data))
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            set_dotted(data, key, value, f"key {key!r}")
+        return data
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value {raw!r}") from exc
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        key, value = parse_override(item)
+        set_dotted(data, key, value, f"override {item!r}")
     return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value parsed as YAML)``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}") from exc
+
+
+def override_section(item: str) -> str:
+    """The top-level section an override sets: ``"gate.margin=0.1"`` -> ``"gate"``, ``"t=250"`` -> ``"t"``."""
+    return item.partition("=")[0].split(".")[0]
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, what: str = "", replace: bool = True) -> None:
+    """Set ``value`` at dotted ``key`` of the nested mapping ``data`` in place, creating missing sections.
+
+    ``replace=False`` keeps a value already there (filling defaults). ``what`` names the key in errors
+    (default: the key itself).
+    """
+    what = what or f"key {key!r}"
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{what} has an empty key")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is not a section")
+        node = child
+    if replace:
+        node[parts[-1]] = value
+    else:
+        node.setdefault(parts[-1], value)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

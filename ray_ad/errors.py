@@ -18,6 +18,10 @@ class DataError(RayADError):
     """A dataset, image, mask or manifest is missing, unreadable or inconsistent."""
 
 
+class ImageTooLarge(DataError):
+    """An image whose header declares more pixels than the caller's limit (nothing of it is decoded)."""
+
+
 class WeightsError(RayADError):
     """A backbone weight source is missing or does not fit the model."""
 

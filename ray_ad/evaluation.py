@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ray_ad import metrics
 from ray_ad.data import ImageDataset, Sample
 from ray_ad.methods.base import Detector
+from ray_ad.progress import progress as show_progress
 
 
 @dataclass
@@ -30,12 +30,13 @@ class Results:
 def run_detector(
     detector: Detector, samples: list[Sample], batch_size: int = 16, progress: bool = True
 ) -> Results:
-    dataset = ImageDataset(samples, detector.image_size, detector.extractor.mean, detector.extractor.std)
+    dataset = ImageDataset(samples, detector.preprocessor)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     scores, maps, labels, masks, has_mask, paths = [], [], [], [], [], []
     model_seconds = 0.0
     start = time.perf_counter()
-    for batch in tqdm(loader, desc=f"score ({detector.method})", disable=not progress, leave=False):
+    for batch in show_progress(loader, desc=f"score ({detector.method})", enabled=progress, unit="batch",
+                               leave=False):
         tick = time.perf_counter()
         prediction = detector.predict(batch["image"])
         if detector.device.type == "cuda":

@@ -13,11 +13,11 @@ from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ray_ad.backbones import BackboneConfig, FeatureExtractor
 from ray_ad.config import to_dict
 from ray_ad.data import ImageDataset, Sample
+from ray_ad.progress import progress as progress_bar
 
 
 def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,11 +82,13 @@ def _extract_here(
     extractor: FeatureExtractor, samples: list[Sample], augment: int, batch_size: int, device: torch.device | str,
     progress: bool, desc: str,
 ) -> torch.Tensor:
-    dataset = ImageDataset(samples, extractor.config.image_size, extractor.mean, extractor.std, with_masks=False)
+    dataset = ImageDataset(samples, extractor.preprocessor, with_masks=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     per_variant: list[list[torch.Tensor]] = [[] for _ in range(augment)]
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = batch["image"].to(device)
-        for k in range(augment):
-            per_variant[k].append(extractor(dihedral(images, k)).float().cpu())
+    with progress_bar(desc=desc, total=len(samples), enabled=progress, unit="images", leave=False) as bar:
+        for batch in loader:
+            images = batch["image"].to(device)
+            for k in range(augment):
+                per_variant[k].append(extractor(dihedral(images, k)).float().cpu())
+            bar.update(len(images))
     return torch.cat([torch.cat(chunks) for chunks in per_variant])

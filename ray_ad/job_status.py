@@ -1,12 +1,15 @@
-"""Adaptation job ids and their status objects under ``<root>/jobs/`` (shared by jobs, service, watcher)."""
+"""Adaptation job ids and their status objects under ``<root>/jobs/``: written by the adaptation job,
+read by the job itself (a re-submitted target), the service and the landing watcher."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from typing import Any
 
 from ray_ad import storage
+from ray_ad.data.sample import is_folder_uri
 from ray_ad.errors import DataError
 
 LANDING_MANIFEST = "_MANIFEST.json"  # written by the landing watcher into a checked batch
@@ -14,7 +17,7 @@ LANDING_MANIFEST = "_MANIFEST.json"  # written by the landing watcher into a che
 
 def landing_manifest(target: str) -> dict[str, Any] | None:
     """The manifest the landing watcher wrote into a batch folder (image names, sizes, digests), if any."""
-    if "://" not in target and (target.startswith("elpv:") or target.endswith(".parquet")):
+    if not is_folder_uri(target):  # a dataset (elpv:..., a Parquet manifest), not a landed batch
         return None
     uri = storage.join(target, LANDING_MANIFEST)
     if not storage.exists(uri):
@@ -45,6 +48,17 @@ def adapt_job_id(new_line: str, source_line: str, source_version: str, target: s
 
 def job_status_uri(root: str, job_id: str) -> str:
     return storage.join(root, "jobs", f"{job_id}.json")
+
+
+def timestamp() -> str:
+    """Now, UTC, to the second (ISO 8601): the times a status object records."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def write_job_status(root: str, status: dict[str, Any]) -> None:
+    """Write ``status`` (a dict with ``job_id``) to its object, stamping ``updated``; whole or not at all."""
+    status["updated"] = timestamp()
+    storage.write_text(job_status_uri(root, status["job_id"]), json.dumps(status, indent=2, sort_keys=True))
 
 
 def read_job_status(root: str, job_id: str) -> dict[str, Any] | None:

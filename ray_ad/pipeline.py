@@ -1,34 +1,29 @@
 """The library's workflows (train, adapt, evaluate), shared by the CLI, the Ray jobs and the service.
 
-Ray-free: the jobs pass a Ray Train ``score_net_trainer`` in; everything else is the same code path
-as ``ray-ad train`` / ``ray-ad adapt`` on a laptop.
+Ray-free: the jobs pass a ``Runtime`` whose score-net trainer is Ray Train's and whose feature backend
+is a Ray Data pool; everything else is the same code path as ``ray-ad train`` / ``ray-ad adapt`` on a
+laptop.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray_ad import storage
 from ray_ad.adaptation.gate import ACCEPTANCE
-from ray_ad.config import apply_overrides, to_dict
-from ray_ad.data import Sample, load_samples, split_calibration, training_split
+from ray_ad.config import apply_overrides, override_section, to_dict
+from ray_ad.data import Sample, is_folder_uri, load_samples, split_calibration, training_split
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
 from ray_ad.errors import ConfigError, DataError, RayADError
 from ray_ad.evaluation import compute_metrics, run_detector
-from ray_ad.features import FeatureBackend
 from ray_ad.job_status import landing_manifest
 from ray_ad.methods import Detector, build_detector, method_config
-from ray_ad.training import ScoreNetTrainer
+from ray_ad.methods.base import Adaptable, Runtime
+
+log = logging.getLogger(__name__)
 
 ADAPT_SECTIONS = ("cfa", "train", "target_init")  # what may differ between a source model and its adaptation
-
-
-def _use(detector: Detector, trainer: ScoreNetTrainer | None, backend: FeatureBackend | None) -> None:
-    """Where the detector trains score networks and computes features (default: this process)."""
-    if trainer is not None:
-        detector.score_net_trainer = trainer
-    if backend is not None:
-        detector.feature_backend = backend
 
 
 def _require_both_labels(samples: list[Sample], what: str) -> None:
@@ -51,12 +46,12 @@ def evaluate_split(detector: Detector, data: str, split: str, progress: bool = T
 
 def train_detector(
     method: str, data: str, overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
-    progress: bool = True, cache_dir: str | None = None, evaluate: bool = True,
-    score_net_trainer: ScoreNetTrainer | None = None, feature_backend: FeatureBackend | None = None,
+    runtime: Runtime | None = None, evaluate: bool = True,
 ) -> tuple[Detector, dict[str, Any]]:
     """Build ``method`` from ``overrides``, fit it on ``data``, evaluate it; returns (detector, metrics)."""
+    runtime = runtime or Runtime()
+    progress = runtime.progress
     detector = build_detector(method, method_config(method, overrides or {}))
-    _use(detector, score_net_trainer, feature_backend)
     held_out: list[Sample] | None = None
     if detector.uses_labels:
         # Supervised source training: every labelled image of every split; a hashed share is held out
@@ -64,12 +59,12 @@ def train_detector(
         labelled = [s for s in load_samples(data) if s.label in (0, 1)]
         train, held_out = split_calibration(labelled, calibration_fraction)
         calibration = [s for s in held_out if s.label == 0]
-        print(f"training {method} on {len(train)} labelled images "
+        log.info(f"training {method} on {len(train)} labelled images "
               f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out)} held out")
     else:
         train, calibration = training_split(data, calibration_fraction)
-        print(f"training {method} on {len(train)} normal images, {len(calibration)} held out for calibration")
-    metrics: dict[str, Any] = {"fit": detector.fit(train, calibration, progress=progress, cache_dir=cache_dir)}
+        log.info(f"training {method} on {len(train)} normal images, {len(calibration)} held out for calibration")
+    metrics: dict[str, Any] = {"fit": detector.fit(train, calibration, runtime)}
     if evaluate:
         try:
             if held_out is not None:
@@ -77,7 +72,7 @@ def train_detector(
             else:
                 metrics.update(evaluate_split(detector, data, "test", progress)[1])
         except DataError as exc:
-            print(f"skipping evaluation: {exc}")
+            log.info(f"skipping evaluation: {exc}")
     return detector, metrics
 
 
@@ -93,7 +88,7 @@ def target_image_uris(uri: str, split: str | None = None) -> list[str]:
     try:
         return [s.path for s in load_samples(uri, split)]
     except DataError:
-        if uri.startswith("elpv:") or uri.endswith(".parquet") or split is not None:
+        if not is_folder_uri(uri) or split is not None:
             raise
     images = [p for p in storage.list_files(uri)
               if p.lower().endswith(IMAGE_EXTENSIONS) and f"/{ACCEPTANCE}/" not in p]
@@ -103,20 +98,18 @@ def target_image_uris(uri: str, split: str | None = None) -> list[str]:
 
 
 def adapt_detector(
-    detector: Detector, target_images: list[str], overrides: list[str] | None = None, progress: bool = True,
-    cache_dir: str | None = None, score_net_trainer: ScoreNetTrainer | None = None,
-    feature_backend: FeatureBackend | None = None,
+    detector: Detector, target_images: list[str], overrides: list[str] | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Adapt a ref_cfa source detector in place to unlabeled target images; returns the adaptation info."""
-    if not hasattr(detector, "adapt"):
+    """Adapt an adaptable detector (REF+CFA) in place to unlabeled target images; returns the adaptation info."""
+    if not isinstance(detector, Adaptable):
         raise RayADError(f"this is a {detector.method} model; only ref_cfa source models can be adapted")
     if overrides:
-        outside = sorted({item.partition("=")[0].split(".")[0] for item in overrides} - set(ADAPT_SECTIONS))
+        outside = sorted({override_section(item) for item in overrides} - set(ADAPT_SECTIONS))
         if outside:
             raise ConfigError(f"adapt can only change {', '.join(ADAPT_SECTIONS)}; not {', '.join(outside)}")
         new = method_config(detector.method, apply_overrides(to_dict(detector.config), overrides))
         for name in ADAPT_SECTIONS:
             setattr(detector.config, name, getattr(new, name))
-    _use(detector, score_net_trainer, feature_backend)
     # Only image URIs reach the detector: adaptation never sees a label or a mask.
-    return detector.adapt(target_images, progress=progress, cache_dir=cache_dir)
+    return detector.adapt(target_images, runtime or Runtime())

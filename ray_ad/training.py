@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ray_ad.diffusion import NoiseSchedule
+from ray_ad.progress import progress as progress_bar
 
 
 @dataclass
@@ -133,7 +133,7 @@ class ScoreNetLoop:
         config = self.config
         until = config.steps if until is None else min(until, config.steps)
         batch_size = batch_size or config.batch_size
-        bar = tqdm(total=until, initial=self.step, desc="train score net", disable=not progress)
+        bar = progress_bar(desc="train score net", total=until, initial=self.step, enabled=progress, unit="steps")
         self.model.train()
         while self.step < until:
             index = torch.randint(0, x0.shape[0], (batch_size,), generator=self.generator)

@@ -71,6 +71,34 @@ def tiny_osd_irf_config(**extra: object) -> dict:
     return config
 
 
+def tiny_ref_cfa_config(**extra: object) -> dict:
+    config = {
+        "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},
+        "score_net": {"hidden": 48, "depth": 1, "heads": 2},
+        "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 1e-3, "ema_decay": 0.9},
+        "fields": {"timesteps": [300, 200, 100], "token_dim": 4},
+        "head": {"steps": 60, "batch_images": 4, "d_model": 16, "heads": 2, "embed_dim": 4, "hidden": 16},
+        "cfa": {"rank": 3},
+        "map_sigma": 1.0,
+        "device": "cpu",
+    }
+    config.update(extra)
+    return config
+
+
+def shift_folder(source: Path, target: Path) -> Path:
+    """The same layout with every image darker and lower in contrast (a 'new camera'); masks copied."""
+    for path in source.rglob("*.png"):
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(path)
+        if "ground_truth" not in path.parts:
+            array = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((0.6 * array + 20).clip(0, 255).astype(np.uint8))
+        image.save(out)
+    return target
+
+
 def _free_port() -> int:
     import socket
 
@@ -153,15 +181,13 @@ def batch_dependence(detector, images: torch.Tensor, sizes: tuple[int, ...] = (2
     return max(float((detector.predict(images[:size]).pred_score - alone[:size]).abs().max()) for size in sizes)
 
 
-def image_batch(
-    folder: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...], count: int = 16,
-) -> torch.Tensor:
-    """``count`` preprocessed images from a generated dataset (cycled when it holds fewer)."""
-    from ray_ad.data.images import load_image, to_tensor
+def image_batch(folder: Path, detector, count: int = 16) -> torch.Tensor:  # noqa: ANN001 - any Detector
+    """``count`` images of a generated dataset (cycled when it holds fewer), as ``detector`` preprocesses them."""
+    from ray_ad.data.images import load_image
 
     paths = sorted(folder.rglob("*.png"))
     paths = [p for p in paths if "ground_truth" not in p.parts]
-    return torch.stack([to_tensor(load_image(str(paths[i % len(paths)])), size, mean, std) for i in range(count)])
+    return detector.preprocessor.batch([load_image(str(paths[i % len(paths)])) for i in range(count)])
 
 
 def wait_for_serve_gone(seconds: float = 90) -> None:
@@ -180,3 +206,17 @@ def wait_for_serve_gone(seconds: float = 90) -> None:
             return
         time.sleep(1)
     raise TimeoutError(f"Serve's controller from an earlier test module is still alive after {seconds} s")
+
+
+# What makes a test "slow" (deselect with `pytest -m "not slow"`): it lives under tests/integration,
+# or it starts Ray, Serve or an S3 server, or reads the real datasets (these fixtures), or it trains a
+# real model (marked by hand with @pytest.mark.slow).
+SLOW_FIXTURES = {"ray_cluster", "s3_server", "s3_bucket", "magnetic_tile"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if ("integration" in item.path.parts or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or "s3" in params.values()):  # the same test against the S3 server
+            item.add_marker(pytest.mark.slow)

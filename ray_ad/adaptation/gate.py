@@ -31,8 +31,9 @@ from PIL import Image
 
 from ray_ad import metrics, storage
 from ray_ad.adaptation.threshold import RULES, SHAPES, unlabeled_threshold
+from ray_ad.data import is_folder_uri
 from ray_ad.data.dataset import IMAGE_EXTENSIONS
-from ray_ad.data.images import load_image, to_tensor
+from ray_ad.data.images import load_image
 from ray_ad.data.synthetic import subtle_defect
 from ray_ad.errors import DataError
 from ray_ad.methods.base import Detector
@@ -93,7 +94,7 @@ def split_landing(images: list[str], config: GateConfig) -> tuple[list[str], lis
 
 def acceptance_images(target: str) -> tuple[list[str], list[str]] | None:
     """(good, defect) image URIs under ``<target>/_acceptance/``, or None when there is none."""
-    if target.startswith("elpv:") or target.endswith(".parquet"):
+    if not is_folder_uri(target):
         return None  # a dataset, not a landing folder
     folder = storage.join(target, ACCEPTANCE)
     if not storage.exists(folder):
@@ -163,11 +164,9 @@ class GateSet:
 @torch.no_grad()
 def score_arrays(detector: Detector, arrays: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
     """Image scores of uint8 arrays through ``detector``'s own input size and normalisation."""
-    mean, std = detector.extractor.mean, detector.extractor.std
     scores = []
     for start in range(0, len(arrays), batch_size):
-        batch = torch.stack([to_tensor(Image.fromarray(a), detector.image_size, mean, std)
-                             for a in arrays[start : start + batch_size]])
+        batch = detector.preprocessor.batch([Image.fromarray(a) for a in arrays[start : start + batch_size]])
         scores.append(detector.predict(batch).pred_score.float().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_ad.adaptation.gate import GateConfig, GateSet, acceptance_images, choose, gate_score, split_landing
-from ray_ad.config import apply_overrides, from_dict
+from ray_ad.config import apply_overrides, from_dict, override_section
 from ray_ad.data import Sample
-from ray_ad.features import FeatureBackend
 from ray_ad.methods import Detector
+from ray_ad.methods.base import Runtime
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
 from ray_ad.pipeline import adapt_detector
-from ray_ad.training import ScoreNetTrainer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ ADAPT_KEYS = ("candidates", "gate", "memory")
 
 def split_overrides(overrides: list[str] | None) -> tuple[AdaptConfig, list[str]]:
     """``--set`` items for the adaptation itself (candidates, gate.*, memory.*) and the rest (REF+CFA's)."""
-    ours = [item for item in overrides or [] if item.partition("=")[0].split(".")[0] in ADAPT_KEYS]
+    ours = [item for item in overrides or [] if override_section(item) in ADAPT_KEYS]
     rest = [item for item in overrides or [] if item not in ours]
     return from_dict(AdaptConfig, apply_overrides({}, ours)), rest
 
@@ -78,25 +77,24 @@ class Outcome:
 
 def adapt_candidates(
     source: Detector, target: str, images: list[str], config: AdaptConfig, served: Detector | None = None,
-    ref_cfa_overrides: list[str] | None = None, progress: bool = True, cache_dir: str | None = None,
-    score_net_trainer: ScoreNetTrainer | None = None, feature_backend: FeatureBackend | None = None,
+    ref_cfa_overrides: list[str] | None = None, runtime: Runtime | None = None,
 ) -> Outcome:
     """Build the candidates on the fit part of ``images``, gate them on the held-out part, choose.
 
     The winner's threshold is set to its unlabeled operating point; nothing is published here.
     """
+    runtime = runtime or Runtime()
     fit_part, held_out = split_landing(images, config.gate)
-    gate_set = build_gate_set(source, target, held_out, config, progress, cache_dir, feature_backend)
+    gate_set = build_gate_set(source, target, held_out, config, runtime)
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
-    print(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
-          f"({gate_set.source} ranking: {gate_set.counts})", flush=True)
+    log.info(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
+          f"({gate_set.source} ranking: {gate_set.counts})")
     builders = {
         "source": lambda: copy.deepcopy(source),
-        "target_memory": lambda: _target_memory(source, fit_part, config.memory, progress, cache_dir, feature_backend),
+        "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime),
         "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
-                                                    drop_cell_z=None), progress, cache_dir, feature_backend),
-        "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, progress, cache_dir, score_net_trainer,
-                                    feature_backend),
+                                                    drop_cell_z=None), runtime),
+        "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, runtime),
     }
     candidates: dict[str, Detector] = {}
     scores: dict[str, dict[str, Any]] = {}
@@ -108,20 +106,19 @@ def adapt_candidates(
         build_seconds = time.perf_counter() - tick
         scores[name] = gate_score(candidates[name], gate_set, config.gate)
         scores[name]["build_seconds"] = build_seconds
-        print(f"candidate {name}: gate AUROC {scores[name]['gate_auroc']:.3f} "
-              f"(built in {build_seconds:.0f} s)", flush=True)
+        log.info(f"candidate {name}: gate AUROC {scores[name]['gate_auroc']:.3f} "
+              f"(built in {build_seconds:.0f} s)")
     if served is not None:
         candidates[SERVED] = served
         scores[SERVED] = gate_score(served, gate_set, config.gate)
-        print(f"served version: gate AUROC {scores[SERVED]['gate_auroc']:.3f}", flush=True)
+        log.info(f"served version: gate AUROC {scores[SERVED]['gate_auroc']:.3f}")
     winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin)
     candidates[winner].threshold = scores[winner]["threshold"]
     return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out))
 
 
 def build_gate_set(
-    source: Detector, target: str, held_out: list[str], config: AdaptConfig, progress: bool = True,
-    cache_dir: str | None = None, feature_backend: FeatureBackend | None = None,
+    source: Detector, target: str, held_out: list[str], config: AdaptConfig, runtime: Runtime | None = None,
 ) -> GateSet:
     """What the gate ranks on: the batch's ``_acceptance/`` images if it has them, else synthetic defects
     pasted into the held-out images that are no suspects (``gate.suspect_z``)."""
@@ -130,9 +127,7 @@ def build_gate_set(
     if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
         # The referee is mutual scoring among the held-out images, none of the candidates.
         referee = TargetMemory.from_source(source, config.memory)
-        if feature_backend is not None:
-            referee.feature_backend = feature_backend
-        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, progress, cache_dir)
+        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, runtime)
         if suspects.mean() > 0.5:  # a "mode" that half the images stand out from is no normal mode
             log.warning("gate: %s of %s held-out images stand out; no suspects", suspects.sum(), len(held_out))
             suspects = None
@@ -143,22 +138,14 @@ def _samples(paths: list[str]) -> list[Sample]:
     return [Sample(path, -1) for path in paths]  # label -1: nothing downstream can read a label
 
 
-def _target_memory(
-    source: Detector, fit_part: list[str], config: TargetMemoryConfig, progress: bool, cache_dir: str | None,
-    feature_backend: FeatureBackend | None,
-) -> TargetMemory:
+def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryConfig,
+                   runtime: Runtime) -> TargetMemory:
     memory = TargetMemory.from_source(source, config)
-    if feature_backend is not None:
-        memory.feature_backend = feature_backend
-    memory.fit(_samples(fit_part), [], progress=progress, cache_dir=cache_dir)
+    memory.fit(_samples(fit_part), [], runtime)
     return memory
 
 
-def _ref_cfa(
-    source: Detector, fit_part: list[str], overrides: list[str] | None, progress: bool, cache_dir: str | None,
-    score_net_trainer: ScoreNetTrainer | None, feature_backend: FeatureBackend | None,
-) -> Detector:
+def _ref_cfa(source: Detector, fit_part: list[str], overrides: list[str] | None, runtime: Runtime) -> Detector:
     adapted = copy.deepcopy(source)
-    adapt_detector(adapted, fit_part, overrides, progress=progress, cache_dir=cache_dir,
-                   score_net_trainer=score_net_trainer, feature_backend=feature_backend)
+    adapt_detector(adapted, fit_part, overrides, runtime)
     return adapted

@@ -17,6 +17,7 @@ from torch import nn
 
 from ray_ad.backbones.fold import fold_batch_norms
 from ray_ad.backbones.weights import apply_weights, default_source, load_state_dict
+from ray_ad.data.images import Preprocessor
 from ray_ad.errors import ConfigError
 
 
@@ -93,6 +94,7 @@ class FeatureExtractor(nn.Module):
         pretrained = timm.get_pretrained_cfg(config.name)
         self.mean = tuple(pretrained.mean) if pretrained else (0.485, 0.456, 0.406)
         self.std = tuple(pretrained.std) if pretrained else (0.229, 0.224, 0.225)
+        self.preprocessor = Preprocessor(config.image_size, self.mean, self.std)  # what images it expects
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # The backbone is frozen: batch-norm statistics must never move.

@@ -14,38 +14,27 @@ from __future__ import annotations
 
 import io
 import posixpath
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from ray_ad import storage
-from ray_ad.data.images import load_image, load_mask, mask_to_tensor, to_tensor
+from ray_ad.data.elpv import elpv_samples
+from ray_ad.data.images import Preprocessor, load_image, load_mask, mask_to_tensor
+from ray_ad.data.sample import UNLABELED, Sample, dataset_kind
 from ray_ad.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("path", "label", "mask_path", "split", "domain")
-UNLABELED = -1
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    label: int  # 0 normal, 1 anomalous, -1 unlabeled
-    mask_path: str | None = None
-    split: str = "test"
-    domain: str = ""
-    defect: str = ""
 
 
 def load_samples(uri: str, split: str | None = None) -> list[Sample]:
     """The samples of ``split`` (all splits when None) of the dataset at ``uri``."""
-    if uri.startswith("elpv:"):
-        from ray_ad.data.elpv import elpv_samples
-
+    kind = dataset_kind(uri)
+    if kind == "elpv":
         samples = elpv_samples(uri)
-    elif uri.endswith(".parquet"):
+    elif kind == "manifest":
         samples = _manifest_samples(uri)
     else:
         samples = _mvtec_samples(uri)
@@ -169,17 +158,9 @@ def write_manifest(samples: list[Sample], uri: str) -> None:
 class ImageDataset(Dataset):
     """Samples -> dicts of normalised image, binary mask, label and path."""
 
-    def __init__(
-        self,
-        samples: list[Sample],
-        image_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        with_masks: bool = True,
-    ) -> None:
+    def __init__(self, samples: list[Sample], preprocessor: Preprocessor, with_masks: bool = True) -> None:
         self.samples = samples
-        self.image_size = image_size
-        self.mean, self.std = mean, std
+        self.preprocessor = preprocessor  # the detector's (or backbone's) own resize and normalisation
         self.with_masks = with_masks
 
     def __len__(self) -> int:
@@ -192,8 +173,8 @@ class ImageDataset(Dataset):
         if self.with_masks and sample.mask_path:
             mask = load_mask(sample.mask_path, image.size)
         return {
-            "image": to_tensor(image, self.image_size, self.mean, self.std),
-            "mask": mask_to_tensor(mask, self.image_size),
+            "image": self.preprocessor(image),
+            "mask": mask_to_tensor(mask, self.preprocessor.size),
             "label": torch.tensor(sample.label),
             "has_mask": torch.tensor(mask is not None),
             "path": sample.path,

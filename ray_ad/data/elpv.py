@@ -18,7 +18,7 @@ import hashlib
 import os
 from urllib.parse import parse_qs
 
-from ray_ad.data.dataset import UNLABELED, Sample
+from ray_ad.data.sample import ELPV_PREFIX, UNLABELED, Sample
 from ray_ad.errors import DataError
 
 DOMAINS = ("mono", "poly")
@@ -40,7 +40,7 @@ def _stable_unit(name: str) -> float:
 
 
 def elpv_samples(uri: str) -> list[Sample]:
-    spec, _, query = uri[len("elpv:") :].partition("?")
+    spec, _, query = uri[len(ELPV_PREFIX) :].partition("?")
     if spec not in DOMAINS:
         raise DataError(f"unknown elpv domain in {uri!r}; use elpv:mono or elpv:poly")
     options = {k: v[-1] for k, v in parse_qs(query).items()}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ray_ad import storage
-from ray_ad.errors import DataError
+from ray_ad.errors import DataError, ImageTooLarge
 
 # Decompression bombs are refused outright rather than warned about.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -20,18 +21,20 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = None, keep_gra
     """Bytes -> RGB PIL image (grayscale and palette images become 3 channels).
 
     With ``keep_gray`` a grayscale image stays one channel ("L"): ``to_tensor`` then resizes one
-    channel instead of three and repeats it afterwards, the same tensor for a third of the work."""
+    channel instead of three and repeats it afterwards, the same tensor for a third of the work.
+    Over ``max_pixels`` (read from the header, before decoding): ``ImageTooLarge``; bytes that do not
+    decode: ``DataError``."""
     if not data:
         raise DataError(f"{name}: empty file")
     try:
         image = Image.open(io.BytesIO(data))
         if max_pixels is not None and image.width * image.height > max_pixels:
-            raise DataError(
+            raise ImageTooLarge(
                 f"{name}: image of {image.width}x{image.height} pixels is over the limit of "
                 f"{max_pixels} pixels"
             )
         image.load()
-    except DataError:
+    except ImageTooLarge:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
@@ -88,3 +91,22 @@ def mask_to_tensor(mask: Image.Image | None, size: int) -> torch.Tensor:
         return torch.zeros(1, size, size)
     resized = mask.resize((size, size), Image.NEAREST)
     return torch.from_numpy((np.asarray(resized) > 127).astype(np.float32))[None]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """What a detector does to an image before its backbone: resize to ``size`` and normalise with the
+    backbone's ``mean``/``std``. Saved in every bundle (the backbone config and ``mean``/``std``), so a
+    caller never rebuilds it from a detector's parts."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image (RGB, or "L" for the one-channel fast path) -> ``[3, size, size]``."""
+        return to_tensor(image, self.size, self.mean, self.std)
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> ``[B, 3, size, size]``."""
+        return torch.stack([self(image) for image in images])

@@ -7,7 +7,12 @@ is another normal image cut into blocks and shuffled (their "self-shuffled sourc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from PIL import Image
+
+from ray_ad.data.images import load_image
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -75,6 +80,24 @@ def synthesize_anomaly(
     m = mask[..., None]
     blend = np.where(m, (1 - beta) * blend + beta * fill.astype(np.float32), blend)
     return blend.clip(0, 255).astype(np.uint8), mask
+
+
+def anomaly_pair(
+    uris: Sequence[str], index: int, donor: int, size: int | None, rng: np.random.Generator,
+    resample: Image.Resampling | None = Image.Resampling.BILINEAR,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``index`` of ``uris`` with a synthetic anomaly filled from image ``donor``:
+    (original uint8 [S, S, 3], anomalous uint8 [S, S, 3], mask bool [S, S]).
+
+    Both images are resized to ``size`` x ``size`` (None: the shorter side of image ``index``) with
+    ``resample`` (None: PIL's default filter); ``rng`` draws the mask, the shuffle and the opacity.
+    """
+    image = load_image(uris[index])
+    side = min(image.size) if size is None else size
+    original = np.asarray(image.resize((side, side), resample))
+    fill = np.asarray(load_image(uris[donor]).resize((side, side), resample))
+    anomalous, mask = synthesize_anomaly(original, fill, rng)
+    return original, anomalous, mask
 
 
 # Subtle, varied defects for ranking detectors without labels (the promotion gate). A proxy that is

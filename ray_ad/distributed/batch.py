@@ -21,8 +21,9 @@ from ray.data import ActorPoolStrategy
 from ray_ad import registry, storage
 from ray_ad.backbones import BackboneConfig, FeatureExtractor
 from ray_ad.config import from_dict, to_dict
-from ray_ad.data import Sample, load_samples
-from ray_ad.data.images import load_image, to_tensor
+from ray_ad.data import Sample, is_folder_uri, load_samples
+from ray_ad.data.images import load_image
+from ray_ad.devices import pick_device
 from ray_ad.errors import DataError, RayADError
 from ray_ad.features import dihedral
 from ray_ad.metrics import image_metrics
@@ -33,24 +34,17 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class FeatureActor:
     """One backbone per actor; a batch of image URIs in, features of every dihedral variant out."""
 
     def __init__(self, backbone: dict[str, Any], augment: int) -> None:
-        self.device = _device()
+        self.device = pick_device()
         self.extractor = FeatureExtractor(from_dict(BackboneConfig, backbone)).to(self.device)
         self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        size = self.extractor.config.image_size
-        mean, std = self.extractor.mean, self.extractor.std
-        images = torch.stack([
-            to_tensor(load_image(str(path), keep_gray=True), size, mean, std) for path in batch["path"]
-        ]).to(self.device)
+        images = self.extractor.preprocessor.batch(
+            [load_image(str(path), keep_gray=True) for path in batch["path"]]).to(self.device)
         with torch.no_grad():
             variants = [self.extractor(dihedral(images, k)).float().cpu() for k in range(self.augment)]
         return {"index": batch["index"], "features": torch.stack(variants, dim=1).numpy()}
@@ -86,7 +80,7 @@ class ScoreActor:
     def __init__(self, bundle_uri: str, version: str) -> None:
         from ray_ad.bundle import load_bundle
 
-        self.detector = load_bundle(bundle_uri, device=str(_device()))
+        self.detector = load_bundle(bundle_uri, device=str(pick_device()))
         self.version = version
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -95,7 +89,7 @@ class ScoreActor:
         for path in batch["path"]:
             try:
                 image = load_image(str(path), keep_gray=True)
-                tensors.append(to_tensor(image, detector.image_size, detector.extractor.mean, detector.extractor.std))
+                tensors.append(detector.preprocess(image))
                 good.append(True)
                 errors.append(None)
             except RayADError as exc:
@@ -109,7 +103,7 @@ class ScoreActor:
         return pa.Table.from_pydict({
             "path": [str(p) for p in batch["path"]],
             "score": scores.tolist(),
-            "decision": [bool(ok and score > detector.threshold) for ok, score in zip(good, scores)],
+            "decision": (np.array(good) & detector.decide(scores)).tolist(),  # NaN (unreadable) is never flagged
             "model_version": [self.version] * len(good),
             "error": errors,
         }, schema=SCORE_SCHEMA)
@@ -118,7 +112,7 @@ class ScoreActor:
 def default_scores_uri(root: str, images_uri: str, line: str, version: str) -> str:
     """Next to an input folder (``<images>_scores/<line>/<version>/``); under ``<root>/scores/`` for
     inputs that are not folders (``elpv:...``, a Parquet manifest)."""
-    if images_uri.startswith("elpv:") or images_uri.endswith(".parquet"):
+    if not is_folder_uri(images_uri):
         return storage.join(root, "scores", line, version)
     return storage.join(images_uri.rstrip("/") + "_scores", line, version)
 

@@ -10,28 +10,26 @@ watcher submits). Score networks train on Ray Train; everything is written under
 
 from __future__ import annotations
 
-import datetime as dt
-import json
+import logging
 import traceback
 from typing import Any
 
 from ray_ad import registry, storage
 from ray_ad.adaptation.promote import SERVED, Outcome, adapt_candidates, split_overrides
 from ray_ad.bundle import load_bundle
-from ray_ad.cli import format_table
 from ray_ad.distributed.batch import RayFeatureBackend
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import RayADError
-from ray_ad.job_status import adapt_job_id, job_status_uri, read_job_status, target_key
+from ray_ad.job_status import adapt_job_id, read_job_status, target_key, timestamp, write_job_status
+from ray_ad.methods.base import Runtime
 from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector
+from ray_ad.report import format_table
+
+log = logging.getLogger(__name__)
 
 TABLE_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "seconds_per_image")
 EVAL_KEYS = ("image_auroc", "image_ap", "image_f1max", "precision", "recall", "f1")
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def train_settings(root: str, run_name: str, workers: int, use_gpu: bool, **extra: Any) -> RayTrainSettings:
@@ -51,14 +49,13 @@ def train_line(
     registry.check_name("line", line)
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"{line}-{version}", workers, use_gpu, **settings))
-    detector, metrics = train_detector(method, data, overrides, progress=progress, cache_dir=cache_dir,
-                                       score_net_trainer=trainer,
-                                       feature_backend=_feature_backend(feature_actors, use_gpu))
+    runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu))
+    detector, metrics = train_detector(method, data, overrides, runtime=runtime)
     metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu, **_train_figures(trainer)}
     registry.publish(detector, root, line, metrics, version=version)
-    print(f"published {method} as {line}/{version} under {root}")
+    log.info(f"published {method} as {line}/{version} under {root}")
     if "image_auroc" in metrics:
-        print(format_table({f"{line}/{version}": metrics}, TABLE_KEYS))
+        log.info(format_table({f"{line}/{version}": metrics}, TABLE_KEYS))
     return {"line": line, "version": version, "metrics": metrics}
 
 
@@ -72,11 +69,6 @@ def _train_figures(trainer: RayScoreNetTrainer) -> dict[str, Any]:
     if result is None:  # the method trains no score network
         return {}
     return {key: result.metrics[key] for key in ("images_per_s", "started_from_step") if key in result.metrics}
-
-
-def _write_status(root: str, status: dict[str, Any]) -> None:
-    status["updated"] = _now()
-    storage.write_text(job_status_uri(root, status["job_id"]), json.dumps(status, indent=2, sort_keys=True))
 
 
 def adapt_line(
@@ -102,7 +94,7 @@ def adapt_line(
     job_id = adapt_job_id(new_line, source_line, source_version, target_key(target))
     status = read_job_status(root, job_id)
     if status is not None and status.get("state") == "succeeded":
-        print(f"{job_id}: {target} was already processed ({status.get('decision', 'published')} "
+        log.info(f"{job_id}: {target} was already processed ({status.get('decision', 'published')} "
               f"{new_line}/{status.get('version')}); nothing to do")
         return status
     version = (status or {}).get("version") or registry.new_version()  # a retry resumes the same run
@@ -110,19 +102,18 @@ def adapt_line(
     status = {
         "job_id": job_id, "state": "running", "new_line": new_line, "source_line": source_line,
         "source_version": source_version, "target": target, "version": version, "served_version": served_version,
-        "started": _now(), "error": None, "decision": None,
+        "started": timestamp(), "error": None, "decision": None,
     }
-    _write_status(root, status)
+    write_job_status(root, status)
     try:
         source = load_bundle(registry.version_uri(root, source_line, source_version))
         served = load_bundle(registry.version_uri(root, new_line, served_version)) if served_version else None
         images = target_image_uris(target, target_split)
-        print(f"{job_id}: adapting {source_line}/{source_version} ({source.method}) to {len(images)} unlabeled "
+        log.info(f"{job_id}: adapting {source_line}/{source_version} ({source.method}) to {len(images)} unlabeled "
               f"images of {target}" + (f"; {new_line} serves {served_version}" if served_version else ""))
         trainer = RayScoreNetTrainer(train_settings(root, job_id, workers, use_gpu, **settings))
-        outcome = adapt_candidates(source, target, images, config, served, ref_cfa_overrides, progress=progress,
-                                   cache_dir=cache_dir, score_net_trainer=trainer,
-                                   feature_backend=_feature_backend(feature_actors, use_gpu))
+        runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu))
+        outcome = adapt_candidates(source, target, images, config, served, ref_cfa_overrides, runtime)
         decision = "published" if force else outcome.decision
         status.update(gate=outcome.evidence(), winner=outcome.winner, decision=decision,
                       forced=force and outcome.decision == "kept")
@@ -134,21 +125,21 @@ def adapt_line(
             table, evaluated = _evaluate_candidates(outcome, eval_data, eval_split, progress)
             metrics.update(evaluated[outcome.winner])
             status["table"] = table
-            print(f"{eval_data} {eval_split} split (read after the decision):\n{table}")
+            log.info(f"{eval_data} {eval_split} split (read after the decision):\n{table}")
         if decision == "published":
             registry.publish(winner, root, new_line, metrics, version=version)
         else:
             status["version"] = None
     except Exception as exc:
         status.update(state="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        _write_status(root, status)
+        write_job_status(root, status)
         raise
-    status.update(state="succeeded", finished=_now())
-    _write_status(root, status)
+    status.update(state="succeeded", finished=timestamp())
+    write_job_status(root, status)
     if decision == "published":
-        print(f"{job_id}: published {outcome.winner} as {new_line}/{version}")
+        log.info(f"{job_id}: published {outcome.winner} as {new_line}/{version}")
     else:
-        print(f"{job_id}: kept {new_line}/{served_version}: the best candidate ({outcome.winner}) does not beat it "
+        log.info(f"{job_id}: kept {new_line}/{served_version}: the best candidate ({outcome.winner}) does not beat it "
               f"by the gate margin {config.gate.margin}")
     return status
 
@@ -158,8 +149,8 @@ def _print_gate(outcome: Outcome, served_version: str | None) -> None:
     for name, gate in outcome.gate.items():
         label = f"served ({served_version})" if name == SERVED else name
         rows[label + (" <- winner" if name == outcome.winner else "")] = gate
-    print(f"gate ({outcome.gate_source}), decision: {outcome.decision}")
-    print(format_table(rows, ("gate_auroc", "threshold", "flagged_held_out", "build_seconds")))
+    log.info(f"gate ({outcome.gate_source}), decision: {outcome.decision}")
+    log.info(format_table(rows, ("gate_auroc", "threshold", "flagged_held_out", "build_seconds")))
 
 
 def _evaluate_candidates(

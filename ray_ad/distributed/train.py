@@ -1,11 +1,12 @@
 """Score networks trained on Ray Train: the library's ``ScoreNetLoop``, data-parallel and checkpointed.
 
 ``RayScoreNetTrainer`` has the ``ScoreNetTrainer`` signature, so any method that trains a score network
-(OSD-IRF, REF's source and target networks) runs on Ray by setting ``detector.score_net_trainer``; the
-method code does not change. Per worker: the network (DistributedDataParallel when there are several
-workers), a shard ``x0[rank::world]`` of the training features, and ``batch_size / world`` images per
-step, so the global batch and the learning-rate schedule match local training. With one worker the
-run is the local loop, step for step.
+(OSD-IRF, REF's source and target networks) runs on Ray when it comes in the ``Runtime`` passed to
+``fit``/``adapt`` (``Runtime(score_net_trainer=RayScoreNetTrainer(...))``); the method code does not
+change. Per worker: the network (DistributedDataParallel when there are several workers), a shard
+``x0[rank::world]`` of the training features, and ``batch_size / world`` images per step, so the
+global batch and the learning-rate schedule match local training. With one worker the run is the
+local loop, step for step.
 
 Checkpoints (weights, EMA, optimiser, step, losses, RNG) are reported to ``storage_path`` (local or
 ``s3://``) every ``checkpoint_every`` steps; after a worker dies, Ray Train restarts the group
@@ -16,6 +17,7 @@ Re-running with the same ``name`` and ``storage_path`` resumes a run too (Train 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -32,7 +34,10 @@ from torch import nn
 from ray_ad import storage
 from ray_ad.diffusion import NoiseSchedule
 from ray_ad.errors import ConfigError
+from ray_ad.progress import configure_logging
 from ray_ad.training import ScoreNetLoop, TrainConfig
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 DRILL_GRACE_S = 3.0
@@ -77,8 +82,8 @@ def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batc
         "final": final,
     }
     if rank == 0:  # progress in the job's log (workers have no progress bar)
-        print(f"score net step {loop.step}/{loop.config.steps}  loss {metrics['loss']:.4f}  "
-              f"{metrics['images_per_s']:.1f} images/s", flush=True)
+        log.info(f"score net step {loop.step}/{loop.config.steps}  loss {metrics['loss']:.4f}  "
+                 f"{metrics['images_per_s']:.1f} images/s")
     with tempfile.TemporaryDirectory() as folder:
         state = loop.state_dict()
         rng = {k: state.pop(k) for k in ("generator", "torch_rng", "cuda_rng") if k in state}
@@ -90,6 +95,7 @@ def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batc
 
 def score_net_worker(config: dict[str, Any]) -> None:
     """The per-worker train function (runs inside each Ray Train worker)."""
+    configure_logging()  # a worker process of its own: its progress lines reach the job's log via stdout
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -167,7 +173,7 @@ class RayScoreNetTrainer:
             ),
         )
         if progress:
-            print(f"Ray Train: {s.workers} worker(s){' with GPU' if s.use_gpu else ''}, run {self.run_name()} "
+            log.info(f"Ray Train: {s.workers} worker(s){' with GPU' if s.use_gpu else ''}, run {self.run_name()} "
                   f"under {s.storage_path}")
         result = trainer.fit()
         self.last_result = result
@@ -175,6 +181,6 @@ class RayScoreNetTrainer:
             state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
         net.load_state_dict(state["ema"])
         if progress:
-            print(f"Ray Train: {state['step']} steps, loss {result.metrics['loss']:.4f}, "
+            log.info(f"Ray Train: {state['step']} steps, loss {result.metrics['loss']:.4f}, "
                   f"{result.metrics['images_per_s']:.1f} images/s")
         return net.to(device).eval(), state["losses"].tolist()

@@ -1,27 +1,36 @@
-"""The detector interface every method implements.
+"""The contract every detection method implements, and what its callers may rely on.
 
-A detector turns normalised images ``[B, 3, S, S]`` into ``Prediction(pred_score [B],
-anomaly_map [B, S, S])``. Jobs, Tune, Serve and the benchmarks only ever call:
+A detector turns normalised images ``[B, 3, S, S]`` into ``Prediction(pred_score [B], anomaly_map
+[B, S, S])``. Jobs, Tune, Serve, the CLI and the benchmarks only ever call:
 
-- ``fit(train_samples, calibration_samples)``: learn from training data, then calibrate;
-- ``training_step(batch_features)``: one loss for the distributed loop (methods that train);
-- ``predict(images)``: scores and maps;
+- ``preprocess(image)`` / ``preprocessor``: a PIL image -> the tensor the detector expects;
+- ``fit(train, calibration, runtime)``: learn from training data, then calibrate;
+- ``predict(images)``: scores and maps; ``decide(scores)``: which scores are anomalies (threshold);
 - ``tensors()`` / ``load_tensors()`` and ``state()`` / ``load_state()``: what a bundle stores.
+
+Capabilities are declared, not discovered: ``isinstance(detector, Adaptable)`` for methods that adapt
+to an unlabeled target domain, ``supports_inversion`` for multi-step inversion scoring,
+``isinstance(detector, RescoresDuringTraining)`` for methods a sweep can score between training rounds.
+What a run needs from its surroundings (progress bars, the feature cache, where score networks train
+and features are computed) comes in one ``Runtime`` value; none of it is part of the model.
 """
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ray_ad.backbones import FeatureExtractor
+from ray_ad.backbones import BackboneConfig, FeatureExtractor
 from ray_ad.data import Sample
+from ray_ad.data.images import Preprocessor
+from ray_ad.devices import pick_device
 from ray_ad.features import FeatureBackend, extract_features
 from ray_ad.training import ScoreNetTrainer, train_score_net
 
@@ -32,11 +41,40 @@ class Prediction:
     anomaly_map: torch.Tensor  # [B, S, S]
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is used as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class DetectorConfig:
+    """The fields every method's config has; each method's config extends it (and may give the
+    backbone its own default)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    map_sigma: float = 4.0  # Gaussian blur of the upsampled anomaly map, pixels (0 = bilinear only)
+    threshold_quantile: float = 0.99  # of held-out normal scores: the decision threshold
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold_quantile <= 1:
+            raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if self.map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
+
+
+@dataclass
+class Runtime:
+    """What one ``fit`` or ``adapt`` call needs from where it runs; nothing of it is saved in a bundle.
+
+    The defaults run everything in this process. The Ray glue passes a Ray Train ``score_net_trainer``
+    (``ray_ad.distributed.train``) and a Ray Data ``feature_backend`` without the method knowing.
+    """
+
+    progress: bool = True  # progress bars on a terminal, a line per stage in job logs
+    cache_dir: str | None = None  # backbone feature cache (local path or URI)
+    score_net_trainer: ScoreNetTrainer = train_score_net
+    feature_backend: FeatureBackend | None = None  # where features are computed on a cache miss
+
+    def quiet(self) -> Runtime:
+        """The same runtime without progress output (for inner loops such as sweep rounds)."""
+        return Runtime(False, self.cache_dir, self.score_net_trainer, self.feature_backend)
 
 
 def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -80,11 +118,12 @@ class Detector(ABC):
 
     method: ClassVar[str]
     uses_labels: ClassVar[bool] = False  # True: fit() takes labelled normal AND anomalous images
+    supports_inversion: ClassVar[bool] = False  # True: set_scoring("inversion") scores by multi-step inversion
     # Dotted config keys added after bundles were saved, with the value those older bundles were fitted
     # and calibrated under: a bundle whose config lacks the key loads with it, so it scores as it did.
     STORED_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         self.device = pick_device(config.device)
         # Seeded so that a "random" backbone (tests) is rebuilt identically from a bundle.
@@ -92,41 +131,42 @@ class Detector(ABC):
             torch.manual_seed(config.seed)
             self.extractor = FeatureExtractor(config.backbone).to(self.device)
         self.threshold: float = float("inf")
-        # How score networks are trained: in this process by default; the Ray glue swaps in a
-        # Ray Train trainer (ray_ad.distributed.train) without the method knowing.
-        self.score_net_trainer: ScoreNetTrainer = train_score_net
-        # Where backbone features are computed on a cache miss: here, or a Ray Data actor pool.
-        self.feature_backend: FeatureBackend | None = None
 
-    def extract_features(
-        self, samples: list[Sample], augment: int = 1, cache_dir: str | None = None, progress: bool = True,
-        desc: str = "features",
-    ) -> torch.Tensor:
-        """Backbone features of ``samples`` (through the feature cache and the configured backend)."""
-        return extract_features(self.extractor, samples, augment, device=self.device, cache_dir=cache_dir,
-                                progress=progress, desc=desc, backend=self.feature_backend)
+    # ---------------------------------------------------------------- input and decision
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """Resize and normalisation for this detector's backbone (picklable: Ray Data workers use it)."""
+        return self.extractor.preprocessor
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image (RGB, or "L": one channel resized, then repeated) -> ``[3, S, S]``."""
+        return self.preprocessor(image)
+
+    def decide(self, scores: torch.Tensor | np.ndarray | float) -> np.ndarray:
+        """Which image scores are anomalies: above the calibrated threshold (a NaN score is not)."""
+        values = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+        return values > self.threshold
 
     @property
     def image_size(self) -> int:
         return self.config.backbone.image_size
 
+    # ---------------------------------------------------------------- learning
+    def extract_features(self, samples: list[Sample], runtime: Runtime, augment: int = 1,
+                         desc: str = "features") -> torch.Tensor:
+        """Backbone features of ``samples`` (through the runtime's feature cache and backend)."""
+        return extract_features(self.extractor, samples, augment, device=self.device, cache_dir=runtime.cache_dir,
+                                progress=runtime.progress, desc=desc, backend=runtime.feature_backend)
+
     @abstractmethod
-    def fit(
-        self,
-        train: list[Sample],
-        calibration: list[Sample],
-        progress: bool = True,
-        cache_dir: str | None = None,
-    ) -> dict[str, Any]:
+    def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         """Train on ``train`` (normal images), calibrate on held-out ``calibration`` normals."""
 
     @abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
         """Scores and maps for a batch of normalised images."""
 
-    def training_step(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.method} has no trainable parts")
-
+    # ---------------------------------------------------------------- what a bundle stores
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every learned tensor, for the bundle's safetensors file."""
@@ -145,6 +185,21 @@ class Detector(ABC):
     def set_threshold_from(self, normal_scores: np.ndarray, quantile: float) -> None:
         """Threshold = the ``quantile`` of held-out normal image scores."""
         self.threshold = float(np.quantile(normal_scores, quantile))
+
+
+@runtime_checkable
+class Adaptable(Protocol):
+    """A detector that adapts itself, in place, to a target domain from unlabeled image URIs alone."""
+
+    def adapt(self, target_images: list[str], runtime: Runtime | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class RescoresDuringTraining(Protocol):
+    """A detector that can score with a partly trained score network (what a sweep reports between
+    training rounds)."""
+
+    def use_score_net(self, net: torch.nn.Module, calibration: list[Sample], runtime: Runtime) -> None: ...
 
 
 def check_tensor_keys(expected: set[str], given: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Turning an HTTP request body into images, with a 4xx status and a clear message for every bad input.
 
-Accepted bodies for ``POST /v1/lines/{line}/detect``:
+``read_body`` reads a body within the byte limit; ``images_from_body`` decodes it. Accepted bodies for
+``POST /v1/lines/{line}/detect``:
 
 - one image as raw bytes (``image/*`` or ``application/octet-stream``);
 - a JSON batch: ``{"images": [{"name": "a.png", "data": "<base64>"}, ...]}`` (or plain base64 strings);
@@ -15,12 +16,13 @@ import email.parser
 import email.policy
 import io
 import json
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
 from PIL import Image
 
 from ray_ad.data.images import decode_image
-from ray_ad.errors import DataError, RayADError
+from ray_ad.errors import DataError, ImageTooLarge, RayADError
 
 
 class BadRequest(RayADError):
@@ -41,6 +43,23 @@ class Limits:
     max_request_pixels: int = 32 * 1024 * 1024
 
 
+async def read_body(content_length: str | None, chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """A request body of at most ``limit`` bytes: refused with 413 from its ``Content-Length`` before
+    any of it is read, or as soon as a body without one grows past the limit."""
+    if content_length is not None:
+        if not content_length.isdigit():
+            raise BadRequest(400, f"Content-Length {content_length!r} is not a byte count")
+        if int(content_length) > limit:
+            raise BadRequest(413, f"request body of {int(content_length)} bytes is over the limit of {limit}")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def decode_part(data: bytes, name: str, limits: Limits, size: int | None = None) -> Image.Image:
     """One image's bytes -> RGB image, or with ``size`` the image resized to ``size`` x ``size`` as the
     detectors resize it (bilinear), grey images kept one channel; 413 over the pixel limit, 422 when it
@@ -49,9 +68,10 @@ def decode_part(data: bytes, name: str, limits: Limits, size: int | None = None)
         raise BadRequest(400, f"{name}: empty image")
     try:
         image = decode_image(data, name, limits.max_pixels, keep_gray=size is not None)
+    except ImageTooLarge as exc:
+        raise BadRequest(413, str(exc)) from exc
     except DataError as exc:
-        status = 413 if "over the limit" in str(exc) else 422
-        raise BadRequest(status, str(exc)) from exc
+        raise BadRequest(422, str(exc)) from exc
     return image if size is None else image.resize((size, size), Image.BILINEAR)
 
 

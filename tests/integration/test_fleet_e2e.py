@@ -9,9 +9,9 @@ import time
 from ray_ad import registry, storage
 from ray_ad.data import load_samples
 from ray_ad.methods import build_detector, method_config
-from tests.conftest import _free_port, make_mvtec, upload_folder, wait_for_serve_gone
-from tests.integration.test_serve_app import call
-from tests.unit.test_ref_cfa import shift_folder, tiny_ref_cfa_config
+from ray_ad.methods.base import Runtime
+from tests.conftest import _free_port, make_mvtec, shift_folder, tiny_ref_cfa_config, upload_folder, wait_for_serve_gone
+from tests.helpers import call
 
 ADMIN, SRC, CAM2 = "z" * 24, "s" * 20, "c" * 20
 
@@ -20,20 +20,21 @@ def test_publish_detect_land_adapt_detect(ray_cluster, s3_bucket, tmp_path):
     from ray import serve
 
     from ray_ad.data import split_calibration
-    from ray_ad.serve.app import build_app
+    from ray_ad.serve.app import ServiceConfig, build_app
 
     root = f"{s3_bucket}/fleet"
     source = make_mvtec(tmp_path / "source", n_train=10)
     detector = build_detector("ref_cfa", method_config("ref_cfa", tiny_ref_cfa_config()))
     train, held = split_calibration([s for s in load_samples(str(source)) if s.label in (0, 1)], 0.2)
-    detector.fit(train, [s for s in held if s.label == 0] or train[:1], progress=False)
+    detector.fit(train, [s for s in held if s.label == 0] or train[:1], Runtime(progress=False))
     registry.publish(detector, root, "src")
 
     port = _free_port()
     wait_for_serve_gone()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(root, {"admin": ADMIN, "lines": {"src": SRC, "cam2": CAM2}}, poll_s=0.5,
-                        landing_interval_s=0), name="fleet", route_prefix="/")
+    config = ServiceConfig(root, tokens={"admin": ADMIN, "lines": {"src": SRC, "cam2": CAM2}}, poll_s=0.5,
+                           landing_interval_s=0)
+    serve.run(build_app(config), name="fleet", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:
         image = (source / "test" / "spot" / "000.png").read_bytes()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,18 +14,10 @@ import yaml
 
 from ray_ad import registry, storage
 from ray_ad.methods import method_config
-from tests.conftest import REPO, make_mvtec, tiny_osd_irf_config, upload_folder
-from tests.unit.test_ref_cfa import shift_folder, tiny_ref_cfa_config
+from tests.conftest import REPO, make_mvtec, shift_folder, tiny_osd_irf_config, tiny_ref_cfa_config, upload_folder
+from tests.helpers import load_job
 
 JOBS = ("train_source", "adapt_target", "sweep", "evaluate", "score_batch")
-
-
-def load_job(name: str):
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
 
 
 def write_config(path: Path, config: dict) -> str:

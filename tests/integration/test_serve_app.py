@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,28 +12,11 @@ from PIL import Image
 
 from ray_ad import registry
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from tests.conftest import _free_port, make_mvtec, tiny_osd_irf_config, wait_for_serve_gone
+from tests.helpers import call, exported_metrics, metric, png
 
 A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
-
-
-def call(url: str, body: bytes | None = None, token: str | None = None, content_type: str = "image/png"):
-    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
-    if body is not None:
-        request.add_header("Content-Type", content_type)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +24,7 @@ def service(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from ray_ad.data import load_samples
-    from ray_ad.serve.app import build_app
+    from ray_ad.serve.app import ScorerOptions, ServiceConfig, build_app
 
     base = tmp_path_factory.mktemp("serve")
     data = make_mvtec(base / "data")
@@ -51,7 +32,7 @@ def service(ray_cluster, tmp_path_factory):
     config = tiny_osd_irf_config(train={"steps": 30, "batch_size": 8, "warmup_steps": 5})
     detector = build_detector("osd_irf", method_config("osd_irf", config))
     normals = load_samples(str(data), "train")
-    detector.fit(normals[:-2], normals[-2:], progress=False)
+    detector.fit(normals[:-2], normals[-2:], Runtime(progress=False))
     for line in ("line-a", "line-b"):
         registry.publish(detector, root, line, {"image_auroc": 1.0})
     port = _free_port()
@@ -59,9 +40,9 @@ def service(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Two scorer replicas, as serve_configs/local.yaml runs: multiplexing, version switches and the
     # metrics must hold when a line's requests may reach either replica.
-    serve.run(build_app(root, {"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, poll_s=0.5,
-                        landing_interval_s=0, scorer_replicas=2),
-              name="fleet", route_prefix="/")
+    config = ServiceConfig(root, tokens={"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, poll_s=0.5,
+                           landing_interval_s=0, scorer=ScorerOptions(replicas=2))
+    serve.run(build_app(config), name="fleet", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, detector, data
     serve.shutdown()
 
@@ -145,28 +126,6 @@ def test_a_new_version_is_served_without_a_restart(service):
         time.sleep(0.3)
     assert before != new and row["model_version"] == new
     assert row["threshold"] == pytest.approx(detector.threshold)
-
-
-def exported_metrics(ray_module) -> dict[tuple[str, frozenset], float]:
-    """What Ray's metrics agent exports to Prometheus now: (sample name, labels) -> value, summed over replicas."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    port = ray_module._private.worker.global_worker.node.metrics_export_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if "ray_ad_" not in sample.name:
-                continue
-            keep = frozenset((k, v) for k, v in sample.labels.items() if k in ("line", "status", "version", "le"))
-            values[(sample.name, keep)] = values.get((sample.name, keep), 0.0) + sample.value
-    return values
-
-
-def metric(values: dict, suffix: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(v for (name, keys), v in values.items() if name.endswith(suffix) and wanted <= keys)
 
 
 def test_custom_metrics_count_requests_images_anomalies_and_version_per_line(service, ray_cluster):

@@ -18,8 +18,9 @@ from ray_ad import registry, storage
 from ray_ad.bundle import WEIGHTS_FILE
 from ray_ad.data import load_samples
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from tests.conftest import _free_port, make_mvtec, wait_for_serve_gone
-from tests.integration.test_serve_app import call, png
+from tests.helpers import call, exported_metrics, metric, png
 
 GOOD, FLAKY, BROKEN, ADMIN = "g" * 20, "f" * 20, "n" * 20, "z" * 24
 
@@ -29,7 +30,7 @@ def patchcore(data, poison: bool = False):
     config = {"backbone": {"image_size": 256, "grid_size": 8, "layers": [1, 2]}, "bank_fraction": 1.0, "device": "cpu"}
     detector = build_detector("patchcore", method_config("patchcore", config))
     normals = load_samples(str(data), "train")
-    detector.fit(normals[:-3], normals[-3:], progress=False)
+    detector.fit(normals[:-3], normals[-3:], Runtime(progress=False))
     if poison:
         detector.bank = torch.full_like(detector.bank, float("nan"))
     return detector
@@ -37,7 +38,7 @@ def patchcore(data, poison: bool = False):
 
 @pytest.fixture(scope="module")
 def fleet(ray_cluster, tmp_path_factory):
-    from ray_ad.serve.app import build_app
+    from ray_ad.serve.app import ServiceConfig, build_app
 
     base = tmp_path_factory.mktemp("faults")
     data = make_mvtec(base / "data", n_train=12)
@@ -49,8 +50,9 @@ def fleet(ray_cluster, tmp_path_factory):
     port = _free_port()
     wait_for_serve_gone()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(root, {"admin": ADMIN, "lines": {"good": GOOD, "flaky": FLAKY, "broken": BROKEN}},
-                        poll_s=0.2, landing_interval_s=0), name="fleet", route_prefix="/")
+    config = ServiceConfig(root, tokens={"admin": ADMIN, "lines": {"good": GOOD, "flaky": FLAKY, "broken": BROKEN}},
+                           poll_s=0.2, landing_interval_s=0)
+    serve.run(build_app(config), name="fleet", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_until_listening(url)
     image = (data / "test" / "spot" / "000.png").read_bytes()
@@ -84,9 +86,13 @@ def still_scores(fleet) -> None:
 
 def ingress_rss() -> int:
     import psutil
+    import ray
     from ray.util.state import list_actors
 
-    [actor] = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "FleetAPI" in a.class_name]
+    # This test's cluster by its address: with none, another Ray on the host makes the lookup ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    [actor] = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
+               if "FleetAPI" in a.class_name]
     return psutil.Process(actor.pid).memory_info().rss
 
 
@@ -157,12 +163,10 @@ class ScorerThatFails:
 
 
 def test_an_unexpected_scoring_error_answers_a_counted_500_without_details(fleet, ray_cluster):
-    from ray_ad.serve.app import FleetAPI, Watcher
-    from tests.integration.test_serve_app import exported_metrics, metric
+    from ray_ad.serve.app import FleetAPI, ServiceConfig, Watcher
 
-    tokens = {"admin": ADMIN, "lines": {"good": GOOD}}
-    app = FleetAPI.bind(ScorerThatFails.bind(), Watcher.bind(fleet["root"], 0, None, "http://127.0.0.1:8265", tokens),
-                        fleet["root"], tokens)
+    config = ServiceConfig(fleet["root"], tokens={"admin": ADMIN, "lines": {"good": GOOD}}, landing_interval_s=0)
+    app = FleetAPI.bind(ScorerThatFails.bind(), Watcher.bind(config), config)
     serve.run(app, name="failing", route_prefix="/failing")
     try:
         for _ in range(3):

@@ -17,13 +17,16 @@ from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
 from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
 from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
 from ray_ad.data import Sample, load_samples, write_manifest
-from ray_ad.data.images import load_image, to_tensor
+from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
 from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import target_image_uris
 from tests.conftest import texture
+
+QUIET = Runtime(progress=False)
 
 TINY_BACKBONE = {"image_size": 64, "grid_size": 8, "layers": [1, 2], "local_pool": 1}
 
@@ -96,6 +99,7 @@ def test_a_gumbel_mode_fits_maxima_that_a_gaussian_mode_misreads():
         unlabeled_threshold(scores, shape="cauchy")
 
 
+@pytest.mark.slow  # fits detectors
 def test_a_two_gaussian_fit_reads_defects_that_overlap_the_normals():
     """Defects N(3, 2) over normals N(0, 1): wide, overlapping, and reaching below the normals' mode."""
     rng = np.random.default_rng(2)
@@ -130,17 +134,18 @@ def _textures(folder: Path, count: int, seed: int, defective: tuple[int, ...] = 
     return paths
 
 
+@pytest.mark.slow  # fits detectors
 def test_target_memory_drops_the_landed_defects_and_keeps_the_rest(tmp_path):
     landed = _textures(tmp_path / "landed", 24, seed=1, defective=(3, 11, 17))
     config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu", "map_sigma": 1.0})
     memory = build_detector("target_memory", config)
-    info = memory.fit([Sample(p, -1) for p in landed], [], progress=False)
+    info = memory.fit([Sample(p, -1) for p in landed], [], QUIET)
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
     assert info["bank_size"] <= (24 - 3) * 64
     fresh = _textures(tmp_path / "fresh", 16, seed=2, defective=tuple(range(8, 16)))
     samples = [Sample(p, -1) for p in fresh]
-    threshold = memory.calibrate_unlabeled(samples[:12], progress=False)
-    images = torch.stack([to_tensor(load_image(p), 64, memory.extractor.mean, memory.extractor.std) for p in fresh])
+    threshold = memory.calibrate_unlabeled(samples[:12], QUIET)
+    images = memory.preprocessor.batch([load_image(p) for p in fresh])
     scores = memory.predict(images).pred_score
     assert scores[8:].min() > scores[:8].max()  # the defects the memory dropped are not its normals
     assert (scores[:8] <= threshold).all() and (scores[8:] > threshold).all()
@@ -186,14 +191,15 @@ def test_gate_set_pastes_defects_into_held_out_images_only(tmp_path):
     assert all(not np.array_equal(p, gate.untouched[i // 3]) for i, p in enumerate(gate.positives))
 
 
+@pytest.mark.slow  # fits detectors
 def test_mutual_suspects_are_the_held_out_images_that_stand_out(tmp_path):
     held = _textures(tmp_path / "held", 24, seed=1, defective=(3, 11, 17))
     config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu"})
     referee = build_detector("target_memory", config)
-    suspects = referee.mutual_suspects([Sample(p, -1) for p in held], z=3.0, progress=False)
+    suspects = referee.mutual_suspects([Sample(p, -1) for p in held], z=3.0, runtime=QUIET)
     assert np.flatnonzero(suspects).tolist() == [3, 11, 17]
     # A handful of images has no mode to stand out from: nobody is a suspect.
-    assert not referee.mutual_suspects([Sample(p, -1) for p in held[:5]], z=3.0, progress=False).any()
+    assert not referee.mutual_suspects([Sample(p, -1) for p in held[:5]], z=3.0, runtime=QUIET).any()
 
 
 def test_suspects_are_neither_negatives_nor_pasted_into_but_still_set_the_threshold(tmp_path):
@@ -247,7 +253,7 @@ def _source(tmp_path: Path):
     train = _textures(tmp_path / "source", 12, seed=8)
     source = build_detector("patchcore", method_config("patchcore", {"backbone": TINY_BACKBONE, "device": "cpu",
                                                                      "map_sigma": 1.0, "bank_fraction": 1.0}))
-    source.fit([Sample(p, 0) for p in train[:10]], [Sample(p, 0) for p in train[10:]], progress=False)
+    source.fit([Sample(p, 0) for p in train[:10]], [Sample(p, 0) for p in train[10:]], QUIET)
     return source
 
 
@@ -257,6 +263,7 @@ def _small_adapt_config(**gate: object) -> AdaptConfig:
                            + [f"gate.{k}={v}" for k, v in gate.items()])[0]
 
 
+@pytest.mark.slow  # fits detectors
 def test_the_gate_reads_no_label_of_the_landed_images(tmp_path):
     """Two manifests over the same landed images, one with true labels and one with every label flipped:
     the gate's scores, its decision and the winner's threshold do not change."""
@@ -269,7 +276,7 @@ def test_the_gate_reads_no_label_of_the_landed_images(tmp_path):
         manifest = str(tmp_path / f"manifest_{flip}.parquet")
         write_manifest([Sample(p, int((p in defective) != flip), None, "landing") for p in images], manifest)
         landed = target_image_uris(manifest, "landing")
-        outcomes.append(adapt_candidates(source, manifest, landed, _small_adapt_config(), progress=False))
+        outcomes.append(adapt_candidates(source, manifest, landed, _small_adapt_config(), runtime=QUIET))
     def untimed(gate: dict) -> dict:
         return {name: {k: v for k, v in figures.items() if "seconds" not in k} for name, figures in gate.items()}
 
@@ -277,12 +284,13 @@ def test_the_gate_reads_no_label_of_the_landed_images(tmp_path):
     assert outcomes[0].winner == outcomes[1].winner
 
 
+@pytest.mark.slow  # fits detectors
 def test_acceptance_images_rank_the_candidates_and_never_land(tmp_path):
     source = _source(tmp_path)
     batch = _batch(tmp_path, "batch", labelled=True)
     images = target_image_uris(batch)
     assert len(images) == 30 and not any("/_acceptance/" in p for p in images)
-    outcome = adapt_candidates(source, batch, images, _small_adapt_config(), progress=False)
+    outcome = adapt_candidates(source, batch, images, _small_adapt_config(), runtime=QUIET)
     assert outcome.gate_source == "acceptance"
     assert outcome.candidates["target_memory"].config.backbone.image_size == source.image_size
     # Every candidate tells the bright-square acceptance defects from the acceptance goods.
@@ -294,6 +302,7 @@ def test_acceptance_images_rank_the_candidates_and_never_land(tmp_path):
     assert outcome.candidates["target_memory_all"].config.drop_image_z is None
 
 
+@pytest.mark.slow  # fits detectors
 def test_kept_publishes_nothing_and_leaves_current_untouched(tmp_path):
     from ray_ad.distributed.lines import adapt_line
 
@@ -339,14 +348,15 @@ def test_elpv_landing_layout_lands_every_label_and_never_the_evaluation_split():
         load_samples("elpv:poly?layout=random")
 
 
+@pytest.mark.slow  # fits detectors
 def test_a_small_landing_keeps_every_image_and_still_fits(tmp_path):
     landed = _textures(tmp_path / "few", 4, seed=9, defective=(1,))
     memory = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
                                                                              "device": "cpu"}))
-    info = memory.fit([Sample(p, -1) for p in landed], [], progress=False)
+    info = memory.fit([Sample(p, -1) for p in landed], [], QUIET)
     assert info["dropped_images"] == 0 and info["bank_size"] == 4 * 64
     coreset = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
                                                                               "device": "cpu", "bank_size": 50}))
-    assert coreset.fit([Sample(p, -1) for p in landed], [], progress=False)["bank_size"] == 50
+    assert coreset.fit([Sample(p, -1) for p in landed], [], QUIET)["bank_size"] == 50
     with pytest.raises(ConfigError, match="reference_images"):
         method_config("target_memory", {"reference_images": 0})

@@ -5,7 +5,10 @@ import torch
 
 from ray_ad.data import load_samples
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from tests.conftest import batch_dependence, image_batch, make_mvtec, tiny_osd_irf_config
+
+pytestmark = pytest.mark.slow  # fits detectors at the service's 256 px
 
 # At the service's input size: at 64 px the backbone's own convolutions already differ by 1e-5 with
 # the batch size (oneDNN picks another kernel), at 256 px they do not.
@@ -30,6 +33,6 @@ def test_an_image_scores_the_same_alone_and_in_any_batch(data, method, config):
     root, train, calibration = data
     torch.manual_seed(0)
     detector = build_detector(method, method_config(method, config))
-    detector.fit(train, calibration, progress=False)
-    images = image_batch(root, detector.image_size, detector.extractor.mean, detector.extractor.std)
+    detector.fit(train, calibration, Runtime(progress=False))
+    images = image_batch(root, detector)
     assert batch_dependence(detector, images) < 1e-6

@@ -7,6 +7,7 @@ from ray_ad.bundle import load_bundle, read_metrics, save_bundle
 from ray_ad.data import load_samples, split_calibration
 from ray_ad.errors import BundleError
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from tests.conftest import tiny_osd_irf_config
 
 
@@ -18,7 +19,7 @@ def trained(tmp_path_factory):
     train, calibration = split_calibration(load_samples(str(root), "train"), 0.25)
     config = tiny_osd_irf_config(train={"steps": 10, "batch_size": 4, "warmup_steps": 2})
     detector = build_detector("osd_irf", method_config("osd_irf", config))
-    detector.fit(train, calibration, progress=False)
+    detector.fit(train, calibration, Runtime(progress=False))
     return detector
 
 

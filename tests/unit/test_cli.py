@@ -19,6 +19,7 @@ def tiny_config(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow  # trains a detector
 def test_train_evaluate_predict_end_to_end(tiny_mvtec, tiny_config, tmp_path, capsys):
     model = str(tmp_path / "model")
     assert main(["train", "--method", "osd_irf", "--data", str(tiny_mvtec), "--out", model,
@@ -68,6 +69,7 @@ def test_bad_input_gets_one_clear_line_and_exit_code_2(argv, message, tiny_mvtec
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # trains a detector
 def test_predict_reports_unreadable_images_and_exits_1(tiny_mvtec, tiny_config, tmp_path, capsys):
     model = str(tmp_path / "model")
     main(["train", "--method", "osd_irf", "--data", str(tiny_mvtec), "--out", model, "--config", tiny_config,

@@ -1,6 +1,6 @@
 import pytest
 
-from ray_ad.config import apply_overrides, from_dict, load_file
+from ray_ad.config import apply_overrides, from_dict, load_file, override_section, set_dotted
 from ray_ad.errors import ConfigError
 from ray_ad.methods import method_config
 
@@ -60,3 +60,25 @@ def test_from_dict_rejects_non_mapping_sections():
 
     with pytest.raises(ConfigError, match="'train' must be a mapping"):
         from_dict(OSDIRFConfig, {"train": 3})
+
+
+def test_overrides_given_as_a_mapping_are_set_as_they_are():
+    base = {"train": {"lr": 0.1}}
+    data = apply_overrides(base, {"train.lr": 5e-4, "fields.timesteps": [400, 200], "t": "250"})
+    assert data == {"train": {"lr": 5e-4}, "fields": {"timesteps": [400, 200]}, "t": "250"}  # no YAML parsing
+    assert base == {"train": {"lr": 0.1}}  # a copy
+
+
+def test_a_value_where_a_section_is_expected_is_named():
+    with pytest.raises(ConfigError, match="override 't.x=1': 't' is not a section"):
+        apply_overrides({"t": 3}, ["t.x=1"])
+    with pytest.raises(ConfigError, match="empty key"):
+        apply_overrides({}, {"train..lr": 1})
+
+
+def test_set_dotted_can_fill_defaults_without_replacing_and_sections_are_named():
+    data = {"train": {"lr": 0.1}}
+    set_dotted(data, "train.lr", 0.5, replace=False)
+    set_dotted(data, "head.lambda_sp", 0.2, replace=False)
+    assert data == {"train": {"lr": 0.1}, "head": {"lambda_sp": 0.2}}
+    assert override_section("gate.margin=0.1") == "gate" and override_section("t=250") == "t"

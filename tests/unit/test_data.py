@@ -6,8 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_ad.data import ImageDataset, load_samples, split_calibration, write_manifest
-from ray_ad.data.images import decode_image, to_tensor
+from ray_ad.data import (
+    ImageDataset,
+    Sample,
+    dataset_kind,
+    is_folder_uri,
+    load_samples,
+    split_calibration,
+    write_manifest,
+)
+from ray_ad.data.images import Preprocessor, decode_image, to_tensor
 from ray_ad.errors import DataError
 from tests.conftest import make_mvtec, upload_folder
 
@@ -22,7 +30,7 @@ def test_mvtec_layout_reads_splits_labels_and_masks(tiny_mvtec):
 
 def test_grayscale_becomes_three_channels_and_masks_are_binary(tiny_mvtec):
     samples = [s for s in load_samples(str(tiny_mvtec), "test") if s.label == 1]
-    item = ImageDataset(samples, 32, (0.5,) * 3, (0.5,) * 3)[0]
+    item = ImageDataset(samples, Preprocessor(32, (0.5,) * 3, (0.5,) * 3))[0]
     assert item["image"].shape == (3, 32, 32)
     assert torch.equal(item["image"][0], item["image"][1])
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
@@ -54,7 +62,7 @@ def test_mask_of_the_wrong_size_names_the_mask(tiny_mvtec):
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(mask_path)
     samples = [s for s in load_samples(str(tiny_mvtec), "test") if s.mask_path == str(mask_path)]
     with pytest.raises(DataError, match="000_mask.png is 10x10 but its image is 64x64"):
-        ImageDataset(samples, 32, (0.5,) * 3, (0.5,) * 3)[0]
+        ImageDataset(samples, Preprocessor(32, (0.5,) * 3, (0.5,) * 3))[0]
 
 
 def test_missing_mask_and_unreadable_image_are_named(tiny_mvtec):
@@ -66,7 +74,7 @@ def test_missing_mask_and_unreadable_image_are_named(tiny_mvtec):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
     samples = [s for s in load_samples(str(tiny_mvtec), "train") if s.path == str(broken)]
     with pytest.raises(DataError, match="000.png: not a readable image"):
-        ImageDataset(samples, 32, (0.5,) * 3, (0.5,) * 3)[0]
+        ImageDataset(samples, Preprocessor(32, (0.5,) * 3, (0.5,) * 3))[0]
 
 
 def test_empty_split_and_missing_folder(tiny_mvtec, tmp_path):
@@ -108,7 +116,7 @@ def test_mvtec_layout_over_s3(tiny_mvtec, s3_bucket):
     upload_folder(tiny_mvtec, f"{s3_bucket}/tiny")
     samples = load_samples(f"{s3_bucket}/tiny")
     assert len(samples) == 20 and all(s.path.startswith("s3://") for s in samples)
-    item = ImageDataset([s for s in samples if s.label == 1], 32, (0.5,) * 3, (0.5,) * 3)[0]
+    item = ImageDataset([s for s in samples if s.label == 1], Preprocessor(32, (0.5,) * 3, (0.5,) * 3))[0]
     assert item["mask"].sum() > 0
 
 
@@ -157,3 +165,12 @@ def test_real_magnetic_tile_layout(magnetic_tile):
     counts = collections.Counter((s.split, s.label) for s in samples)
     assert counts == {("train", 0): 761, ("test", 0): 191, ("test", 1): 392}
     assert all(s.mask_path for s in samples if s.label == 1)
+
+
+def test_sample_lives_in_its_own_module_and_uris_are_told_apart_by_name():
+    from ray_ad.data import dataset, elpv, sample
+
+    assert Sample is sample.Sample is dataset.Sample and elpv.Sample is sample.Sample
+    assert [dataset_kind(u) for u in ("elpv:poly?layout=landing", "s3://b/m.parquet", "runs/landing/b1")] == [
+        "elpv", "manifest", "folder"]
+    assert is_folder_uri("s3://bucket/batch") and not is_folder_uri("elpv:mono") and not is_folder_uri("m.parquet")

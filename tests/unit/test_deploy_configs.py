@@ -68,7 +68,7 @@ def test_rayjob_entrypoint_is_a_valid_adapt_target_command():
     assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/adapt_target.py"]
-    from tests.integration.test_ray_jobs import load_job
+    from tests.helpers import load_job
 
     args = load_job("adapt_target").build_parser().parse_args(argv[2:])
     assert args.root.startswith("s3://") and args.gpus

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -26,6 +27,7 @@ def test_unet_variant_has_the_same_interface():
     assert net(torch.randn(2, 6, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)
 
 
+@pytest.mark.slow  # trains a score network
 def test_training_learns_the_noise_of_a_low_dimensional_distribution():
     # Data on a 1-D line in 4 channels: a network that learns the score beats the zero prediction (loss 1).
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from PIL import Image
 from ray_ad import registry, storage
 from ray_ad.pipeline import target_image_uris
 from ray_ad.serve.landing import MANIFEST, LandingWatcher, read_state, ready_batches, update_key
-from tests.unit.test_registry import _detector
+from tests.helpers import random_bank_patchcore
 
 ADMIN = "z" * 24
 
@@ -37,7 +37,7 @@ class FakeJobs:
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     root = str(tmp_path / "root") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/root"
-    registry.publish(_detector(1), root, "src")
+    registry.publish(random_bank_patchcore(1), root, "src")
     return root
 
 
@@ -186,7 +186,7 @@ def test_a_copied_batch_is_the_same_job(root):
 
 def test_landing_into_a_served_line_needs_the_admins_key(root):
     jobs = FakeJobs()
-    registry.publish(_detector(2), root, "cam13")
+    registry.publish(random_bank_patchcore(2), root, "cam13")
     land(root, "cam13", "b1")
     land(root, "cam13", "b2", ready=json.dumps({"source_line": "src", "update_line": "0" * 64}))
     land(root, "cam13", "b3", ready=json.dumps({"source_line": "src", "update_line": update_key(ADMIN, "cam13", "b3")}))

@@ -14,40 +14,18 @@ from PIL import Image
 from ray_ad import cli
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import load_samples, write_manifest
-from ray_ad.data.synthetic import perlin_mask, synthesize_anomaly
+from ray_ad.data.images import load_image
+from ray_ad.data.synthetic import anomaly_pair, perlin_mask, synthesize_anomaly
 from ray_ad.errors import ConfigError, DataError
 from ray_ad.evaluation import compute_metrics, run_detector
 from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
 from ray_ad.methods.ref_cfa.align import tail_directions
-from tests.conftest import batch_dependence, image_batch, make_mvtec
+from tests.conftest import batch_dependence, image_batch, make_mvtec, shift_folder, tiny_ref_cfa_config
 
+pytestmark = pytest.mark.slow  # every test here trains score networks
 
-def tiny_ref_cfa_config(**extra: object) -> dict:
-    config = {
-        "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},
-        "score_net": {"hidden": 48, "depth": 1, "heads": 2},
-        "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 1e-3, "ema_decay": 0.9},
-        "fields": {"timesteps": [300, 200, 100], "token_dim": 4},
-        "head": {"steps": 60, "batch_images": 4, "d_model": 16, "heads": 2, "embed_dim": 4, "hidden": 16},
-        "cfa": {"rank": 3},
-        "map_sigma": 1.0,
-        "device": "cpu",
-    }
-    config.update(extra)
-    return config
-
-
-def shift_folder(source: Path, target: Path) -> Path:
-    """The same layout with every image darker and lower in contrast (a 'new camera'); masks copied."""
-    for path in source.rglob("*.png"):
-        out = target / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.open(path)
-        if "ground_truth" not in path.parts:
-            array = np.asarray(image, dtype=np.float32)
-            image = Image.fromarray((0.6 * array + 20).clip(0, 255).astype(np.uint8))
-        image.save(out)
-    return target
+QUIET = Runtime(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +42,7 @@ def source_model(domains):
     detector = build_detector("ref_cfa", method_config("ref_cfa", tiny_ref_cfa_config()))
     samples = load_samples(str(domains["source"]))
     normals = [s for s in samples if s.label == 0]
-    info = detector.fit(samples, normals[:3], progress=False)
+    info = detector.fit(samples, normals[:3], QUIET)
     return detector, info
 
 
@@ -81,13 +59,14 @@ def test_source_model_learns_from_masks_and_separates_unseen_anomalies(source_mo
 def test_adapt_aligns_the_target_and_round_trips_through_a_bundle(source_model, domains, tmp_path):
     detector = copy.deepcopy(source_model[0])
     target_images = [s.path for s in load_samples(str(domains["target"]))]
-    info = detector.adapt(target_images, progress=False)
+    info = detector.adapt(target_images, QUIET)
     assert detector.adapted and detector.target is not detector.source
     # Each closed-form alignment does what its loss asks for.
     assert info["dsa_subspace_distance_after"] < 1e-4 < info["dsa_subspace_distance_before"]
     assert info["sfa_coral_after"] < 0.01 * info["sfa_coral_before"]
     assert info["ta_profile_gap_after"] <= info["ta_profile_gap_before"]
-    assert torch.allclose(detector.rotation @ detector.rotation.T, torch.eye(detector.channels), atol=1e-4)
+    rotation = detector.alignment.rotation
+    assert torch.allclose(rotation @ rotation.T, torch.eye(detector.channels), atol=1e-4)
     save_bundle(detector, str(tmp_path / "adapted"))
     loaded = load_bundle(str(tmp_path / "adapted"))
     assert loaded.adapted and loaded.threshold == pytest.approx(detector.threshold)
@@ -99,7 +78,7 @@ def test_adapt_aligns_the_target_and_round_trips_through_a_bundle(source_model, 
 
 def test_an_image_scores_the_same_alone_and_in_any_batch(source_model, domains):
     detector = source_model[0]
-    images = image_batch(domains["target"], 64, detector.extractor.mean, detector.extractor.std)
+    images = image_batch(domains["target"], detector)
     # (With fields.last_reference="previous", what older bundles load with, the same images differ by
     # about 1e-4 here: M_K is rounding noise and so is the turn into it.)
     assert batch_dependence(detector, images) < 1e-6
@@ -112,15 +91,14 @@ def test_source_frozen_target_reuses_s1_on_target_statistics_without_training(so
     def no_training(*args: object) -> None:
         raise AssertionError("source_frozen must not train a target score network")
 
-    detector.score_net_trainer = no_training
     target_images = [s.path for s in load_samples(str(domains["target"]))]
-    info = detector.adapt(target_images, progress=False)
+    info = detector.adapt(target_images, Runtime(progress=False, score_net_trainer=no_training))
     assert info["target_training_steps"] == 0 and detector.adapted
     source_weights, target_weights = detector.source.net.state_dict(), detector.target.net.state_dict()
     assert detector.target.net is not detector.source.net
     assert all(torch.equal(source_weights[k], target_weights[k]) for k in source_weights)
     # The standardisation is the target's: darker, lower-contrast images shift the feature statistics.
-    features = detector._target_features(target_images, None, False, {})
+    features = detector.target_features(target_images, QUIET)
     assert torch.allclose(detector.target.normaliser.mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not torch.allclose(detector.target.normaliser.mean, detector.source.normaliser.mean, atol=1e-3)
 
@@ -133,19 +111,19 @@ def test_statistic_directions_fold_flips_into_the_alignment(source_model, domain
     assert set(detector.source_directions.tolist()) <= {-1.0, 1.0}
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     cache: dict = {}
-    detector.adapt(target_images, progress=False, cache=cache)
+    detector.adapt(target_images, QUIET, cache=cache)
     paper = detector.config.cfa
     detector.config.cfa = dataclasses.replace(paper, statistic_directions=True, second_order=False)
-    info = detector.fit_alignment(target_images, progress=False, cache=cache)
+    info = detector.fit_alignment(target_images, QUIET, cache=cache)
     # Without SFA the alignment is exactly the flip: identity on h(P), -1 on the flipped statistics.
-    flip = torch.diagonal(detector.align_a)
-    assert torch.equal(detector.align_a, torch.diag(flip))
+    flip = torch.diagonal(detector.alignment.align_a)
+    assert torch.equal(detector.alignment.align_a, torch.diag(flip))
     assert torch.equal(flip[:-scalars], torch.ones(len(flip) - scalars))
     assert int((flip < 0).sum()) == info["statistics_flipped"]
     fields = detector.aligned_fields(detector.target, detector.target.normalise(cache["target_features"]),
-                                     detector.target_basis(), detector.positions)
+                                     detector.target_basis(), detector.alignment.positions)
     # The rule: -1 exactly where the target's heavier tail disagrees with the source's labelled direction.
-    target = tail_directions(detector._image_statistics(detector._signatures(fields)))
+    target = tail_directions(detector.image_statistics(detector.signatures(fields)))
     assert torch.equal(flip[-scalars:], detector.source_directions * target)
     z, _ = detector.signature(fields.index(torch.arange(detector.grid**2)))
     expected = detector.f_psi(z * flip)
@@ -154,17 +132,17 @@ def test_statistic_directions_fold_flips_into_the_alignment(source_model, domain
     save_bundle(detector, str(tmp_path / "flipped"))
     loaded = load_bundle(str(tmp_path / "flipped"))
     torch.testing.assert_close(loaded.source_directions, detector.source_directions)
-    torch.testing.assert_close(loaded.align_a, detector.align_a)
+    torch.testing.assert_close(loaded.alignment.align_a, detector.alignment.align_a)
 
 
 def test_synthetic_witness_reads_pasted_anomalies_through_the_target_network(source_model, domains):
     detector = copy.deepcopy(source_model[0])
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     cache: dict = {}
-    detector.adapt(target_images, progress=False, cache=cache)
+    detector.adapt(target_images, QUIET, cache=cache)
     detector.config.cfa = dataclasses.replace(detector.config.cfa, statistic_directions=True,
                                               direction_witness="synthetic", witness_images=6)
-    info = detector.fit_alignment(target_images, progress=False, cache=cache)
+    info = detector.fit_alignment(target_images, QUIET, cache=cache)
     originals, anomalous, targets = cache["witness"]
     assert originals.shape == anomalous.shape and len(targets) == 6
     assert not torch.equal(originals, anomalous)  # something was pasted
@@ -172,8 +150,8 @@ def test_synthetic_witness_reads_pasted_anomalies_through_the_target_network(sou
     directions = []
     for features in (originals, anomalous):
         fields = detector.aligned_fields(detector.target, detector.target.normalise(features), detector.target_basis(),
-                                         detector.positions)
-        directions.append(detector._signatures(fields)[:, -detector._scalar_dim():])
+                                         detector.alignment.positions)
+        directions.append(detector.signatures(fields)[:, -detector._scalar_dim():])
     inside = targets.flatten() >= 0.5
     expected = torch.where((directions[1] - directions[0])[inside].median(0).values >= 0, 1.0, -1.0)
     assert info["target_directions"] == [int(v) for v in expected]
@@ -191,7 +169,7 @@ def test_statistic_directions_need_a_source_that_measured_them(source_model, dom
     detector.config.cfa = dataclasses.replace(detector.config.cfa, statistic_directions=True)
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     with pytest.raises(ConfigError, match="statistic_directions needs the source's statistic directions"):
-        detector.adapt(target_images, progress=False)
+        detector.adapt(target_images, QUIET)
 
 def test_temporal_alignment_over_diffusion_time_runs_the_target_chain_at_the_warped_timesteps(
     source_model, domains, tmp_path
@@ -199,8 +177,8 @@ def test_temporal_alignment_over_diffusion_time_runs_the_target_chain_at_the_war
     detector = copy.deepcopy(source_model[0])
     detector.config.cfa = dataclasses.replace(detector.config.cfa, temporal_mode="timesteps")
     target_images = [s.path for s in load_samples(str(domains["target"]))]
-    detector.adapt(target_images, progress=False)
-    detector.positions = torch.tensor([0.5, 1.5, 2.0])  # psi as TA might fit it, clamped at the end
+    detector.adapt(target_images, QUIET)
+    detector.alignment.positions = torch.tensor([0.5, 1.5, 2.0])  # psi as TA might fit it, clamped at the end
     chains = []
     original = detector.fields
 
@@ -209,7 +187,7 @@ def test_temporal_alignment_over_diffusion_time_runs_the_target_chain_at_the_war
         return original(*args, **kwargs)
 
     detector.fields = recording
-    fields = detector._domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
+    fields = detector.domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
     # t(psi) between the configured 300, 200, 100; the clamped end moved one timestep on, not repeated.
     assert chains == [[250, 150, 100]]
     # Step 0 is the chain's first call: no change and no turn, as on the source (interpolating the
@@ -217,7 +195,7 @@ def test_temporal_alignment_over_diffusion_time_runs_the_target_chain_at_the_war
     assert torch.equal(fields.change[:, 0], torch.zeros_like(fields.change[:, 0]))
     assert torch.equal(fields.turn[:, 0], torch.zeros_like(fields.turn[:, 0]))
     detector.config.cfa = dataclasses.replace(detector.config.cfa, temporal_mode="resample")
-    resampled = detector._domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
+    resampled = detector.domain_fields(torch.randn(2, detector.channels, detector.grid, detector.grid))
     assert resampled.change[:, 0].abs().sum() > 0
 
 
@@ -227,25 +205,25 @@ def test_input_alignment_moves_g_phi_inputs_onto_the_source_normals(source_model
     detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=True)
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     cache: dict = {}
-    info = detector.adapt(target_images, progress=False, cache=cache)
+    info = detector.adapt(target_images, QUIET, cache=cache)
     fields = detector.aligned_fields(detector.target, detector.target.normalise(cache["target_features"]),
-                                     detector.target_basis(), detector.positions)
+                                     detector.target_basis(), detector.alignment.positions)
     raw = detector.g_phi_inputs(fields)
-    aligned = raw * detector.input_a + detector.input_b
+    aligned = raw * detector.alignment.input_a + detector.alignment.input_b
     # Per coordinate, the aligned target inputs have the source normals' median (the fit's sample of at
     # most 50k cells is every cell here).
     torch.testing.assert_close(aligned.median(0).values, detector.input_center, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(raw.median(0).values, detector.input_center, atol=1e-2)
-    assert info["input_scale_ratio_median"] == pytest.approx(float(detector.input_a.median()))
+    assert info["input_scale_ratio_median"] == pytest.approx(float(detector.alignment.input_a.median()))
     save_bundle(detector, str(tmp_path / "aligned"))
     loaded = load_bundle(str(tmp_path / "aligned"))
-    torch.testing.assert_close(loaded.input_a, detector.input_a)
+    torch.testing.assert_close(loaded.alignment.input_a, detector.alignment.input_a)
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(loaded.predict(images).pred_score, detector.predict(images).pred_score)
     # Turned off again, a refit leaves no input alignment behind.
     detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=False)
-    detector.fit_alignment(target_images, progress=False, cache=cache)
-    assert detector.input_a is None and "input_a" not in detector.tensors()
+    detector.fit_alignment(target_images, QUIET, cache=cache)
+    assert detector.alignment.input_a is None and "input_a" not in detector.tensors()
 
 
 def test_input_alignment_needs_the_source_spread_or_its_normals(source_model, domains):
@@ -255,9 +233,9 @@ def test_input_alignment_needs_the_source_spread_or_its_normals(source_model, do
     detector.config.cfa = dataclasses.replace(detector.config.cfa, input_alignment=True)
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     with pytest.raises(ConfigError, match="fit_input_anchors"):
-        detector.adapt(target_images, progress=False)
+        detector.adapt(target_images, QUIET)
     normals = [s for s in load_samples(str(domains["source"])) if s.label == 0]
-    detector.fit_input_anchors(normals, progress=False)
+    detector.fit_input_anchors(normals, QUIET)
     assert detector.input_center.shape == center.shape
 
 
@@ -267,21 +245,20 @@ def test_robust_target_net_retrains_without_the_images_it_denoises_worst(source_
     detector = copy.deepcopy(source_model[0])
     detector.config.target_trim = 0.25
     seen: list[torch.Tensor] = []
-    trainer = detector.score_net_trainer
+    trainer = Runtime().score_net_trainer
 
     def recording(net, x0, *args, **kwargs):
         seen.append(x0)
         return trainer(net, x0, *args, **kwargs)
 
-    detector.score_net_trainer = recording
     target_images = [s.path for s in load_samples(str(domains["target"]))]
     cache: dict = {}
     first_losses = {}
 
     original_train = detector._train_domain
 
-    def train_domain(features, progress, name):
-        domain, losses = original_train(features, progress, name)
+    def train_domain(features, runtime, name):
+        domain, losses = original_train(features, runtime, name)
         if not first_losses:
             x0 = domain.normalise(features)
             first_losses["loss"] = per_sample_epsilon_loss(domain.net, detector.schedule, x0,
@@ -289,7 +266,8 @@ def test_robust_target_net_retrains_without_the_images_it_denoises_worst(source_
         return domain, losses
 
     detector._train_domain = train_domain
-    info = detector.fit_target_score_net(target_images, progress=False, cache=cache)
+    info = detector.fit_target_score_net(target_images, Runtime(progress=False, score_net_trainer=recording),
+                                         cache=cache)
     n = len(target_images)
     assert [len(x) for x in seen] == [n, round(0.75 * n)] == [n, info["target_images_kept"]]
     # The second pass saw exactly the images with the lowest first-pass loss.
@@ -311,7 +289,7 @@ def test_ablated_field_settings_train_and_predict(domains, fields):
     config["head"]["steps"] = 10
     detector = build_detector("ref_cfa", method_config("ref_cfa", config))
     samples = load_samples(str(domains["source"]))
-    detector.fit(samples, [s for s in samples if s.label == 0][:2], progress=False)
+    detector.fit(samples, [s for s in samples if s.label == 0][:2], QUIET)
     prediction = detector.predict(torch.randn(3, 3, 64, 64))
     assert prediction.pred_score.shape == (3,) and prediction.anomaly_map.shape == (3, 64, 64)
     assert torch.isfinite(prediction.pred_score).all()
@@ -322,7 +300,7 @@ def test_normal_only_source_trains_on_synthetic_anomalies(domains):
     config["head"].update(steps=10, synthetic_ratio=0.5)
     detector = build_detector("ref_cfa", method_config("ref_cfa", config))
     normals = load_samples(str(domains["source"]), "train")
-    info = detector.fit(normals[2:], normals[:2], progress=False)
+    info = detector.fit(normals[2:], normals[:2], QUIET)
     assert info["synthetic_images"] == 5  # round(10 normals * 0.5)
 
 
@@ -338,12 +316,24 @@ def test_synthetic_anomaly_changes_only_pixels_inside_its_mask():
     assert np.array_equal(again, perlin_mask(64, np.random.default_rng(7)))  # deterministic per seed
 
 
+def test_anomaly_pair_pastes_a_donor_into_the_resized_image(domains):
+    paths = [s.path for s in load_samples(str(domains["source"]), "train")]
+    original, anomalous, mask = anomaly_pair(paths, 0, 1, 32, np.random.default_rng(0))
+    assert original.shape == anomalous.shape == (32, 32, 3) and mask.shape == (32, 32)
+    assert np.array_equal(original, np.asarray(load_image(paths[0]).resize((32, 32), Image.BILINEAR)))
+    assert np.array_equal(anomalous[~mask], original[~mask]) and mask.any()
+    # The same rng state draws the same anomaly; no size keeps the image's own (shorter) side.
+    again = anomaly_pair(paths, 0, 1, 32, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(again, (original, anomalous, mask)))
+    assert anomaly_pair(paths, 0, 1, None, np.random.default_rng(0))[0].shape == (64, 64, 3)
+
+
 def test_source_fit_rejects_unlabelled_samples(domains):
     detector = build_detector("ref_cfa", method_config("ref_cfa", tiny_ref_cfa_config()))
     samples = load_samples(str(domains["source"]))
     samples[0] = dataclasses.replace(samples[0], label=-1)
     with pytest.raises(DataError, match="labelled 0"):
-        detector.fit(samples, samples[:1], progress=False)
+        detector.fit(samples, samples[:1], QUIET)
 
 
 def _write_config(path: Path) -> str:

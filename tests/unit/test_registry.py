@@ -1,20 +1,9 @@
 import pytest
-import torch
 
 from ray_ad import registry, storage
 from ray_ad.bundle import WEIGHTS_FILE
 from ray_ad.errors import BundleError, ConfigError
-from ray_ad.methods import build_detector, method_config
-
-
-def _detector(seed: int):
-    config = {"backbone": {"image_size": 64, "grid_size": 4, "layers": [1]}, "bank_fraction": 1.0,
-              "device": "cpu", "seed": seed}
-    detector = build_detector("patchcore", method_config("patchcore", config))
-    generator = torch.Generator().manual_seed(seed)
-    detector.bank = torch.randn(10, detector.extractor.out_channels, generator=generator)
-    detector.threshold = float(seed)
-    return detector
+from tests.helpers import random_bank_patchcore
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -26,8 +15,8 @@ def root(request, tmp_path):
 
 def test_publish_points_current_at_the_newest_complete_version_and_rolls_back(root):
     assert registry.current_version(root, "line-a") is None
-    first = registry.publish(_detector(1), root, "line-a", {"image_auroc": 0.9})
-    second = registry.publish(_detector(2), root, "line-a")
+    first = registry.publish(random_bank_patchcore(1), root, "line-a", {"image_auroc": 0.9})
+    second = registry.publish(random_bank_patchcore(2), root, "line-a")
     assert registry.current_version(root, "line-a") == second
     assert registry.list_versions(root, "line-a") == sorted([first, second])
     assert registry.list_lines(root) == ["line-a"]
@@ -38,8 +27,8 @@ def test_publish_points_current_at_the_newest_complete_version_and_rolls_back(ro
 
 
 def test_a_broken_version_is_never_made_current(root):
-    good = registry.publish(_detector(1), root, "line-b")
-    bad = registry.publish(_detector(2), root, "line-b")
+    good = registry.publish(random_bank_patchcore(1), root, "line-b")
+    bad = registry.publish(random_bank_patchcore(2), root, "line-b")
     registry.set_current(root, "line-b", good)
     weights = storage.join(registry.version_uri(root, "line-b", bad), WEIGHTS_FILE)
     storage.write_bytes(weights, storage.read_bytes(weights)[:100])  # truncated after publishing
@@ -48,7 +37,7 @@ def test_a_broken_version_is_never_made_current(root):
     with pytest.raises(BundleError, match="no model bundle"):
         registry.set_current(root, "line-b", "v-missing")
     with pytest.raises(BundleError, match="never overwritten"):
-        registry.publish(_detector(3), root, "line-b", version=good)
+        registry.publish(random_bank_patchcore(3), root, "line-b", version=good)
     assert registry.current_version(root, "line-b") == good
     assert registry.load_current(root, "line-b")[0].threshold == 1.0
 
@@ -56,4 +45,4 @@ def test_a_broken_version_is_never_made_current(root):
 @pytest.mark.parametrize("line", ["Line", "../etc", "", "a/b", "x" * 64, "line-a\n", "line-a\r\n"])
 def test_bad_line_names_are_refused(tmp_path, line):
     with pytest.raises(ConfigError, match="line"):
-        registry.publish(_detector(1), str(tmp_path), line)
+        registry.publish(random_bank_patchcore(1), str(tmp_path), line)

@@ -166,3 +166,37 @@ def test_deeply_nested_json_is_a_bad_request():
     with pytest.raises(BadRequest, match="nested too deeply") as error:
         images_from_body(b"[" * 100_000 + b"]" * 100_000, "application/json", Limits())
     assert error.value.status == 400
+
+
+def test_an_image_over_the_pixel_limit_is_413_by_its_class_not_its_message(monkeypatch):
+    import ray_ad.serve.requests as requests
+    from ray_ad.errors import DataError, ImageTooLarge
+
+    for error, status in ((ImageTooLarge("a.png: too many"), 413), (DataError("a.png: over the limit"), 422)):
+        def fail(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(requests, "decode_image", fail)
+        with pytest.raises(BadRequest) as raised:
+            images_from_body(png(), "image/png", Limits())
+        assert raised.value.status == status and str(raised.value) == str(error)
+
+
+def test_a_body_is_read_within_its_byte_limit():
+    import asyncio
+
+    from ray_ad.serve.requests import read_body
+
+    async def stream(*chunks: bytes):
+        for chunk in chunks:
+            yield chunk
+
+    def read(length: str | None, *chunks: bytes) -> bytes:
+        return asyncio.run(read_body(length, stream(*chunks), limit=10))
+
+    assert read("6", b"abc", b"def") == b"abcdef" and read(None, b"0123456789") == b"0123456789"
+    for length, chunks, status, named in (("11", [b"x"], 413, "of 11 bytes is over the limit of 10"),
+                                          ("ten", [b"x"], 400, "'ten' is not a byte count"),
+                                          (None, [b"012345", b"6789a"], 413, "over the limit of 10 bytes")):
+        with pytest.raises(BadRequest, match=named) as raised:
+            read(length, *chunks)
+        assert raised.value.status == status

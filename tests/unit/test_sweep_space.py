@@ -1,14 +1,30 @@
-"""Sweep space files and the round-by-round trainer (no Ray needed)."""
+"""Sweep space files, the round-by-round trainer, a whole trial and the report (no Ray needed)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
-from ray_ad.distributed.sweep import RoundTrainer, check_space, parse_space, trial_overrides
-from ray_ad.errors import ConfigError
+from ray_ad.errors import ConfigError, DataError
+from ray_ad.methods import method_config
 from ray_ad.training import TrainConfig, train_score_net
+from ray_ad.tuning import (
+    METRIC,
+    RoundTrainer,
+    check_space,
+    parse_space,
+    run_trial,
+    sweep_data,
+    trial_overrides,
+    write_report,
+)
+from tests.conftest import REPO, make_mvtec, tiny_osd_irf_config
 
 
 def test_a_valid_space_parses_and_sets_nested_keys():
@@ -43,6 +59,7 @@ def test_swept_values_must_build_a_valid_config():
         check_space("osd_irf", {}, parse_space({"params": {"t": {"choice": [500, 2000]}}}))
 
 
+@pytest.mark.slow  # a training run
 def test_training_in_rounds_is_the_same_run_as_training_at_once():
     config = TrainConfig(steps=30, batch_size=4, warmup_steps=3)
     x0 = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -56,3 +73,50 @@ def test_training_in_rounds_is_the_same_run_as_training_at_once():
     _, whole = train_score_net(net(), x0, NoiseSchedule(), config, seed=1, progress=False)
     assert chunked == whole
     assert seen == [10, 20]  # reported between rounds, not after the last
+
+
+def test_sampled_numpy_values_become_plain_values_and_the_base_is_not_changed():
+    base = {"train": {"steps": 10}}
+    config = trial_overrides(base, {"t": np.int64(100), "train.lr": np.float64(5e-4)})
+    assert config == {"t": 100, "train": {"steps": 10, "lr": 5e-4}} and type(config["t"]) is int
+    assert base == {"train": {"steps": 10}}
+    with pytest.raises(ConfigError, match="'t' is not a section"):
+        trial_overrides({"t": 3}, {"t.x": 1})
+
+
+@pytest.mark.slow  # trains a (tiny) real OSD-IRF
+def test_a_trial_reports_between_rounds_and_after_fit_without_ray(tmp_path):
+    data = sweep_data(str(make_mvtec(tmp_path / "data", n_train=14)), False, str(tmp_path / "validation"))
+    assert not {s.split for s in data.fit + data.calibration} & {"test"}
+    assert any(s.defect == "synthetic" for s in data.validation)  # the MVTec train split has no anomalies
+    reports = []
+    base = tiny_osd_irf_config(train={"steps": 12, "batch_size": 8, "warmup_steps": 2})
+    run_trial({"t": 150}, "osd_irf", base, data, 3, None, reports.append)
+    assert [r["score_net_step"] for r in reports] == [4, 8, -1]  # OSD-IRF rescores between rounds
+    assert all(0 <= r[METRIC] <= 1 for r in reports)
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch
+def test_the_sweep_logic_imports_no_ray():
+    code = "import sys, ray_ad.tuning; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_report_names_the_best_trial_and_its_config_builds(tmp_path):
+    space = parse_space({"params": {"t": {"choice": [150, 400]}, "train.lr": {"loguniform": [1e-4, 1e-3]}}})
+    rows = [
+        {"t": 150, "train.lr": 2e-4, METRIC: 0.7, "rounds": 3, "error": None},
+        {"t": 400, "train.lr": 5e-4, METRIC: 0.9, "rounds": 3, "error": None},
+        {"t": 400, "train.lr": 1e-4, METRIC: None, "rounds": 0, "error": "boom, again"},
+    ]
+    out = write_report(rows, "osd_irf", {"train": {"steps": 30}}, space, str(tmp_path))
+    assert out["best"] == {"t": 400, "train.lr": 5e-4} and out["best_metric"] == 0.9
+    lines = (tmp_path / "summary.csv").read_text().splitlines()
+    assert lines == ["t,train.lr,val_image_auroc,rounds,error", "150,0.0002,0.7,3,", "400,0.0005,0.9,3,",
+                     "400,0.0001,,0,boom; again"]
+    best = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
+    assert best == {"t": 400, "train": {"steps": 30, "lr": 5e-4}}
+    method_config("osd_irf", best)
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(DataError, match="every trial failed; first error: boom"):
+        write_report(rows[2:], "osd_irf", {}, space, str(tmp_path))

@@ -15,20 +15,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
-from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
+from ray_ad.methods.base import Detector, DetectorConfig, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
-from ray_ad.training import TrainConfig, epsilon_loss, loss_summary
+from ray_ad.progress import progress as show_progress
+from ray_ad.training import TrainConfig, loss_summary
 
 SCORING_MODES = ("one_step", "inversion")
 
 
 @dataclass
-class OSDIRFConfig:
+class OSDIRFConfig(DetectorConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(grid_size=16))
     score_net: ScoreNetConfig = field(default_factory=ScoreNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -42,16 +42,13 @@ class OSDIRFConfig:
     # The Gaussian the IRF is scored under: "standard" = N(0, I) as in Eq. 11; "fitted" = N(mu, diag sigma^2)
     # per cell and channel, fitted to the IRFs of the training normals (see README).
     irf_gaussian: Literal["standard", "fitted"] = "standard"
-    map_sigma: float = 4.0  # Gaussian blur of the upsampled map, pixels (0 = bilinear only)
-    threshold_quantile: float = 0.99
-    seed: int = 0
-    device: str = "auto"
 
     def check_trained_range(self, t: int) -> None:
         if self.train.t_max and t >= self.train.t_max:
             raise ValueError(f"t = {t} lies outside the trained range: train.t_max = {self.train.t_max} (t < t_max)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.t < 1000:
             raise ValueError(f"t must be in [0, 999], got {self.t}")
         self.check_trained_range(self.t)
@@ -63,12 +60,11 @@ class OSDIRFConfig:
                              f"augmentation (train.augment={self.train.augment}) would move features between positions")
         if self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
-        if not 0 < self.threshold_quantile <= 1:
-            raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
 
 
 class OSDIRF(Detector):
     method = "osd_irf"
+    supports_inversion = True  # set_scoring("inversion"): InvAD's DDIM inversion on the same network
 
     def __init__(self, config: OSDIRFConfig) -> None:
         super().__init__(config)
@@ -90,22 +86,17 @@ class OSDIRF(Detector):
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         return self.normaliser(features)
 
-    def fit(
-        self,
-        train: list[Sample],
-        calibration: list[Sample],
-        progress: bool = True,
-        cache_dir: str | None = None,
-    ) -> dict[str, Any]:
-        cfg = self.config
-        features = self.extract_features(train, cfg.train.augment, cache_dir, progress, "train features")
+    def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
+        runtime, cfg = runtime or Runtime(), self.config
+        features = self.extract_features(train, runtime, cfg.train.augment, "train features")
         self.normaliser.fit(features)
         x0 = self.normalise(features.to(self.device))
-        self.score_net, losses = self.score_net_trainer(
-            self.score_net, x0, self.schedule, cfg.train, self.device, cfg.seed, progress
+        # Eq. 4: DDPM epsilon-prediction, in this process or on Ray Train (whatever the runtime says).
+        self.score_net, losses = runtime.score_net_trainer(
+            self.score_net, x0, self.schedule, cfg.train, self.device, cfg.seed, runtime.progress
         )
         self.fit_irf_gaussian(x0[: len(train)])  # un-augmented originals
-        self.calibrate(calibration, progress=progress, cache_dir=cache_dir)
+        self.calibrate(calibration, runtime)
         return {**loss_summary(losses), "steps": len(losses)}
 
     @torch.no_grad()
@@ -120,24 +111,22 @@ class OSDIRF(Detector):
         self.irf_mean = deltas.mean(0)
         self.irf_std = deltas.std(0).clamp_min(1e-3)
 
-    def retarget(self, t: int, train: list[Sample], calibration: list[Sample], cache_dir: str | None = None) -> None:
+    def retarget(self, t: int, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> None:
         """Score at another timestep with the same network: refit the IRF Gaussian and recalibrate."""
+        runtime = (runtime or Runtime()).quiet()
         self.config.check_trained_range(t)
         self.config.t = t
-        features = self.extract_features(train, cache_dir=cache_dir, progress=False)
+        features = self.extract_features(train, runtime)
         self.fit_irf_gaussian(self.normalise(features.to(self.device)))
-        self.calibrate(calibration, progress=False, cache_dir=cache_dir)
+        self.calibrate(calibration, runtime)
 
-    def use_score_net(self, net: torch.nn.Module, calibration: list[Sample], cache_dir: str | None = None) -> None:
+    def use_score_net(self, net: torch.nn.Module, calibration: list[Sample], runtime: Runtime) -> None:
         """Score with ``net`` (e.g. a partly trained EMA network) and recalibrate.
 
         What a sweep needs to report a validation metric between rounds of training.
         """
         self.score_net = net
-        self.calibrate(calibration, progress=False, cache_dir=cache_dir)
-
-    def training_step(self, x0: torch.Tensor) -> torch.Tensor:
-        return epsilon_loss(self.score_net, self.schedule, x0, self.config.train.t_max)  # Eq. 4
+        self.calibrate(calibration, runtime.quiet())
 
     # ---------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -202,15 +191,17 @@ class OSDIRF(Detector):
         return Prediction(score.cpu(), anomaly_map.cpu())
 
     @torch.no_grad()
-    def calibrate(self, normals: list[Sample], progress: bool = True, cache_dir: str | None = None) -> None:
+    def calibrate(self, normals: list[Sample], runtime: Runtime | None = None) -> None:
         """Normalisation constants and threshold from held-out normal images, for both modes."""
         if not normals:
             raise ValueError("calibration needs at least one held-out normal image")
-        features = self.extract_features(normals, 1, cache_dir, progress, "calibration features")
+        runtime = runtime or Runtime()
+        progress = runtime.progress
+        features = self.extract_features(normals, runtime, desc="calibration features")
         x0 = self.normalise(features.to(self.device))
         for mode in SCORING_MODES:
             diffs, nlls = [], []
-            for chunk in tqdm(x0.split(16), desc=f"calibrate {mode}", disable=not progress, leave=False):
+            for chunk in show_progress(x0.split(16), desc=f"calibrate {mode}", enabled=progress, leave=False):
                 _, s_diff, s_nll = self.raw_scores(self.latent(chunk, mode))
                 diffs.append(s_diff)
                 nlls.append(s_nll)

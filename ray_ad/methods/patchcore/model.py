@@ -11,24 +11,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ray_ad.adaptation.mutual import nearest_distance
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
-from ray_ad.methods.base import Detector, Prediction, check_tensor_keys, upsample_map
+from ray_ad.methods.base import Detector, DetectorConfig, Prediction, Runtime, check_tensor_keys, upsample_map
 
 
 @dataclass
-class PatchCoreConfig:
+class PatchCoreConfig(DetectorConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=(2, 3), grid_size=32))
     bank_fraction: float = 0.25
-    map_sigma: float = 4.0
-    threshold_quantile: float = 0.99
-    seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.bank_fraction <= 1:
             raise ValueError(f"bank_fraction must be in (0, 1], got {self.bank_fraction}")
 
@@ -40,21 +36,16 @@ class PatchCore(Detector):
         super().__init__(config)
         self.bank = torch.zeros(0, self.extractor.out_channels)
 
-    def fit(
-        self,
-        train: list[Sample],
-        calibration: list[Sample],
-        progress: bool = True,
-        cache_dir: str | None = None,
-    ) -> dict[str, Any]:
-        features = self.extract_features(train, 1, cache_dir, progress, "memory bank")
+    def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
+        runtime = runtime or Runtime()
+        features = self.extract_features(train, runtime, desc="memory bank")
         patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         keep = max(1, int(len(patches) * self.config.bank_fraction))
         generator = torch.Generator().manual_seed(self.config.seed)
         self.bank = patches[torch.randperm(len(patches), generator=generator)[:keep]].to(self.device)
         scores = []
-        calib = self.extract_features(calibration, 1, cache_dir, progress, "calibration features")
-        for chunk in tqdm(calib.split(8), desc="calibrate", disable=not progress, leave=False):
+        calib = self.extract_features(calibration, runtime, desc="calibration features")
+        for chunk in calib.split(8):
             scores.append(self._cell_scores(chunk.to(self.device)).flatten(1).amax(1).cpu())
         self.set_threshold_from(torch.cat(scores).numpy(), self.config.threshold_quantile)
         return {"bank_size": int(keep)}

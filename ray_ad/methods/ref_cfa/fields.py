@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ray_ad.diffusion import NoiseSchedule
+from ray_ad.errors import ConfigError
+from ray_ad.progress import progress as show_progress
 
 COMPONENTS = ("R", "M", "Q")
 
@@ -146,6 +148,10 @@ class FieldSequence:
         tokens = None if self.tokens is None else self.tokens[rows]
         return FieldSequence(self.energy[rows], self.change[rows], self.turn[rows], tokens, self.grid)
 
+    def to(self, device: torch.device) -> FieldSequence:
+        tokens = None if self.tokens is None else self.tokens.to(device)
+        return FieldSequence(self.energy.to(device), self.change.to(device), self.turn.to(device), tokens, self.grid)
+
     def images(self, start: int, stop: int) -> FieldSequence:
         """Rows of images ``start:stop`` (cells of one image are contiguous)."""
         cells = self.grid * self.grid
@@ -195,6 +201,48 @@ def summarise_steps(steps: list[ResidualStep], basis: torch.Tensor | None, grid:
         torch.stack(energy, 1).cpu(), torch.stack(change, 1).cpu(), torch.stack(turn, 1).cpu(),
         torch.stack(tokens, 1).cpu() if basis is not None else None, grid,
     )
+
+
+@torch.no_grad()
+def residual_fields(
+    score_net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, timesteps: Sequence[int],
+    basis: torch.Tensor | None, last_reference: str, device: torch.device, progress: bool = False,
+    grams: bool = False, desc: str = "fields",
+) -> tuple[FieldSequence, dict[str, torch.Tensor]]:
+    """REF of normalised features ``x0`` [B, C, G, G], in chunks of 32 images on ``device``.
+
+    With ``grams``, also the Gram matrices X X^T of the stacked R and M vectors (over cells and steps),
+    accumulated in float64 on the CPU.
+    """
+    channels, grid = x0.shape[1], x0.shape[-1]
+    parts, gram = [], {"R": torch.zeros(channels, channels, dtype=torch.float64),
+                       "M": torch.zeros(channels, channels, dtype=torch.float64)}
+    basis = None if basis is None else basis.to(device)
+    for chunk in show_progress(x0.split(32), desc=desc, enabled=progress, leave=False):
+        steps = list(reverse_residuals(score_net, schedule, chunk.to(device), timesteps, last_reference))
+        if grams:
+            for step in steps:
+                for name in ("R", "M"):
+                    cells = getattr(step, name).permute(0, 2, 3, 1).reshape(-1, channels).double()
+                    gram[name] += (cells.T @ cells).cpu()
+        parts.append(summarise_steps(steps, basis, grid))
+    return FieldSequence.cat(parts), gram
+
+
+def token_basis(gram_r: torch.Tensor, count: int, token_dim: int) -> torch.Tensor:
+    """The top ``token_dim`` principal directions of the R vectors whose Gram matrix over ``count``
+    cell-steps is ``gram_r``, whitened so that tokens have unit scale: [C, token_dim]."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_r / count)
+    order = eigenvalues.argsort(descending=True)[:token_dim]
+    if len(order) < token_dim:
+        raise ConfigError(f"fields.token_dim={token_dim} exceeds the {gram_r.shape[0]} feature channels")
+    return (eigenvectors[:, order] / eigenvalues[order].clamp_min(1e-8).sqrt()).float()
+
+
+def image_rows(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Row indices of every cell of the given images in a FieldSequence."""
+    cells = grid * grid
+    return (images[:, None] * cells + torch.arange(cells)[None]).flatten()
 
 
 @dataclass

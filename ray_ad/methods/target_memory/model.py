@@ -25,7 +25,7 @@ from ray_ad.adaptation.threshold import RULES, SHAPES, normal_mode, unlabeled_th
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
-from ray_ad.methods.base import Detector
+from ray_ad.methods.base import Detector, DetectorConfig, Runtime
 from ray_ad.methods.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ def _default_backbone() -> BackboneConfig:
 
 
 @dataclass
-class TargetMemoryConfig:
+class TargetMemoryConfig(DetectorConfig):
+    # The threshold comes from ``threshold_rule`` on unlabeled landed images, not from
+    # ``threshold_quantile`` (there are no known normals to take a quantile of).
     backbone: BackboneConfig = field(default_factory=_default_backbone)
     mutual_fraction: float = 0.3  # MuSc: mean of the lowest 30% of per-image nearest distances
     mutual_references: int = 64  # other images each landed image is compared with
@@ -65,11 +67,9 @@ class TargetMemoryConfig:
     threshold_rule: str = "f1"  # how held-out landed scores become a threshold (adaptation/threshold.py)
     false_alarm_rate: float = 0.01
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
-    map_sigma: float = 4.0
-    seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.mutual_fraction <= 1:
             raise ValueError(f"mutual_fraction must be in (0, 1], got {self.mutual_fraction}")
         if self.mutual_references < 1:
@@ -105,13 +105,12 @@ class TargetMemory(PatchCore):
         backbone = replace(config.backbone, name=src.name, weights=src.weights, image_size=src.image_size)
         return cls(replace(config, backbone=backbone, device=source.config.device))
 
-    def fit(
-        self, train: list[Sample], calibration: list[Sample], progress: bool = True, cache_dir: str | None = None
-    ) -> dict[str, Any]:
+    def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         """``train``: landed images (labels are never read); ``calibration``: held-out landed images."""
         if len(train) < 2:
             raise DataError(f"a target memory needs at least 2 landed images, got {len(train)}")
-        features = cells(self.extract_features(train, 1, cache_dir, progress, "landed images"))
+        runtime = runtime or Runtime()
+        features = cells(self.extract_features(train, runtime, desc="landed images"))
         cfg = self.config
         keep_image = torch.ones(len(features), dtype=torch.bool)
         keep_cell = keep_image[:, None].expand(features.shape[:2])
@@ -136,7 +135,7 @@ class TargetMemory(PatchCore):
         }
         log.info("target memory: %s", info)
         if calibration:
-            info["threshold"] = self.calibrate_unlabeled(calibration, progress, cache_dir)
+            info["threshold"] = self.calibrate_unlabeled(calibration, runtime)
         return info
 
     def _mutual_keep(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,19 +151,17 @@ class TargetMemory(PatchCore):
             keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
         return keep_image, keep_cell
 
-    def mutual_suspects(
-        self, images: list[Sample], z: float, progress: bool = True, cache_dir: str | None = None
-    ) -> np.ndarray:
+    def mutual_suspects(self, images: list[Sample], z: float, runtime: Runtime | None = None) -> np.ndarray:
         """Which of ``images`` (unlabeled) stand out from the others: largest mutual cell score more than
         ``z`` robust spreads above the images' normal mode (the rule that drops landed images)."""
-        features = cells(self.extract_features(images, 1, cache_dir, progress, "held-out landed images"))
+        features = cells(self.extract_features(images, runtime or Runtime(), desc="held-out landed images"))
         cfg = self.config
         mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         return _standing_out(mutual.amax(1), z).numpy()
 
-    def calibrate_unlabeled(self, images: list[Sample], progress: bool = True, cache_dir: str | None = None) -> float:
+    def calibrate_unlabeled(self, images: list[Sample], runtime: Runtime | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain."""
-        features = self.extract_features(images, 1, cache_dir, progress, "held-out landed images")
+        features = self.extract_features(images, runtime or Runtime(), desc="held-out landed images")
         scores = torch.cat([self._cell_scores(chunk.to(self.device)).flatten(1).amax(1).cpu()
                             for chunk in features.split(16)])
         cfg = self.config
