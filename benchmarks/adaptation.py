@@ -50,7 +50,7 @@ from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import decision_metrics  # noqa: E402
 from ray_ad.pipeline import train_detector  # noqa: E402
 

@@ -38,7 +38,7 @@ from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import Results, compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
 from ray_ad.report import METRIC_KEYS, format_table  # noqa: E402
 

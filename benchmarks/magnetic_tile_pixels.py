@@ -35,7 +35,7 @@ from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.evaluation import Results, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
 
 DISTANCE_BANDS = ((0, 8), (8, 24), (24, 64), (64, None))  # pixels from the nearest marked pixel

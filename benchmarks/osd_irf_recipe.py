@@ -26,7 +26,7 @@ from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.report import format_table  # noqa: E402
 
 KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "fit_seconds", "model_seconds_per_image")

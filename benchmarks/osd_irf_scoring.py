@@ -20,7 +20,7 @@ from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.report import format_table  # noqa: E402
 
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")

@@ -28,7 +28,7 @@ Both read the normal mode from its lower side and so assume that side tells the 
 ``mixture`` (the default of the gate and the target memory) does not: it fits two Gaussians to all
 the scores by EM (the lower one the normals, the upper one the defects), keeps the second only when
 it lowers the BIC below one Gaussian's, and takes expected hits and false alarms from both fitted
-components. It was chosen on magnetic_tile (benchmarks/threshold_shapes.py).
+components. It was chosen on magnetic_tile (benchmarks/explorations/threshold_shapes.py).
 """
 
 from __future__ import annotations

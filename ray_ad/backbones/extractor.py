@@ -121,7 +121,7 @@ class FeatureExtractor(nn.Module):
         """Images per backbone pass on CPU. The early stages' activations (about 6 MB per 256 px image
         after the first expansion) fall out of the CPU caches for large batches: on 2 cores, passes of
         2 images at 256 px cost 6.9 ms per image against 12.4 ms in passes of 16
-        (``benchmarks/backbone_chunks.py``). GPUs get the whole batch."""
+        (``benchmarks/explorations/backbone_chunks.py``). GPUs get the whole batch."""
         return max(1, CPU_CHUNK_PIXELS // self.config.image_size**2)
 
     def _grid_features(self, images: torch.Tensor) -> torch.Tensor:

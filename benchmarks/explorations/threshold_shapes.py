@@ -2,9 +2,10 @@
 magnetic_tile, the development set: a memory of every landed image fitted on a contaminated landing,
 thresholds from its held-out landed images (no label read), F1 on the scored half.
 
-    .venv/bin/python benchmarks/threshold_shapes.py
+    .venv/bin/python benchmarks/explorations/threshold_shapes.py
 
-Landed: the train normals and a hashed half of the test images (as benchmarks/target_memory_contamination.py);
+Landed: the train normals and a hashed half of the test images (as
+benchmarks/explorations/target_memory_contamination.py);
 the gate's held-out share gives the unlabeled scores; the other half of the test images is scored.
 About 5 CPU-minutes on 2 cores. Figures go to benchmarks/results/threshold_shapes.{json,md}.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import skew
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
@@ -26,7 +28,7 @@ from ray_ad.adaptation.threshold import RULES, SHAPES, unlabeled_threshold  # no
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import decision_metrics  # noqa: E402
 
 

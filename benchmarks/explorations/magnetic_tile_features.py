@@ -1,7 +1,7 @@
 """Can another copy of the features lift OSD-IRF's magnetic_tile pixel AUROC? Feature copies measured on
 the closed-form Gaussian reference.
 
-    .venv/bin/python benchmarks/magnetic_tile_features.py [--data DIR] [--name NAME]
+    .venv/bin/python benchmarks/explorations/magnetic_tile_features.py [--data DIR] [--name NAME]
 
 With per-position whitening and the Gaussian skip, the untrained score network's one-step IRF is
 sqrt(alpha_bar_t (1 - alpha_bar_t)) times the whitened features (OSD-IRF README), so its Eq. 8 map
@@ -36,7 +36,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
 from magnetic_tile import CONFIGS, pixel_auroc_by_negatives  # noqa: E402
 

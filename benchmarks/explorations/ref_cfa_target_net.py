@@ -2,8 +2,8 @@
 fine-tuned from the source network S1, or S1 itself with no target training at all, re-standardised
 on the target's features (``target_init: source_frozen``) or not.
 
-    .venv/bin/python benchmarks/ref_cfa_target_net.py [--task mono-poly|poly-mono ...]
-    .venv/bin/python benchmarks/ref_cfa_target_net.py --adapted runs/fleet/models/elpv-poly/VERSION \
+    .venv/bin/python benchmarks/explorations/ref_cfa_target_net.py [--task mono-poly|poly-mono ...]
+    .venv/bin/python benchmarks/explorations/ref_cfa_target_net.py --adapted runs/fleet/models/elpv-poly/VERSION \
         --target elpv:poly --name main-job
 
 The first form loads, for each task, the adapted bundle the cross-domain benchmark saved
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import RESULTS, machine, save  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402

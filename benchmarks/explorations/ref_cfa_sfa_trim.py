@@ -1,7 +1,7 @@
 """SFA with a trimmed target covariance, on an adapted REF+CFA line: does leaving outlying target
 cells out of the whiten-recolor moments help when the unlabeled target holds anomalies?
 
-    .venv/bin/python benchmarks/ref_cfa_sfa_trim.py [--root runs/fleet] [--line elpv-poly]
+    .venv/bin/python benchmarks/explorations/ref_cfa_sfa_trim.py [--root runs/fleet] [--line elpv-poly]
         [--target elpv:poly] [--eval elpv:poly] [--trims 0 0.05 0.1 0.2 0.3]
 
 Takes the line's current adapted bundle (the README's main job publishes ``elpv-poly``: mono -> poly,
@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import RESULTS, save  # noqa: E402
 
 from ray_ad import registry  # noqa: E402

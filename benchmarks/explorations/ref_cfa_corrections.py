@@ -1,6 +1,6 @@
 """REF+CFA as the paper has it, and with each correction a review against the paper asked for.
 
-    .venv/bin/python benchmarks/ref_cfa_corrections.py [--tasks mono-poly poly-mono] [--seeds 0]
+    .venv/bin/python benchmarks/explorations/ref_cfa_corrections.py [--tasks mono-poly poly-mono] [--seeds 0]
         [--target-nets scratch robust oracle] [--name NAME]
 
 For each elpv task and seed, on the landing layout of ``benchmarks/adaptation.py`` (the same cached
@@ -34,7 +34,8 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import RESULTS, machine, save  # noqa: E402
 from adaptation import TASKS, landing, source_model  # noqa: E402
 from ref_cfa_statistics import statistic_aurocs  # noqa: E402

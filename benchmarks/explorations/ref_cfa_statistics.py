@@ -2,7 +2,7 @@
 alone, for the source model on its own held-out share, the same model on the target (w/o CFA) and the
 adapted model on the target (T1 + TA + DSA, before SFA).
 
-    .venv/bin/python benchmarks/ref_cfa_statistics.py [--root runs/fleet] [--source-line elpv-mono]
+    .venv/bin/python benchmarks/explorations/ref_cfa_statistics.py [--root runs/fleet] [--source-line elpv-mono]
         [--adapted-line elpv-poly] [--source elpv:mono] [--target elpv:poly]
 
 Run it after the README's main job, which publishes both lines. A statistic scores an image by its
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import RESULTS, save  # noqa: E402
 
 from ray_ad import registry  # noqa: E402

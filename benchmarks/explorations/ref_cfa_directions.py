@@ -1,7 +1,8 @@
 """The statistic-direction alignment (ours, not the paper's) on both elpv tasks: does flipping the
 statistics whose unlabeled-target direction differs from the source's close the gap CFA leaves?
 
-    .venv/bin/python benchmarks/ref_cfa_directions.py [--seeds 0] [--tasks elpv:mono,elpv:poly ...] [--name NAME]
+    .venv/bin/python benchmarks/explorations/ref_cfa_directions.py [--seeds 0] [--tasks elpv:mono,elpv:poly ...] \
+        [--name NAME]
 
 Per task and seed: train the source model as the README's main job does (``configs/ref_cfa_cpu.yaml``,
 ``seed=N``, 10% held out); evaluate it on the target's test split as is (w/o CFA); adapt it with the
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import RESULTS, machine, save  # noqa: E402
 
 from ray_ad.data import load_samples  # noqa: E402
@@ -35,7 +37,7 @@ from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.align import source_directions  # noqa: E402
 from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ref_cfa_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ref_cfa_cpu.yaml"
 REFITS = {
     "REF+CFA + direction alignment": {"statistic_directions": True},
     "REF+CFA + direction alignment, w/o SFA": {"statistic_directions": True, "second_order": False},

@@ -1,6 +1,7 @@
 """Backbone time per image on CPU against the number of images per pass.
 
-    .venv/bin/python benchmarks/backbone_chunks.py [--config FILE] [--images 128] [--repeats 3] [--name NAME]
+    .venv/bin/python benchmarks/explorations/backbone_chunks.py [--config FILE] [--images 128] [--repeats 3] \
+        [--name NAME]
 
 Times the frozen feature extractor of an OSD-IRF config (default: the magnetic_tile recipe) on random
 images of its input size, in passes of 1, 2, 4, 8, 16 and 32 images, and the extractor's own
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import machine, save  # noqa: E402
 from magnetic_tile import CONFIGS  # noqa: E402
 

@@ -1,7 +1,7 @@
 """How the target memory copes with defects among its landed images: the variants its defaults were
 chosen from, on magnetic_tile (a development set that is no elpv adaptation target).
 
-    .venv/bin/python benchmarks/target_memory_contamination.py [--variants NAME ...]
+    .venv/bin/python benchmarks/explorations/target_memory_contamination.py [--variants NAME ...]
 
 Landed: the 761 train normals and a hashed half of the test images (defects included), of which the
 gate's held-out share is set aside as in ``jobs/adapt_target.py``: 826 images to fit on, 18% of them
@@ -18,14 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime
+from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import auroc  # noqa: E402
 
 VARIANTS = {
