@@ -202,6 +202,7 @@ def test_mutual_suspects_are_the_held_out_images_that_stand_out(tmp_path):
     assert not referee.mutual_suspects([Sample(p, -1) for p in held[:5]], z=3.0, runtime=QUIET).any()
 
 
+@pytest.mark.slow  # fits detectors
 def test_suspects_are_neither_negatives_nor_pasted_into_but_still_set_the_threshold(tmp_path):
     held = _textures(tmp_path / "held", 12, seed=3, defective=(4, 9))
     source = _source(tmp_path)

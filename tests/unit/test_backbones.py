@@ -9,6 +9,7 @@ from ray_ad.backbones.weights import load_state_dict
 from ray_ad.errors import WeightsError
 
 
+@pytest.mark.slow  # full-size backbone passes
 def test_embedded_package_weights_load_into_timm():
     config = BackboneConfig(layers=(1, 2, 3), grid_size=16, image_size=64)
     body = build_body(config)
@@ -66,6 +67,7 @@ def test_grid_is_pooled_and_frozen():
 
 
 
+@pytest.mark.slow  # full-size backbone passes
 def test_cpu_batches_run_in_cache_sized_chunks_with_the_same_features(monkeypatch):
     extractor = FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=128, local_pool=(3, 5)))
     assert extractor.cpu_chunk_images == 8  # 2 x 256^2 pixels = 8 images of 128^2
@@ -80,6 +82,7 @@ def test_cpu_batches_run_in_cache_sized_chunks_with_the_same_features(monkeypatc
     assert FeatureExtractor(BackboneConfig(layers=(2,), grid_size=8, image_size=512)).cpu_chunk_images == 1
 
 
+@pytest.mark.slow  # full-size backbone passes
 def test_several_pool_sizes_stack_one_copy_per_size():
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     single = {size: FeatureExtractor(BackboneConfig(layers=(2, 3), grid_size=8, image_size=64, local_pool=size))
@@ -118,6 +121,7 @@ def test_pool_sizes_read_from_a_config_list():
     assert config.pool_sizes == (3, 11)
     assert from_dict(BackboneConfig, {"local_pool": 3}).pool_sizes == (3,)
 
+@pytest.mark.slow  # full-size backbone passes
 def test_bundled_weights_classify_a_real_photo():
     # matplotlib ships Grace Hopper's portrait; ImageNet class 652 is "military uniform".
     import numpy as np
