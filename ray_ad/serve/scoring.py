@@ -53,6 +53,7 @@ def probe_detector(detector: Any, model_id: str) -> None:
         image = torch.full((1, 3, detector.image_size, detector.image_size), 0.5)
         with torch.no_grad():
             score = detector.predict(image).pred_score
+        detector.decide(score)  # the decision path too: a threshold that is no number fails here, not per request
     except Exception as exc:  # noqa: BLE001 - any failure makes the model unservable
         raise RuntimeError(f"model {model_id} cannot score: {type(exc).__name__}: {exc}") from exc
     if not torch.isfinite(score).all():
