@@ -87,7 +87,10 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         body = build_body(config)
-        self.out_channels = sum(body.stage_channels) * len(config.pool_sizes)
+        # Channels of each slice of the output, in order (the stages, repeated once per pool size): methods
+        # that treat layers separately (CostFilter-AD's cost volume) split the output by these.
+        self.layer_channels = [int(c) for c in body.stage_channels] * len(config.pool_sizes)
+        self.out_channels = sum(self.layer_channels)
         # The backbone is frozen: batch norms fold into the convolutions (same features, less time).
         example = torch.randn(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
         self.body, self.folded_norms = fold_batch_norms(body, lambda module: self._stages(module, example))

@@ -82,6 +82,43 @@ def synthesize_anomaly(
     return blend.clip(0, 255).astype(np.uint8), mask
 
 
+def procedural_texture(size: int, rng: np.random.Generator, octaves: int = 4) -> np.ndarray:
+    """A colour texture uint8 ``[size, size, 3]`` from summed Perlin octaves: a fill that comes from no
+    image of the line (the role DTD's textures play in DRAEM and CostFilter-AD; none ship with ray_ad)."""
+    noise = sum(perlin_noise(size, 2 ** (k + 1), rng) / 2**k for k in range(octaves))
+    noise = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-6)
+    low, high = rng.uniform(0, 255, (2, 3))  # two random colours, the noise interpolating between them
+    return (low + noise[..., None] * (high - low)).clip(0, 255).astype(np.uint8)
+
+
+FILL_SOURCES = ("texture", "shuffle")
+
+
+def pasted_anomaly(
+    image: np.ndarray, donor: np.ndarray, rng: np.random.Generator, opacity: tuple[float, float] = (0.2, 1.0),
+    sources: Sequence[str] = FILL_SOURCES,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(anomalous image uint8 [S, S, 3], mask bool [S, S], fill source) for filter training (CostFilter-AD
+    Sec. 3, after GLAD/DRAEM): a Perlin mask filled with a procedural texture or with ``donor`` cut
+    into shuffled blocks, blended at an opacity drawn from ``opacity``. The authors' blend weight of
+    the original, U[0, 0.8), is an opacity of the fill in (0.2, 1]. The mask holds exactly the pixels
+    that changed (a fill that happens to equal the image there is no defect)."""
+    if image.shape != donor.shape or image.shape[0] != image.shape[1]:
+        raise ValueError(f"image {image.shape} and donor {donor.shape} must be square arrays of one size")
+    unknown = sorted(set(sources) - set(FILL_SOURCES))
+    if not sources or unknown:
+        raise ValueError(f"fill sources must be among {', '.join(FILL_SOURCES)}; got {list(sources)}")
+    source = str(rng.choice(list(sources)))
+    size = image.shape[0]
+    mask = perlin_mask(size, rng)
+    fill = procedural_texture(size, rng) if source == "texture" else self_shuffled(donor, rng)
+    beta = rng.uniform(*opacity)
+    pixels = image.astype(np.float32)
+    out = np.where(mask[..., None], (1 - beta) * pixels + beta * fill.astype(np.float32), pixels)
+    out = out.clip(0, 255).astype(np.uint8)
+    return out, mask & (out != image).any(-1), source
+
+
 def anomaly_pair(
     uris: Sequence[str], index: int, donor: int, size: int | None, rng: np.random.Generator,
     resample: Image.Resampling | None = Image.Resampling.BILINEAR,

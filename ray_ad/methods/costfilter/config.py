@@ -1,0 +1,86 @@
+"""CostFilter-AD's configuration: the base detector it plugs into, N and D, the filter and its training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_ad.backbones import BackboneConfig
+from ray_ad.data.synthetic import FILL_SOURCES
+from ray_ad.methods.base import DetectorConfig
+from ray_ad.methods.costfilter.loss import LossWeights
+from ray_ad.methods.costfilter.network import FilterNetConfig
+
+# Bases the filter can sit on: detectors trained on normal images alone whose maps it fuses with.
+# (ref_cfa needs labelled source data and an adaptation; a costfilter base would filter twice.)
+SUPPORTED_BASES = ("osd_irf", "patchcore")
+
+
+@dataclass
+class BaseSpec:
+    method: str = "patchcore"  # trained on the same data in the same call ...
+    model: str = ""  # ... unless this names a trained base bundle (local path or URI) to reuse
+    config: dict[str, Any] = field(default_factory=dict)  # the base method's own config values
+
+    def __post_init__(self) -> None:
+        if self.method not in SUPPORTED_BASES:
+            raise ValueError(f"base.method {self.method!r} is not supported; use one of {', '.join(SUPPORTED_BASES)}")
+
+
+@dataclass
+class FilterTrainConfig:
+    steps: int = 600  # optimiser steps (the authors train 30 epochs of batch 8 on a GPU)
+    batch_size: int = 8  # Appendix A (ii)
+    lr: float = 1e-3  # the authors' Adam learning rate
+    pool_size: int = 512  # query images made once (half with a synthetic anomaly), see pool.py
+    anomaly_probability: float = 0.5  # the authors' share of pool images with an anomaly
+    opacity: tuple[float, float] = (0.2, 1.0)  # of the fill; the authors' blend weight U[0, 0.8) of the original
+    fill_sources: tuple[str, ...] = FILL_SOURCES
+    loss_size: int = 64  # maps and masks are compared at this resolution (pixels per side)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.pool_size < 2 or self.lr <= 0:
+            raise ValueError(f"train: steps >= 1, batch_size >= 1, pool_size >= 2, lr > 0; got {self}")
+        if not 0 <= self.anomaly_probability <= 1:
+            raise ValueError(f"train.anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
+        low, high = self.opacity
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"train.opacity must be 0 < low <= high <= 1, got {list(self.opacity)}")
+        if not set(self.fill_sources) <= set(FILL_SOURCES) or not self.fill_sources:
+            raise ValueError(f"train.fill_sources must be among {list(FILL_SOURCES)}, got {list(self.fill_sources)}")
+        if self.loss_size < 4:
+            raise ValueError(f"train.loss_size must be >= 4, got {self.loss_size}")
+
+
+@dataclass
+class CostFilterConfig(DetectorConfig):
+    # The filter's own features: three stages as the cost volume's depth L, on a 16 x 16 grid (a 32 x 32
+    # grid costs 7x more per image on CPU; see the README).
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=(1, 2, 3), grid_size=16))
+    base: BaseSpec = field(default_factory=BaseSpec)
+    templates: int = 4  # N: normal templates per query (the authors train with 4)
+    matching_depth: int = 32  # D: the smallest costs kept per query cell and layer
+    template_bank: int = 64  # normal training images kept (features) to draw templates from
+    filter: FilterNetConfig = field(default_factory=FilterNetConfig)
+    train: FilterTrainConfig = field(default_factory=FilterTrainConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    # Final map = (1 - fusion) * filtered map + fusion * the base's map (scaled by its normal level).
+    # The authors' code blends with the baseline map (0.5 on their embedding path, 0.4 on GLAD); 0 is Eq. 4 alone.
+    fusion: float = 0.5
+    score_top_pixels: int = 250  # image score: mean of the top pixels of the final map (Sec. 3.4)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cells = self.backbone.grid_size**2
+        if self.templates < 1:
+            raise ValueError(f"templates (N) must be >= 1, got {self.templates}")
+        if not 1 <= self.matching_depth <= self.templates * cells:
+            raise ValueError(f"matching_depth (D) must be between 1 and N * cells = {self.templates * cells}, "
+                             f"got {self.matching_depth}")
+        if self.template_bank < self.templates:
+            raise ValueError(f"template_bank ({self.template_bank}) must hold at least N = {self.templates} images")
+        if not 0 <= self.fusion <= 1:
+            raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
+        if not 1 <= self.score_top_pixels <= self.backbone.image_size**2:
+            raise ValueError(f"score_top_pixels must be between 1 and the image's pixel count, "
+                             f"got {self.score_top_pixels}")

@@ -1,0 +1,73 @@
+"""The filter's training set: normal images, half of them with a synthetic anomaly (CostFilter-AD Sec. 3).
+
+The backbone is frozen, so each pool image costs one backbone pass, once: the pool's features and
+masks are computed up front and the filter then trains on them for as many steps as configured. This
+is what makes training affordable on CPU; a fresh anomaly per step would cost a backbone pass per
+sample and step. Templates are still drawn afresh for every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ray_ad.backbones import FeatureExtractor
+from ray_ad.data.images import load_image
+from ray_ad.data.synthetic import pasted_anomaly
+from ray_ad.progress import progress as show_progress
+
+
+@dataclass
+class SyntheticPool:
+    features: torch.Tensor  # [P, C, H', W'] query features
+    masks: torch.Tensor  # [P, R, R] share of each loss-map pixel that is anomalous (0 for normal images)
+    sources: torch.Tensor  # [P] the template-bank index of the image each item was made from (-1: none)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def _resized(path: str, size: int) -> np.ndarray:
+    return np.asarray(load_image(path).resize((size, size), Image.Resampling.BILINEAR))
+
+
+@torch.no_grad()
+def build_pool(
+    extractor: FeatureExtractor, paths: list[str], bank_index: dict[str, int], count: int, anomaly_probability: float,
+    opacity: tuple[float, float], fill_sources: list[str], loss_size: int, rng: np.random.Generator,
+    device: torch.device, progress: bool,
+) -> SyntheticPool:
+    """``count`` items cycling through ``paths`` (shuffled), each anomalous with ``anomaly_probability``
+    (the donor for a shuffled fill is another image of ``paths``)."""
+    if len(paths) < 2:
+        raise ValueError(f"the synthetic pool needs at least 2 normal images, got {len(paths)}")
+    size = extractor.preprocessor.size
+    order = rng.permutation(len(paths))
+    features, masks, sources = [], [], []
+    chunk: list[Image.Image] = []
+
+    def flush() -> None:
+        if chunk:
+            features.append(extractor(extractor.preprocessor.batch(chunk).to(device)).float().cpu())
+            chunk.clear()
+
+    for k in show_progress(range(count), desc="synthetic anomalies", enabled=progress, leave=False):
+        i = int(order[k % len(paths)])
+        image = _resized(paths[i], size)
+        mask = np.zeros(image.shape[:2], dtype=bool)
+        if rng.uniform() < anomaly_probability:
+            donor = int(rng.integers(0, len(paths) - 1))
+            donor += donor >= i  # any image but the source itself
+            image, mask, _ = pasted_anomaly(image, _resized(paths[donor], size), rng, opacity, fill_sources)
+        chunk.append(Image.fromarray(image))
+        # The loss compares maps at loss_size: the mask's share per loss pixel (area average).
+        masks.append(F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], loss_size)[0, 0])
+        sources.append(bank_index.get(paths[i], -1))
+        if len(chunk) == 16:
+            flush()
+    flush()
+    return SyntheticPool(torch.cat(features), torch.stack(masks), torch.tensor(sources, dtype=torch.long))

@@ -1,0 +1,212 @@
+"""CostFilter-AD: the cost volume, the filter's shapes, the loss, the synthetic pool and the plug-in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ray_ad.bundle import load_bundle, save_bundle
+from ray_ad.data.synthetic import pasted_anomaly
+from ray_ad.errors import BundleError, ConfigError
+from ray_ad.methods import build_detector, method_config
+from ray_ad.methods.base import Runtime
+from ray_ad.methods.costfilter.loss import LossWeights, costfilter_loss, soft_iou_loss, ssim_loss
+from ray_ad.methods.costfilter.network import CostFilterNet, FilterNetConfig
+from ray_ad.methods.costfilter.templates import TemplateBank
+from ray_ad.methods.costfilter.volume import cost_volume, initial_map, layer_costs, split_layers
+from ray_ad.pipeline import train_detector
+
+
+def tiny_costfilter_config(**extra: object) -> dict:
+    backbone = {"image_size": 64, "grid_size": 8, "layers": [1, 2]}
+    config = {
+        "backbone": backbone, "base": {"method": "patchcore", "config": {"backbone": backbone}},
+        "templates": 2, "matching_depth": 8, "template_bank": 8,
+        "filter": {"width": 8, "levels": 2, "guidance_width": 4},
+        "train": {"steps": 30, "batch_size": 4, "pool_size": 24, "loss_size": 32},
+        "score_top_pixels": 20, "map_sigma": 1.0, "device": "cpu",
+    }
+    config.update(extra)
+    return config
+
+
+# ---------------------------------------------------------------- the cost volume (Sec. 3.2)
+def test_a_query_equal_to_a_template_costs_nothing_at_the_matching_cells():
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 6, 3, 3, generator=generator)
+    other = torch.randn(6, 3, 3, generator=generator)
+    costs = layer_costs(query, torch.stack([other, query[0]]), depth=4)  # template 1 is the query itself
+    assert costs.shape == (1, 4, 3, 3)
+    assert costs[:, 0].abs().max() < 1e-6  # each cell's nearest match: its own copy, cost 1 - cos = 0
+    assert (costs[:, 1:] > 1e-3).all()  # random vectors are nowhere near parallel
+    assert (costs.diff(dim=1) >= 0).all()  # kept in ascending order
+
+
+def test_top_d_keeps_exactly_the_d_smallest_costs_of_every_query_cell():
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 5, 2, 3, generator=generator)
+    templates = torch.randn(2, 3, 5, 2, 3, generator=generator)  # each query has its own 3 templates
+    kept = layer_costs(query, templates, depth=7)
+    for b in range(2):
+        for y in range(2):
+            for x in range(3):
+                q = query[b, :, y, x]
+                every = [1 - torch.nn.functional.cosine_similarity(q, templates[b, n, :, j, i], dim=0)
+                         for n in range(3) for j in range(2) for i in range(3)]  # Eqs. 1-2 by hand
+                assert torch.allclose(kept[b, :, y, x], torch.stack(every).sort().values[:7], atol=1e-5)
+
+
+def test_volume_stacks_layers_as_depth_and_the_initial_map_is_the_nearest_cost():
+    generator = torch.Generator().manual_seed(2)
+    channels = [4, 6]
+    query = torch.randn(2, 10, 4, 4, generator=generator)
+    templates = torch.randn(3, 10, 4, 4, generator=generator)  # shared by the batch
+    volume = cost_volume(split_layers(query, channels), split_layers(templates, channels), depth=5)
+    assert volume.shape == (2, 5, 2, 4, 4)  # [B, D, L, H', W']
+    assert torch.equal(initial_map(volume), volume[:, 0])
+    with pytest.raises(ValueError, match="D = 49"):
+        layer_costs(query[:, :4], templates[:, :4], depth=49)  # N * H' * W' = 48
+    with pytest.raises(ValueError, match="do not add up"):
+        split_layers(query, [4, 5])
+
+
+# ---------------------------------------------------------------- the filter (Sec. 3.3-3.4)
+@pytest.mark.parametrize("grid,batch", [(8, 2), (10, 1), (16, 3)])
+@pytest.mark.parametrize("ablation", [{}, {"spatial_guidance": False, "matching_guidance": False, "rcsa": False}])
+def test_shapes_through_the_unet(grid, batch, ablation):
+    channels, depth = [4, 6, 8], 6
+    net = CostFilterNet(depth, channels, FilterNetConfig(width=4, levels=3, guidance_width=2, **ablation), classes=3)
+    volume = torch.rand(batch, depth, len(channels), grid, grid)
+    query = [torch.randn(batch, c, grid, grid) for c in channels]
+    anomaly_map, logits = net(volume, query, initial_map(volume))
+    assert anomaly_map.shape == (batch, grid, grid)
+    assert ((anomaly_map > 0) & (anomaly_map < 1)).all()  # the softmax's anomaly channel
+    assert logits.shape == (batch, 3)  # the class-aware adaptor
+    with pytest.raises(ValueError, match="does not match the filter"):
+        net(volume[:, :5], query, initial_map(volume))
+
+
+def test_an_unguided_filter_has_no_guidance_projectors():
+    full = CostFilterNet(4, [3, 5], FilterNetConfig(width=4, levels=2))
+    bare = CostFilterNet(4, [3, 5], FilterNetConfig(width=4, levels=2, spatial_guidance=False,
+                                                    matching_guidance=False, rcsa=False))
+    assert sum(p.numel() for p in bare.parameters()) < sum(p.numel() for p in full.parameters())
+    assert all(level.h_map is None and level.h_query is None for level in bare.encoder)
+
+
+# ---------------------------------------------------------------- the loss (Eq. 5)
+def test_loss_terms_vanish_for_a_perfect_map_and_grow_for_a_wrong_one():
+    mask = torch.zeros(2, 16, 16)
+    mask[:, 4:9, 6:12] = 1.0
+    assert soft_iou_loss(mask, mask) < 1e-6
+    assert ssim_loss(mask, mask) < 1e-6
+    good, terms_good = costfilter_loss(mask.clamp(0.01, 0.99), mask, LossWeights())
+    bad, terms_bad = costfilter_loss((1 - mask).clamp(0.01, 0.99), mask, LossWeights())
+    assert bad > 10 * good
+    assert all(terms_bad[name] > terms_good[name] for name in ("focal", "soft_iou", "ssim", "mse"))
+
+
+def test_the_class_aware_adaptor_lowers_gamma_only_where_it_classifies_right():
+    prob = torch.full((2, 4, 4), 0.3)
+    mask = torch.zeros(2, 4, 4)
+    right = torch.tensor([[5.0, -5.0], [-5.0, 5.0]])  # classes 0 and 1, both right
+    wrong = torch.tensor([[-5.0, 5.0], [5.0, -5.0]])
+    classes = torch.tensor([0, 1])
+    weights = LossWeights(ssim=0, soft_iou=0, mse=0, ce=0)
+    _, with_right = costfilter_loss(prob, mask, weights, right, classes)
+    _, with_wrong = costfilter_loss(prob, mask, weights, wrong, classes)
+    _, single = costfilter_loss(prob, mask, weights)
+    assert with_wrong["focal"] == pytest.approx(single["focal"])  # gamma0 when the adaptor is wrong
+    assert with_right["focal"] > single["focal"]  # smaller gamma: (0.3)^gamma weighs more
+    with pytest.raises(ValueError, match="gamma0"):
+        LossWeights(gamma0=0.5)
+
+
+# ---------------------------------------------------------------- synthetic anomalies and templates
+def test_the_synthetic_masks_are_exactly_the_pasted_pixels():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    donor = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    seen = set()
+    for _ in range(12):
+        anomalous, mask, source = pasted_anomaly(image, donor, rng)
+        seen.add(source)
+        assert mask.any()
+        assert np.array_equal(mask, (anomalous != image).any(-1))
+    assert seen == {"texture", "shuffle"}
+    with pytest.raises(ValueError, match="fill sources"):
+        pasted_anomaly(image, donor, rng, sources=["dtd"])
+
+
+def test_templates_are_the_nearest_bank_images_and_training_never_draws_the_query_itself():
+    generator = torch.Generator().manual_seed(4)
+    bank = TemplateBank(torch.rand(6, 5, 3, 3, generator=generator), [2, 3])
+    query = bank.features[[4, 1]] + 0.001
+    assert bank.nearest(query, 1)[:, 0].tolist() == [4, 1]
+    for _ in range(20):
+        drawn = bank.random(torch.tensor([2, -1, 5]), 5, generator)
+        assert 2 not in drawn[0].tolist() and 5 not in drawn[2].tolist()
+        assert all(len(set(row.tolist())) == 5 for row in drawn)
+    with pytest.raises(ValueError, match="N = 7"):
+        bank.nearest(query, 7)
+    with pytest.raises(ValueError, match="another backbone"):
+        TemplateBank(torch.rand(6, 4, 3, 3), [2, 3])
+
+
+# ---------------------------------------------------------------- config errors
+@pytest.mark.parametrize("values,message", [
+    ({"templates": 0}, "templates"),
+    ({"matching_depth": 129}, "matching_depth"),  # N * cells = 2 * 64
+    ({"template_bank": 1}, "template_bank"),
+    ({"base": {"method": "ref_cfa"}}, "base.method 'ref_cfa'"),
+    ({"fusion": 1.5}, "fusion"),
+])
+def test_bad_config_values_are_named(values, message):
+    with pytest.raises(ConfigError, match=message):
+        method_config("costfilter", tiny_costfilter_config(**values))
+
+
+def test_base_and_filter_must_read_the_same_input():
+    config = tiny_costfilter_config(base={"method": "patchcore", "config": {"backbone": {"image_size": 96}}})
+    with pytest.raises(ConfigError, match="96 px"):
+        build_detector("costfilter", method_config("costfilter", config))
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_fit_predict_and_bundle_round_trip(tiny_mvtec: Path, tmp_path: Path):
+    detector, metrics = train_detector("costfilter", str(tiny_mvtec), tiny_costfilter_config(), runtime=Runtime(False))
+    fit = metrics["fit"]
+    assert fit["steps"] == 30 and fit["template_bank"] == 8 and fit["pool"] == 24
+    assert 0 < fit["pool_anomalous"] < 24
+    assert metrics["image_auroc"] > 0.9  # bright squares on stripes: the kNN base alone finds them
+    images = torch.stack([detector.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in sorted((tiny_mvtec / "test" / "spot").glob("*.png"))])
+    save_bundle(detector, str(tmp_path / "bundle"), metrics)
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    before, after = detector.predict(images), loaded.predict(images)
+    assert torch.equal(before.pred_score, after.pred_score)
+    assert torch.equal(before.anomaly_map, after.anomaly_map)
+    assert loaded.threshold == detector.threshold and loaded.base.threshold == detector.base.threshold
+    alone = loaded.predict(images[:1]).pred_score  # the batch-of-one path scores as in a batch
+    assert torch.allclose(alone, after.pred_score[:1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_trained_base_bundle_is_reused_and_bad_bases_are_refused(tiny_mvtec: Path, tmp_path: Path):
+    base, _ = train_detector("patchcore", str(tiny_mvtec), tiny_costfilter_config()["base"]["config"] | {
+        "device": "cpu"}, runtime=Runtime(False), evaluate=False)
+    save_bundle(base, str(tmp_path / "base"))
+    config = tiny_costfilter_config(base={"model": str(tmp_path / "base")})
+    detector, _ = train_detector("costfilter", str(tiny_mvtec), config, runtime=Runtime(False), evaluate=False)
+    assert torch.equal(detector.base.bank, base.bank)  # the bundle's memory, not a new fit
+    with pytest.raises(BundleError, match="no model bundle"):
+        train_detector("costfilter", str(tiny_mvtec), tiny_costfilter_config(base={"model": str(tmp_path / "nope")}),
+                       runtime=Runtime(False), evaluate=False)
+    save_bundle(detector, str(tmp_path / "cf"))
+    with pytest.raises(ConfigError, match="is a costfilter bundle"):
+        train_detector("costfilter", str(tiny_mvtec), tiny_costfilter_config(base={"model": str(tmp_path / "cf")}),
+                       runtime=Runtime(False), evaluate=False)
