@@ -71,6 +71,20 @@ def tiny_osd_irf_config(**extra: object) -> dict:
     return config
 
 
+def tiny_costfilter_config(**extra: object) -> dict:
+    """A CostFilter-AD config (a patchcore base, a small filter) that trains in seconds on a CPU."""
+    backbone = {"image_size": 64, "grid_size": 8, "layers": [1, 2]}
+    config = {
+        "backbone": backbone, "base": {"method": "patchcore", "config": {"backbone": backbone}},
+        "templates": 2, "matching_depth": 8, "template_bank": 8,
+        "filter": {"width": 8, "levels": 2, "guidance_width": 4},
+        "train": {"steps": 30, "batch_size": 4, "pool_size": 24, "loss_size": 32},
+        "score_top_pixels": 20, "map_sigma": 1.0, "device": "cpu",
+    }
+    config.update(extra)
+    return config
+
+
 def tiny_ref_cfa_config(**extra: object) -> dict:
     config = {
         "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},

@@ -13,7 +13,7 @@ from PIL import Image
 from ray_ad import registry
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.base import Runtime
-from tests.conftest import _free_port, make_mvtec, tiny_osd_irf_config, wait_for_serve_gone
+from tests.conftest import _free_port, make_mvtec, tiny_costfilter_config, tiny_osd_irf_config, wait_for_serve_gone
 from tests.helpers import call, exported_metrics, metric, png
 
 A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
@@ -161,3 +161,25 @@ def test_custom_metrics_count_requests_images_anomalies_and_version_per_line(ser
             break
         assert time.monotonic() < deadline, f"exported {observed}, expected {expected} and a 400 under line '-'"
         time.sleep(1)
+
+
+def test_a_costfilter_line_scores_over_http_as_its_bundle_does(service):
+    """A CostFilter-AD bundle (filter + template bank + its base) is served like any other method."""
+    import torch
+
+    from ray_ad.data.images import load_image
+    from ray_ad.pipeline import train_detector
+
+    url, root, _, data = service
+    detector, _ = train_detector("costfilter", str(data), tiny_costfilter_config(), runtime=Runtime(progress=False),
+                                 evaluate=False)
+    version = registry.publish(detector, root, "line-cf")
+    path = data / "test" / "spot" / "001.png"
+    status, body = call(f"{url}/v1/lines/line-cf/detect", path.read_bytes(), ADMIN)
+    assert status == 200, body
+    [row] = body["results"]
+    with torch.no_grad():
+        image = detector.preprocess(load_image(str(path), keep_gray=True))[None]
+        expected = float(detector.predict(image).pred_score[0])
+    assert row["model_version"] == version and row["score"] == pytest.approx(expected, abs=1e-5)
+    assert call(f"{url}/v1/lines/line-cf", token=ADMIN)[1]["method"] == "costfilter"

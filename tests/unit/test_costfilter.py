@@ -18,19 +18,7 @@ from ray_ad.methods.costfilter.network import CostFilterNet, FilterNetConfig
 from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.methods.costfilter.volume import cost_volume, initial_map, layer_costs, split_layers
 from ray_ad.pipeline import train_detector
-
-
-def tiny_costfilter_config(**extra: object) -> dict:
-    backbone = {"image_size": 64, "grid_size": 8, "layers": [1, 2]}
-    config = {
-        "backbone": backbone, "base": {"method": "patchcore", "config": {"backbone": backbone}},
-        "templates": 2, "matching_depth": 8, "template_bank": 8,
-        "filter": {"width": 8, "levels": 2, "guidance_width": 4},
-        "train": {"steps": 30, "batch_size": 4, "pool_size": 24, "loss_size": 32},
-        "score_top_pixels": 20, "map_sigma": 1.0, "device": "cpu",
-    }
-    config.update(extra)
-    return config
+from tests.conftest import tiny_costfilter_config
 
 
 # ---------------------------------------------------------------- the cost volume (Sec. 3.2)
