@@ -120,3 +120,15 @@ def test_the_report_names_the_best_trial_and_its_config_builds(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(DataError, match="every trial failed; first error: boom"):
         write_report(rows[2:], "osd_irf", {}, space, str(tmp_path))
+
+
+@pytest.mark.parametrize("space,method", [("osd_irf_t.yaml", "osd_irf"), ("ref_cfa_losses.yaml", "ref_cfa"),
+                                          ("costfilter.yaml", "costfilter")])
+def test_every_shipped_space_builds_its_methods_config_at_every_bound(space, method):
+    from ray_ad.tuning import load_space
+
+    loaded = load_space(str(REPO / "configs" / "sweeps" / space))
+    check_space(method, {}, loaded)  # raises, naming the key, if a swept value is no valid config
+    assert loaded.params
+    with pytest.raises(ConfigError, match="templates"):
+        check_space("costfilter", {}, parse_space({"params": {"templates": {"choice": [0, 4]}}}))
