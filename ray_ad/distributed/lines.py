@@ -18,6 +18,7 @@ from ray_ad import registry, storage
 from ray_ad.adaptation.promote import SERVED, Outcome, adapt_candidates, split_overrides
 from ray_ad.bundle import load_bundle
 from ray_ad.distributed.batch import RayFeatureBackend
+from ray_ad.distributed.filter_train import RayFilterTrainer
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import RayADError
 from ray_ad.job_status import adapt_job_id, read_job_status, target_key, timestamp, write_job_status
@@ -49,7 +50,8 @@ def train_line(
     registry.check_name("line", line)
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"{line}-{version}", workers, use_gpu, **settings))
-    runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu))
+    runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu),
+                      RayFilterTrainer(trainer.settings))
     detector, metrics = train_detector(method, data, overrides, runtime=runtime)
     metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu, **_train_figures(trainer)}
     registry.publish(detector, root, line, metrics, version=version)

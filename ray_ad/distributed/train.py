@@ -70,8 +70,8 @@ def _rank_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
-def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batch_size: int,
-            final: bool = False) -> None:
+def _report(loop: Any, rank: int, started: float, start_step: int, batch_size: int,
+            final: bool = False, what: str = "score net") -> None:
     """Report metrics and a checkpoint from every rank (``report`` is a barrier across workers)."""
     elapsed = max(time.perf_counter() - started, 1e-9)
     metrics = {
@@ -82,7 +82,7 @@ def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batc
         "final": final,
     }
     if rank == 0:  # progress in the job's log (workers have no progress bar)
-        log.info(f"score net step {loop.step}/{loop.config.steps}  loss {metrics['loss']:.4f}  "
+        log.info(f"{what} step {loop.step}/{loop.config.steps}  loss {metrics['loss']:.4f}  "
                  f"{metrics['images_per_s']:.1f} images/s")
     with tempfile.TemporaryDirectory() as folder:
         state = loop.state_dict()
@@ -91,6 +91,33 @@ def _report(loop: ScoreNetLoop, rank: int, started: float, start_step: int, batc
         if rank == 0:
             torch.save(state, os.path.join(folder, STATE_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def resume(loop: Any, rank: int) -> ray.train.Checkpoint | None:
+    """Continue ``loop`` (a ``ScoreNetLoop`` or ``FilterLoop``) from Ray Train's latest checkpoint, if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+            rank_file = os.path.join(folder, _rank_file(rank))
+            if os.path.exists(rank_file):  # the same world size: continue this rank's random streams
+                state.update(torch.load(rank_file, weights_only=False))
+            else:
+                state["generator"] = loop.generator.get_state()
+                state["torch_rng"] = torch.get_rng_state()
+        loop.load_state_dict(state)
+    return checkpoint
+
+
+def run_config(settings: RayTrainSettings, name: str, callbacks: list[Any]) -> ray.train.RunConfig:
+    """Where a run checkpoints (local or s3://), how often it may fail, how many checkpoints it keeps."""
+    fs, path = storage.arrow_filesystem(settings.storage_path)
+    return ray.train.RunConfig(
+        name=name, storage_path=path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks or None,
+    )
 
 
 def score_net_worker(config: dict[str, Any]) -> None:
@@ -106,17 +133,7 @@ def score_net_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(net)  # moves to the device; DDP when world > 1
     loop = ScoreNetLoop(getattr(model, "module", model), NoiseSchedule(), train_config, device,
                         config["seed"] + rank, model=model)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
-            rank_file = os.path.join(folder, _rank_file(rank))
-            if os.path.exists(rank_file):  # the same world size: continue this rank's random streams
-                state.update(torch.load(rank_file, weights_only=False))
-            else:
-                state["generator"] = loop.generator.get_state()
-                state["torch_rng"] = torch.get_rng_state()
-        loop.load_state_dict(state)
+    checkpoint = resume(loop, rank)
     start_step, started = loop.step, time.perf_counter()
     per_worker_batch = max(1, train_config.batch_size // world)
     kill_at = config["kill_worker_at_step"] if checkpoint is None else None
@@ -156,7 +173,6 @@ class RayScoreNetTrainer:
             return net.to(device).eval(), []
         s = self.settings
         self.calls += 1
-        fs, path = storage.arrow_filesystem(s.storage_path)
         trainer = ray.train.torch.TorchTrainer(
             score_net_worker,
             train_loop_config={
@@ -165,12 +181,7 @@ class RayScoreNetTrainer:
             },
             scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                                    resources_per_worker={"CPU": s.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=self.run_name(), storage_path=path, storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=self.callbacks or None,
-            ),
+            run_config=run_config(s, self.run_name(), self.callbacks),
         )
         if progress:
             log.info(f"Ray Train: {s.workers} worker(s){' with GPU' if s.use_gpu else ''}, run {self.run_name()} "

@@ -17,6 +17,7 @@ and features are computed) comes in one ``Runtime`` value; none of it is part of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -71,10 +72,12 @@ class Runtime:
     cache_dir: str | None = None  # backbone feature cache (local path or URI)
     score_net_trainer: ScoreNetTrainer = train_score_net
     feature_backend: FeatureBackend | None = None  # where features are computed on a cache miss
+    # Where CostFilter-AD's filter trains (a ``costfilter.training.FilterTrainer``); None: in this process.
+    filter_trainer: Any = None
 
     def quiet(self) -> Runtime:
         """The same runtime without progress output (for inner loops such as sweep rounds)."""
-        return Runtime(False, self.cache_dir, self.score_net_trainer, self.feature_backend)
+        return dataclasses.replace(self, progress=False)
 
 
 def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:

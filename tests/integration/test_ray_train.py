@@ -44,3 +44,32 @@ def test_two_workers_resume_after_one_is_killed(ray_cluster, tmp_path):
     assert metrics["started_from_step"] == 20  # restarted from the last checkpoint before the kill at 25
     assert len(losses) == CONFIG.steps  # the first 20 losses came back from the checkpoint
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # and training went on learning
+
+
+def test_the_cost_filter_trains_on_one_ray_worker_exactly_like_the_local_loop(ray_cluster, tmp_path):
+    from ray_ad.distributed.filter_train import RayFilterTrainer
+    from ray_ad.methods.costfilter.config import FilterTrainConfig
+    from ray_ad.methods.costfilter.loss import LossWeights
+    from ray_ad.methods.costfilter.network import CostFilterNet, FilterNetConfig, Matching
+    from ray_ad.methods.costfilter.pool import SyntheticPool
+    from ray_ad.methods.costfilter.templates import TemplateBank
+    from ray_ad.methods.costfilter.training import train_filter
+
+    generator = torch.Generator().manual_seed(2)
+    masks = (torch.rand(12, 16, 16, generator=generator) > 0.8).float()
+    pool = SyntheticPool(torch.rand(12, 10, 4, 4, generator=generator), masks, torch.tensor([0, 1, 2, -1] * 3))
+    bank = TemplateBank(torch.rand(5, 10, 4, 4, generator=generator), [4, 6])
+    matching = Matching((4, 6), templates=2, depth=6)
+    config = FilterTrainConfig(steps=12, batch_size=4, loss_size=16)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return CostFilterNet(6, [4, 6], FilterNetConfig(width=4, levels=2, guidance_width=2))
+
+    local, local_losses = train_filter(net(), pool, bank, matching, config, LossWeights(), seed=5, progress=False)
+    trainer = RayFilterTrainer(RayTrainSettings(workers=1, storage_path=str(tmp_path), name="cf", checkpoint_every=5))
+    remote, remote_losses = trainer(net(), pool, bank, matching, config, LossWeights(), seed=5, progress=False)
+    assert len(remote_losses) == 12 and remote_losses == local_losses
+    for a, b in zip(local.state_dict().values(), remote.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert trainer.last_result.metrics["step"] == 12

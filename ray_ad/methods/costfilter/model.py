@@ -20,11 +20,10 @@ from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError
 from ray_ad.methods.base import Detector, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.methods.costfilter.config import SUPPORTED_BASES, CostFilterConfig
-from ray_ad.methods.costfilter.network import CostFilterNet
+from ray_ad.methods.costfilter.network import CostFilterNet, Matching, filter_forward
 from ray_ad.methods.costfilter.pool import build_pool
 from ray_ad.methods.costfilter.templates import TemplateBank
-from ray_ad.methods.costfilter.training import FilterLoop
-from ray_ad.methods.costfilter.volume import cost_volume, initial_map, split_layers
+from ray_ad.methods.costfilter.training import train_filter
 from ray_ad.training import loss_summary
 
 
@@ -79,12 +78,14 @@ class CostFilter(Detector):
         self.config.base.config = to_dict(base.config)
 
     # ---------------------------------------------------------------- the filter
+    @property
+    def matching(self) -> Matching:
+        cfg = self.config
+        return Matching(tuple(self.layer_channels), cfg.templates, cfg.matching_depth)
+
     def filter_map(self, query: torch.Tensor, templates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``M [B, H', W']`` (and class logits) of query features against template features ``[B, N, C, H', W']``."""
-        query_layers = split_layers(query, self.layer_channels)
-        volume = cost_volume(query_layers, split_layers(templates, self.layer_channels),
-                             self.config.matching_depth)  # Eqs. 1-2, top-D
-        return self.filter(volume, query_layers, initial_map(volume))  # Eqs. 3-4
+        return filter_forward(self.filter, self.matching, query, templates)  # Eqs. 1-4
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         runtime, cfg = runtime or Runtime(), self.config
@@ -105,9 +106,9 @@ class CostFilter(Detector):
         pool = build_pool(self.extractor, [s.path for s in train], {s.path: k for k, s in enumerate(bank_samples)},
                           t.pool_size, t.anomaly_probability, t.opacity, list(t.fill_sources), t.loss_size, rng,
                           self.device, runtime.progress)
-        loop = FilterLoop(self.filter, self.filter_map, pool, self.bank, cfg.templates, t, cfg.loss, self.device,
-                          cfg.seed)
-        losses = loop.run(runtime.progress)
+        trainer = runtime.filter_trainer or train_filter  # in this process, or on Ray Train
+        self.filter, losses = trainer(self.filter, pool, self.bank, self.matching, t, cfg.loss, self.device,
+                                      cfg.seed, runtime.progress)
         self.calibrate(calibration)
         return {"base": base_info, **loss_summary(losses, "filter_"), "steps": len(losses),
                 "template_bank": len(self.bank), "pool": len(pool),

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ray_ad.methods.costfilter.volume import cost_volume, initial_map, split_layers
+
 
 @dataclass
 class FilterNetConfig:
@@ -163,3 +165,24 @@ class CostFilterNet(nn.Module):
         # Logits held within +-15 keep both probabilities above 1e-13: a saturated softmax otherwise
         # sends subnormal floats through the backward pass, which CPUs process ~100x slower.
         return scores.clamp(-15.0, 15.0).softmax(1)[:, 1], logits  # the softmax's anomaly channel is M
+
+
+@dataclass(frozen=True)
+class Matching:
+    """How a query is matched: its layers' channels, N templates, and the D costs kept per cell."""
+
+    layer_channels: tuple[int, ...]
+    templates: int
+    depth: int
+
+
+def filter_forward(
+    model: nn.Module, matching: Matching, query: torch.Tensor, templates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``M [B, H', W']`` (and class logits) of query features ``[B, C, H', W']`` against template features
+    ``[B, N, C, H', W']``: the cost volume (Eqs. 1-2, top-D), then the filter (Eqs. 3-4). ``model`` is the
+    filter or its DistributedDataParallel wrapper."""
+    channels = list(matching.layer_channels)
+    query_layers = split_layers(query, channels)
+    volume = cost_volume(query_layers, split_layers(templates, channels), matching.depth)
+    return model(volume, query_layers, initial_map(volume))

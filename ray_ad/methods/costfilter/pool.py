@@ -30,6 +30,10 @@ class SyntheticPool:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def shard(self, rank: int, world: int) -> SyntheticPool:
+        """Every ``world``-th item from ``rank`` (a Ray Train worker's share)."""
+        return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world])
+
 
 def _resized(path: str, size: int) -> np.ndarray:
     return np.asarray(load_image(path).resize((size, size), Image.Resampling.BILINEAR))

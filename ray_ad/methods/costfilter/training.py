@@ -1,38 +1,43 @@
 """Training the cost-volume filter on the synthetic pool: a plain, seeded, resumable loop (Eq. 5).
 
 Ray-free, like the score networks' loop: ``state_dict`` holds everything needed to continue
-bit-for-bit (what a Ray Train checkpoint would store).
+bit-for-bit, which is what a Ray Train checkpoint stores (``ray_ad.distributed.filter_train`` runs this
+loop on Ray Train workers through the same ``FilterTrainer`` signature as ``train_filter`` below).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ray_ad.methods.costfilter.config import FilterTrainConfig
 from ray_ad.methods.costfilter.loss import LossWeights, costfilter_loss
+from ray_ad.methods.costfilter.network import Matching, filter_forward
 from ray_ad.methods.costfilter.pool import SyntheticPool
 from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.progress import progress as progress_bar
 
-# (query features [B, C, H, W], template features [B, N, C, H, W]) -> (M [B, H, W], class logits or None)
-FilterForward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-
 
 class FilterLoop:
     """Adam with the authors' betas, cosine decay to 10% of the peak learning rate (the authors halve it
-    on loss plateaus per epoch; a fixed schedule keeps runs comparable across budgets)."""
+    on loss plateaus per epoch; a fixed schedule keeps runs comparable across budgets).
 
-    def __init__(self, net: torch.nn.Module, forward: FilterForward, pool: SyntheticPool, bank: TemplateBank,
-                 templates: int, config: FilterTrainConfig, weights: LossWeights, device: torch.device,
-                 seed: int) -> None:
-        self.net, self.forward, self.pool, self.bank = net, forward, pool, bank
-        self.templates, self.config, self.weights, self.device = templates, config, weights, device
-        self.optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.98))
+    ``model`` is what the forward/backward pass runs on: the filter itself, or its DistributedDataParallel
+    wrapper on a Ray Train worker (each worker then draws its batch share from its own shard of the pool).
+    """
+
+    def __init__(self, net: nn.Module, pool: SyntheticPool, bank: TemplateBank, matching: Matching,
+                 config: FilterTrainConfig, weights: LossWeights, device: torch.device | str, seed: int,
+                 model: nn.Module | None = None) -> None:
+        self.net, self.model = net.to(device), model if model is not None else net
+        self.pool, self.bank, self.matching = pool, bank, matching
+        self.config, self.weights, self.device = config, weights, torch.device(device)
+        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.9, 0.98))
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.losses: list[float] = []
@@ -41,31 +46,38 @@ class FilterLoop:
         progress = step / max(1, self.config.steps)
         return self.config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def run(self, progress: bool = True) -> list[float]:
+    def train_step(self) -> float:
         cfg = self.config
-        bar = progress_bar(desc="train cost filter", total=cfg.steps, initial=self.step, enabled=progress, unit="steps")
-        self.net.train()
-        while self.step < cfg.steps:
-            index = torch.randint(0, len(self.pool), (cfg.batch_size,), generator=self.generator)
-            chosen = self.bank.random(self.pool.sources[index], self.templates, self.generator)
-            query = self.pool.features[index].to(self.device)
-            anomaly_map, _ = self.forward(query, self.bank.gather(chosen))
-            # The map at loss resolution against the mask's share per pixel (pool.py).
-            predicted = F.interpolate(anomaly_map[:, None], size=cfg.loss_size, mode="bilinear",
-                                      align_corners=False)[:, 0]
-            loss, _ = costfilter_loss(predicted, self.pool.masks[index].to(self.device), self.weights)
-            for group in self.optimiser.param_groups:
-                group["lr"] = self.lr_at(self.step)
-            self.optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimiser.step()
-            self.losses.append(loss.item())
+        index = torch.randint(0, len(self.pool), (cfg.batch_size,), generator=self.generator)
+        chosen = self.bank.random(self.pool.sources[index], self.matching.templates, self.generator)
+        query = self.pool.features[index].to(self.device)
+        anomaly_map, _ = filter_forward(self.model, self.matching, query, self.bank.gather(chosen))
+        # The map at loss resolution against the mask's share per pixel (pool.py).
+        predicted = F.interpolate(anomaly_map[:, None], size=cfg.loss_size, mode="bilinear", align_corners=False)
+        loss, _ = costfilter_loss(predicted[:, 0], self.pool.masks[index].to(self.device), self.weights)
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        return loss.item()
+
+    def run(self, progress: bool = True, callback: Callable[[FilterLoop], None] | None = None,
+            every: int = 0) -> list[float]:
+        """Train from ``self.step`` to the budget; ``callback(self)`` after every ``every``-th step."""
+        bar = progress_bar(desc="train cost filter", total=self.config.steps, initial=self.step, enabled=progress,
+                           unit="steps")
+        self.model.train()
+        while self.step < self.config.steps:
+            self.losses.append(self.train_step())
             self.step += 1
             bar.update(1)
             if self.step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}")
+            if callback is not None and every > 0 and self.step % every == 0:
+                callback(self)
         bar.close()
-        self.net.eval()
+        self.model.eval()
         return self.losses
 
     def state_dict(self) -> dict[str, Any]:
@@ -78,3 +90,23 @@ class FilterLoop:
         self.step = int(state["step"])
         self.losses = state["losses"].tolist()
         self.generator.set_state(state["generator"])
+
+
+class FilterTrainer(Protocol):
+    """Trains the filter on a pool against a template bank; returns (trained filter, loss curve).
+
+    ``train_filter`` runs in this process; ``ray_ad.distributed.filter_train.RayFilterTrainer`` runs the
+    same ``FilterLoop`` on Ray Train workers. The method only ever sees this signature.
+    """
+
+    def __call__(self, net: nn.Module, pool: SyntheticPool, bank: TemplateBank, matching: Matching,
+                 config: FilterTrainConfig, weights: LossWeights, device: torch.device | str = "cpu", seed: int = 0,
+                 progress: bool = True) -> tuple[nn.Module, list[float]]: ...
+
+
+def train_filter(net: nn.Module, pool: SyntheticPool, bank: TemplateBank, matching: Matching,
+                 config: FilterTrainConfig, weights: LossWeights, device: torch.device | str = "cpu", seed: int = 0,
+                 progress: bool = True) -> tuple[nn.Module, list[float]]:
+    """The default ``FilterTrainer``: the loop in this process."""
+    loop = FilterLoop(net, pool, bank, matching, config, weights, device, seed)
+    return net.eval(), loop.run(progress)
