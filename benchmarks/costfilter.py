@@ -119,9 +119,8 @@ def main() -> None:
         entry["summary"] = summarise(entry["filtered"])
         report["bases"][name] = entry
         lines += table(name, entry, len(args.seeds))
-    text = "\n".join(lines)
-    print(text)
-    save(args.name, report, text)
+        print("\n".join(table(name, entry, len(args.seeds))))
+        save(args.name, report, "\n".join(lines))  # after each base: a long run keeps what it measured
 
 
 def table(name: str, entry: dict, seeds: int) -> list[str]:
