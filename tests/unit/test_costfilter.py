@@ -72,6 +72,8 @@ def test_shapes_through_the_unet(grid, batch, ablation):
     anomaly_map, logits = net(volume, query, initial_map(volume))
     assert anomaly_map.shape == (batch, grid, grid)
     assert ((anomaly_map > 0) & (anomaly_map < 1)).all()  # the softmax's anomaly channel
+    # The min over channels of Eq. 4 must carry the input: a map that is constant over space is a dead filter.
+    assert anomaly_map.flatten(1).std(1).min() > 1e-4
     assert logits.shape == (batch, 3)  # the class-aware adaptor
     with pytest.raises(ValueError, match="does not match the filter"):
         net(volume[:, :5], query, initial_map(volume))

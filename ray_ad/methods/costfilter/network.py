@@ -133,8 +133,10 @@ class CostFilterNet(nn.Module):
             conv_block(widths[i] + (widths[i + 1] if i + 1 < len(widths) else widths[-1]), widths[i])
             for i in range(len(widths))
         )
-        # Appendix A (ii): a 3D convolution along the depth condenses the L layers to one.
-        self.condense = nn.Sequential(nn.Conv3d(widths[0], widths[0], (self.layers, 1, 1)), nn.ReLU(inplace=True))
+        # Appendix A (ii): a 3D convolution along the depth condenses the L layers to one. It stays linear
+        # (as in the authors' code): after a ReLU the min over channels of Eq. 4 is 0 wherever one channel
+        # is off, i.e. nearly everywhere, and the map comes out constant.
+        self.condense = nn.Conv3d(widths[0], widths[0], (self.layers, 1, 1))
         self.head = nn.Conv2d(1, 2, 1)  # Eq. 4: conv after the min over the matching (channel) axis
         self.adaptor = nn.Linear(widths[-1], classes) if classes > 1 else None  # class-aware adaptor
 
