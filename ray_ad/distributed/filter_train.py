@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from ray_ad.distributed.train import STATE_FILE, RayTrainSettings, _report, resume, run_config
+from ray_ad.distributed.train import RayTrainSettings, _report, fit_and_read_state, resume, run_config
 from ray_ad.methods.costfilter.config import FilterTrainConfig
 from ray_ad.methods.costfilter.loss import LossWeights
 from ray_ad.methods.costfilter.network import Matching
@@ -91,11 +90,8 @@ class RayFilterTrainer:
         if progress:
             log.info(f"Ray Train: the cost filter on {s.workers} worker(s){' with GPU' if s.use_gpu else ''}, "
                      f"run {self.run_name()} under {s.storage_path}")
-        result = trainer.fit()
-        self.last_result = result
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+        self.last_result, state = fit_and_read_state(trainer)
         net.load_state_dict(state["net"])
         if progress:
-            log.info(f"Ray Train: cost filter {state['step']} steps, loss {result.metrics['loss']:.4f}")
+            log.info(f"Ray Train: cost filter {state['step']} steps, loss {self.last_result.metrics['loss']:.4f}")
         return net.to(device).eval(), state["losses"].tolist()

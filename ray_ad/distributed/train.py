@@ -120,6 +120,13 @@ def run_config(settings: RayTrainSettings, name: str, callbacks: list[Any]) -> r
     )
 
 
+def fit_and_read_state(trainer: ray.train.torch.TorchTrainer) -> tuple[Any, dict[str, Any]]:
+    """Run ``trainer`` to the end; (its result, the loop state of its last checkpoint)."""
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        return result, torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+
+
 def score_net_worker(config: dict[str, Any]) -> None:
     """The per-worker train function (runs inside each Ray Train worker)."""
     configure_logging()  # a worker process of its own: its progress lines reach the job's log via stdout
@@ -186,10 +193,8 @@ class RayScoreNetTrainer:
         if progress:
             log.info(f"Ray Train: {s.workers} worker(s){' with GPU' if s.use_gpu else ''}, run {self.run_name()} "
                   f"under {s.storage_path}")
-        result = trainer.fit()
+        result, state = fit_and_read_state(trainer)
         self.last_result = result
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
         net.load_state_dict(state["ema"])
         if progress:
             log.info(f"Ray Train: {state['step']} steps, loss {result.metrics['loss']:.4f}, "

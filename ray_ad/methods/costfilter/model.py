@@ -121,13 +121,17 @@ class CostFilter(Detector):
             raise ValueError("calibration needs at least one held-out normal image")
         images = [self.preprocessor.batch([load_image(s.path) for s in normals[i : i + 8]])
                   for i in range(0, len(normals), 8)]
-        base_maps = torch.cat([self.base.predict(batch).anomaly_map for batch in images])
-        self.base_map_scale = max(float(torch.quantile(base_maps.flatten()[::7], 0.99)), 1e-12)
-        scores = torch.cat([self.predict(batch).pred_score for batch in images]).numpy()
-        self.set_threshold_from(scores, self.config.threshold_quantile)
+        base_maps = [self.base.predict(batch).anomaly_map for batch in images]  # once, for scale and scores
+        self.base_map_scale = max(float(torch.quantile(torch.cat(base_maps).flatten()[::7], 0.99)), 1e-12)
+        scores = torch.cat([self._predict(batch, maps).pred_score for batch, maps in zip(images, base_maps)])
+        self.set_threshold_from(scores.numpy(), self.config.threshold_quantile)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
+        return self._predict(images)
+
+    def _predict(self, images: torch.Tensor, base_map: torch.Tensor | None = None) -> Prediction:
+        """The prediction, with the base's map of ``images`` when the caller already has it."""
         images = images.to(self.device)
         query = self.extractor(images)
         templates = self.bank.gather(self.bank.nearest(query, self.config.templates))
@@ -142,8 +146,9 @@ class CostFilter(Detector):
         fusion = self.config.fusion
         anomaly_map = (1 - fusion) * filtered
         if fusion > 0:
-            base_map = self.base.predict(images).anomaly_map.to(self.device)
-            anomaly_map = anomaly_map + fusion * base_map / self.base_map_scale
+            if base_map is None:
+                base_map = self.base.predict(images).anomaly_map
+            anomaly_map = anomaly_map + fusion * base_map.to(self.device) / self.base_map_scale
         top = anomaly_map.flatten(1).topk(self.config.score_top_pixels, dim=1).values
         return Prediction(top.mean(1).cpu(), anomaly_map.cpu())  # Sec. 3.4: mean of the top pixels
 
