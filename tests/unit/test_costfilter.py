@@ -63,28 +63,47 @@ def test_volume_stacks_layers_as_depth_and_the_initial_map_is_the_nearest_cost()
 
 # ---------------------------------------------------------------- the filter (Sec. 3.3-3.4)
 @pytest.mark.parametrize("grid,batch", [(8, 2), (10, 1), (16, 3)])
-@pytest.mark.parametrize("ablation", [{}, {"spatial_guidance": False, "matching_guidance": False, "rcsa": False}])
+@pytest.mark.parametrize("ablation", [{}, {"spatial_guidance": False, "matching_guidance": False, "rcsa": False},
+                                      {"base_guidance": False}])
 def test_shapes_through_the_unet(grid, batch, ablation):
     channels, depth = [4, 6, 8], 6
     net = CostFilterNet(depth, channels, FilterNetConfig(width=4, levels=3, guidance_width=2, **ablation), classes=3)
     volume = torch.rand(batch, depth, len(channels), grid, grid)
     query = [torch.randn(batch, c, grid, grid) for c in channels]
-    anomaly_map, logits = net(volume, query, initial_map(volume))
+    anomaly_map, logits = net(volume, query, initial_map(volume), torch.rand(batch, grid, grid))
     assert anomaly_map.shape == (batch, grid, grid)
     assert ((anomaly_map > 0) & (anomaly_map < 1)).all()  # the softmax's anomaly channel
     # The min over channels of Eq. 4 must carry the input: a map that is constant over space is a dead filter.
     assert anomaly_map.flatten(1).std(1).min() > 1e-4
     assert logits.shape == (batch, 3)  # the class-aware adaptor
     with pytest.raises(ValueError, match="does not match the filter"):
-        net(volume[:, :5], query, initial_map(volume))
+        net(volume[:, :5], query, initial_map(volume), torch.rand(batch, grid, grid))
 
 
 def test_an_unguided_filter_has_no_guidance_projectors():
     full = CostFilterNet(4, [3, 5], FilterNetConfig(width=4, levels=2))
     bare = CostFilterNet(4, [3, 5], FilterNetConfig(width=4, levels=2, spatial_guidance=False,
-                                                    matching_guidance=False, rcsa=False))
+                                                    matching_guidance=False, rcsa=False, base_guidance=False))
     assert sum(p.numel() for p in bare.parameters()) < sum(p.numel() for p in full.parameters())
     assert all(level.h_map is None and level.h_query is None for level in bare.encoder)
+
+
+def test_a_base_guided_filter_reads_the_base_map_and_refuses_to_run_without_it():
+    torch.manual_seed(0)
+    channels, depth, grid = [3, 5], 4, 8
+    net = CostFilterNet(depth, channels, FilterNetConfig(width=4, levels=2, base_guidance=True)).eval()
+    volume = torch.rand(2, depth, len(channels), grid, grid)
+    query = [torch.randn(2, c, grid, grid) for c in channels]
+    with pytest.raises(ValueError, match="guided by the base's map"):
+        net(volume, query, initial_map(volume))
+    with pytest.raises(ValueError, match=r"shape \[2, 8, 8\]"):
+        net(volume, query, initial_map(volume), torch.rand(2, 4, 4))
+    quiet, loud = torch.zeros(2, grid, grid), torch.zeros(2, grid, grid)
+    loud[:, 2:4, 2:4] = 3.0  # the base flags a corner
+    with torch.no_grad():
+        a, _ = net(volume, query, initial_map(volume), quiet)
+        b, _ = net(volume, query, initial_map(volume), loud)
+    assert (a - b).abs().amax() > 1e-4  # the base's map reaches the output
 
 
 # ---------------------------------------------------------------- the loss (Eq. 5)
@@ -183,6 +202,20 @@ def test_fit_predict_and_bundle_round_trip(tiny_mvtec: Path, tmp_path: Path):
     assert loaded.threshold == detector.threshold and loaded.base.threshold == detector.base.threshold
     alone = loaded.predict(images[:1]).pred_score  # the batch-of-one path scores as in a batch
     assert torch.allclose(alone, after.pred_score[:1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_base_guided_filter_trains_on_the_base_maps_of_its_pool_and_round_trips(tiny_mvtec: Path, tmp_path: Path):
+    config = tiny_costfilter_config(filter={"width": 8, "levels": 2, "guidance_width": 4, "base_guidance": True})
+    detector, metrics = train_detector("costfilter", str(tiny_mvtec), config, runtime=Runtime(False))
+    assert metrics["image_auroc"] > 0.9
+    images = torch.stack([detector.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in sorted((tiny_mvtec / "test" / "spot").glob("*.png"))])
+    base_cells = detector.base_cells(detector.base.predict(images).anomaly_map)
+    assert base_cells.shape == (len(images), 8, 8)
+    save_bundle(detector, str(tmp_path / "bundle"), metrics)
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    assert loaded.base_guided and torch.equal(loaded.predict(images).anomaly_map, detector.predict(images).anomaly_map)
 
 
 @pytest.mark.slow

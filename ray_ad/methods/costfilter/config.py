@@ -14,6 +14,7 @@ from ray_ad.methods.costfilter.network import FilterNetConfig
 # Bases the filter can sit on: detectors trained on normal images alone whose maps it fuses with.
 # (ref_cfa needs labelled source data and an adaptation; a costfilter base would filter twice.)
 SUPPORTED_BASES = ("osd_irf", "patchcore")
+IMAGE_SCORES = ("fused", "map_top")
 
 
 @dataclass
@@ -54,9 +55,11 @@ class FilterTrainConfig:
 
 @dataclass
 class CostFilterConfig(DetectorConfig):
-    # The filter's own features: three stages as the cost volume's depth L, on a 16 x 16 grid (a 32 x 32
-    # grid costs 7x more per image on CPU; see the README).
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=(1, 2, 3), grid_size=16))
+    # The filter's own features: three stages, each averaged over 3 x 3 and 11 x 11 cells (the multi-scale
+    # context of the project's Gaussian recipe), as the cost volume's depth L = 6, on a 16 x 16 grid (a
+    # 32 x 32 grid costs 7x more per image on CPU; see the README).
+    backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(layers=(1, 2, 3), grid_size=16, local_pool=(3, 11)))
     base: BaseSpec = field(default_factory=BaseSpec)
     templates: int = 4  # N: normal templates per query (the authors train with 4)
     matching_depth: int = 32  # D: the smallest costs kept per query cell and layer
@@ -67,7 +70,11 @@ class CostFilterConfig(DetectorConfig):
     # Final map = (1 - fusion) * filtered map + fusion * the base's map (scaled by its normal level).
     # The authors' code blends with the baseline map (0.5 on their embedding path, 0.4 on GLAD); 0 is Eq. 4 alone.
     fusion: float = 0.5
-    score_top_pixels: int = 250  # image score: mean of the top pixels of the final map (Sec. 3.4)
+    score_top_pixels: int = 250  # mean of the top pixels of a map (Sec. 3.4)
+    # Image score. "map_top": the top-pixel mean of the final map (Sec. 3.4). "fused": the same blend as
+    # the maps, (1 - fusion) * top-pixel mean of the filtered map + fusion * the base's own image score
+    # (scaled by its normal level), so the base's image evidence is blended, not replaced.
+    image_score: str = "fused"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +86,8 @@ class CostFilterConfig(DetectorConfig):
                              f"got {self.matching_depth}")
         if self.template_bank < self.templates:
             raise ValueError(f"template_bank ({self.template_bank}) must hold at least N = {self.templates} images")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         if not 0 <= self.fusion <= 1:
             raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
         if not 1 <= self.score_top_pixels <= self.backbone.image_size**2:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ray_ad.config import to_dict
 from ray_ad.data import Sample
@@ -36,6 +37,9 @@ def _build_base(config: CostFilterConfig) -> Detector:
 
 class CostFilter(Detector):
     method = "costfilter"
+    # Bundles saved before these options were fitted with the filter's own M-bar guidance only, on
+    # unpooled features, and scored images by the top pixels of the final map.
+    STORED_DEFAULTS = {"filter.base_guidance": False, "backbone.local_pool": 1, "image_score": "map_top"}
 
     def __init__(self, config: CostFilterConfig) -> None:
         super().__init__(config)
@@ -52,6 +56,7 @@ class CostFilter(Detector):
         grid = config.backbone.grid_size
         self.bank = TemplateBank(torch.zeros(0, self.extractor.out_channels, grid, grid), self.layer_channels)
         self.base_map_scale = 1.0  # the base's map divided by this sits mostly in [0, 1] on normal images
+        self.base_score_scale = 1.0  # the same for the base's image scores
 
     def _check_base_input(self, base: Detector) -> None:
         """Base and filter read the same preprocessed tensor, so they must agree on what it is."""
@@ -83,9 +88,20 @@ class CostFilter(Detector):
         cfg = self.config
         return Matching(tuple(self.layer_channels), cfg.templates, cfg.matching_depth)
 
-    def filter_map(self, query: torch.Tensor, templates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``M [B, H', W']`` (and class logits) of query features against template features ``[B, N, C, H', W']``."""
-        return filter_forward(self.filter, self.matching, query, templates)  # Eqs. 1-4
+    @property
+    def base_guided(self) -> bool:
+        return self.config.filter.base_guidance
+
+    def filter_map(self, query: torch.Tensor, templates: torch.Tensor, base_cells: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``M [B, H', W']`` (and class logits) of query features against template features ``[B, N, C, H', W']``
+        (and the base's cell map, for a base-guided filter)."""
+        return filter_forward(self.filter, self.matching, query, templates, base_cells)  # Eqs. 1-4
+
+    def base_cells(self, base_map: torch.Tensor) -> torch.Tensor:
+        """The base's pixel map ``[B, S, S]`` -> its scaled cell map ``[B, H', W']`` on the filter's grid."""
+        grid = self.config.backbone.grid_size
+        return F.adaptive_avg_pool2d(base_map[:, None].to(self.device) / self.base_map_scale, grid)[:, 0]
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         runtime, cfg = runtime or Runtime(), self.config
@@ -102,55 +118,86 @@ class CostFilter(Detector):
         self.bank = TemplateBank(self.extract_features(bank_samples, runtime, desc="template bank"),
                                  self.layer_channels).to(self.device)
         self.bank.check_count(cfg.templates)
+        calibration_images = self._batches(calibration)
+        self._fit_base_scale(calibration_images)  # before the pool: a base-guided filter trains on scaled maps
         t = cfg.train
+        base_map = (lambda images: self.base_cells(self.base.predict(images).anomaly_map)) if self.base_guided else None
         pool = build_pool(self.extractor, [s.path for s in train], {s.path: k for k, s in enumerate(bank_samples)},
                           t.pool_size, t.anomaly_probability, t.opacity, list(t.fill_sources), t.loss_size, rng,
-                          self.device, runtime.progress)
+                          self.device, runtime.progress, base_map)
         trainer = runtime.filter_trainer or train_filter  # in this process, or on Ray Train
         self.filter, losses = trainer(self.filter, pool, self.bank, self.matching, t, cfg.loss, self.device,
                                       cfg.seed, runtime.progress)
-        self.calibrate(calibration)
+        self._fit_threshold(calibration_images)
         return {"base": base_info, **loss_summary(losses, "filter_"), "steps": len(losses),
                 "template_bank": len(self.bank), "pool": len(pool),
                 "pool_anomalous": int((pool.masks.flatten(1).amax(1) > 0).sum())}
 
-    @torch.no_grad()
-    def calibrate(self, normals: list[Sample]) -> None:
-        """The base map's scale, then the threshold, from held-out normal images."""
+    def _batches(self, normals: list[Sample]) -> list[torch.Tensor]:
         if not normals:
             raise ValueError("calibration needs at least one held-out normal image")
-        images = [self.preprocessor.batch([load_image(s.path) for s in normals[i : i + 8]])
-                  for i in range(0, len(normals), 8)]
-        base_maps = [self.base.predict(batch).anomaly_map for batch in images]  # once, for scale and scores
-        self.base_map_scale = max(float(torch.quantile(torch.cat(base_maps).flatten()[::7], 0.99)), 1e-12)
-        scores = torch.cat([self._predict(batch, maps).pred_score for batch, maps in zip(images, base_maps)])
+        return [self.preprocessor.batch([load_image(s.path) for s in normals[i : i + 8]])
+                for i in range(0, len(normals), 8)]
+
+    @torch.no_grad()
+    def _fit_base_scale(self, images: list[torch.Tensor]) -> None:
+        """The base map's 0.99 quantile on held-out normal images: dividing by it puts the base's map on
+        the filter's [0, 1] scale (for fusion and for base guidance)."""
+        predictions = [self.base.predict(batch) for batch in images]
+        self._calibration_base = predictions
+        values = torch.cat([p.anomaly_map for p in predictions]).flatten()[::7]
+        self.base_map_scale = max(float(torch.quantile(values, 0.99)), 1e-12)
+        scores = torch.cat([p.pred_score for p in predictions]).float()
+        self.base_score_scale = max(float(torch.quantile(scores, 0.99)), 1e-12)
+
+    @torch.no_grad()
+    def _fit_threshold(self, images: list[torch.Tensor]) -> None:
+        base = self._calibration_base  # the base's predictions of these images, made once
+        scores = torch.cat([self._predict(batch, prediction).pred_score for batch, prediction in zip(images, base)])
         self.set_threshold_from(scores.numpy(), self.config.threshold_quantile)
+        del self._calibration_base
+
+    def calibrate(self, normals: list[Sample]) -> None:
+        """The base map's scale, then the threshold, from held-out normal images."""
+        images = self._batches(normals)
+        self._fit_base_scale(images)
+        self._fit_threshold(images)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         return self._predict(images)
 
-    def _predict(self, images: torch.Tensor, base_map: torch.Tensor | None = None) -> Prediction:
-        """The prediction, with the base's map of ``images`` when the caller already has it."""
+    def _predict(self, images: torch.Tensor, base: Prediction | None = None) -> Prediction:
+        """The prediction, with the base's prediction of ``images`` when the caller already has it."""
         images = images.to(self.device)
+        cfg = self.config
+        fusion = cfg.fusion
+        if base is None and (fusion > 0 or self.base_guided):
+            base = self.base.predict(images)
+        base_cells = self.base_cells(base.anomaly_map) if self.base_guided else None
         query = self.extractor(images)
         templates = self.bank.gather(self.bank.nearest(query, self.config.templates))
         if self.device.type == "cpu" and query.shape[0] == 1:
             # PyTorch sends single-sample 3D convolutions of this size to a slow native CPU kernel
             # (5x slower than its oneDNN path, which it uses from two samples on): score a pair.
+            pair = None if base_cells is None else base_cells.expand(2, *base_cells.shape[1:])
             cell_map = self.filter_map(query.expand(2, *query.shape[1:]),
-                                       templates.expand(2, *templates.shape[1:]))[0][:1]
+                                       templates.expand(2, *templates.shape[1:]), pair)[0][:1]
         else:
-            cell_map = self.filter_map(query, templates)[0]
-        filtered = upsample_map(cell_map, self.image_size, self.config.map_sigma)
-        fusion = self.config.fusion
+            cell_map = self.filter_map(query, templates, base_cells)[0]
+        filtered = upsample_map(cell_map, self.image_size, cfg.map_sigma)
         anomaly_map = (1 - fusion) * filtered
         if fusion > 0:
-            if base_map is None:
-                base_map = self.base.predict(images).anomaly_map
-            anomaly_map = anomaly_map + fusion * base_map.to(self.device) / self.base_map_scale
-        top = anomaly_map.flatten(1).topk(self.config.score_top_pixels, dim=1).values
-        return Prediction(top.mean(1).cpu(), anomaly_map.cpu())  # Sec. 3.4: mean of the top pixels
+            anomaly_map = anomaly_map + fusion * base.anomaly_map.to(self.device) / self.base_map_scale
+        if cfg.image_score == "map_top" or fusion == 0:
+            score = self._top_mean(anomaly_map)  # Sec. 3.4: mean of the top pixels
+        else:
+            score = (1 - fusion) * self._top_mean(filtered) + fusion * base.pred_score.to(self.device).float() / (
+                self.base_score_scale)
+        return Prediction(score.cpu(), anomaly_map.cpu())
+
+    def _top_mean(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.flatten(1).topk(self.config.score_top_pixels, dim=1).values.mean(1)
 
     # ---------------------------------------------------------------- what a bundle stores
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -170,9 +217,11 @@ class CostFilter(Detector):
         self.base.load_tensors(base)
 
     def state(self) -> dict[str, Any]:
-        return {**super().state(), "base_map_scale": self.base_map_scale, "base": self.base.state()}
+        return {**super().state(), "base_map_scale": self.base_map_scale, "base_score_scale": self.base_score_scale,
+                "base": self.base.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.base_map_scale = float(state["base_map_scale"])
+        self.base_score_scale = float(state.get("base_score_scale", 1.0))  # absent before image_score "fused"
         self.base.load_state(state["base"])

@@ -40,6 +40,9 @@ class FilterNetConfig:
     spatial_guidance: bool = True  # SG: the query features f_S (ablation: False)
     matching_guidance: bool = True  # MG: the initial map M-bar (ablation: False)
     rcsa: bool = True  # residual channel-spatial attention (ablation: False = plain concatenation)
+    # Ours, not the paper's: the base detector's own cell map joins M-bar in the matching-guidance stream,
+    # so the filter refines the base's map rather than re-deriving one from the templates alone.
+    base_guidance: bool = True
     reduction: int = 4  # channel-attention bottleneck ratio
 
     def __post_init__(self) -> None:
@@ -96,7 +99,8 @@ class GuidedLevel(nn.Module):
         super().__init__()
         self.block = conv_block(c_in, c)
         g = config.guidance_width
-        self.h_map = GuidanceProjector(1, g) if config.matching_guidance else None
+        guide_maps = int(config.matching_guidance) + int(config.base_guidance)  # M-bar and/or the base's map
+        self.h_map = GuidanceProjector(guide_maps, g) if guide_maps else None
         self.h_query = GuidanceProjector(guide_query, g) if config.spatial_guidance else None
         fused = c + g * (self.h_map is not None) + g * (self.h_query is not None)
         self.rcsa = RCSA(fused, config.reduction) if config.rcsa else nn.Identity()
@@ -141,14 +145,21 @@ class CostFilterNet(nn.Module):
         self.adaptor = nn.Linear(widths[-1], classes) if classes > 1 else None  # class-aware adaptor
 
     def forward(
-        self, volume: torch.Tensor, query_layers: list[torch.Tensor], m_bar: torch.Tensor
+        self, volume: torch.Tensor, query_layers: list[torch.Tensor], m_bar: torch.Tensor,
+        base_map: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, d, depth, h, w = volume.shape
         if d != self.depth or depth != self.layers:
             raise ValueError(f"cost volume {list(volume.shape)} does not match the filter (D = {self.depth}, "
                              f"L = {self.layers})")
         query = torch.stack([proj(f) for proj, f in zip(self.query_in, query_layers)], dim=2)  # [B, g, L, H, W]
-        guide_map = m_bar.unsqueeze(1)  # [B, 1, L, H, W]: M-bar, one depth slice per layer
+        guides = [m_bar.unsqueeze(1)] if self.config.matching_guidance else []  # [B, 1, L, H, W]: one slice per layer
+        if self.config.base_guidance:
+            if base_map is None or base_map.shape != (b, h, w):
+                raise ValueError(f"this filter is guided by the base's map: give one of shape {[b, h, w]}, got "
+                                 f"{None if base_map is None else list(base_map.shape)}")
+            guides.append(base_map[:, None, None].expand(b, 1, depth, h, w))  # the same map at every depth
+        guide_map = torch.cat(guides, 1) if guides else m_bar.unsqueeze(1)  # (unused without MG and base)
         x = self.stem(volume)
         skips = []
         for i, level in enumerate(self.encoder):
@@ -179,12 +190,14 @@ class Matching:
 
 
 def filter_forward(
-    model: nn.Module, matching: Matching, query: torch.Tensor, templates: torch.Tensor
+    model: nn.Module, matching: Matching, query: torch.Tensor, templates: torch.Tensor,
+    base_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``M [B, H', W']`` (and class logits) of query features ``[B, C, H', W']`` against template features
     ``[B, N, C, H', W']``: the cost volume (Eqs. 1-2, top-D), then the filter (Eqs. 3-4). ``model`` is the
-    filter or its DistributedDataParallel wrapper."""
+    filter or its DistributedDataParallel wrapper; ``base_map [B, H', W']`` is the base detector's cell
+    map, for a filter with base guidance."""
     channels = list(matching.layer_channels)
     query_layers = split_layers(query, channels)
     volume = cost_volume(query_layers, split_layers(templates, channels), matching.depth)
-    return model(volume, query_layers, initial_map(volume))
+    return model(volume, query_layers, initial_map(volume), base_map)

@@ -8,6 +8,7 @@ sample and step. Templates are still drawn afresh for every step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +27,15 @@ class SyntheticPool:
     features: torch.Tensor  # [P, C, H', W'] query features
     masks: torch.Tensor  # [P, R, R] share of each loss-map pixel that is anomalous (0 for normal images)
     sources: torch.Tensor  # [P] the template-bank index of the image each item was made from (-1: none)
+    base_maps: torch.Tensor | None = None  # [P, H', W'] the base detector's cell map (base guidance only)
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def shard(self, rank: int, world: int) -> SyntheticPool:
         """Every ``world``-th item from ``rank`` (a Ray Train worker's share)."""
-        return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world])
+        base_maps = None if self.base_maps is None else self.base_maps[rank::world]
+        return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world], base_maps)
 
 
 def _resized(path: str, size: int) -> np.ndarray:
@@ -43,20 +46,24 @@ def _resized(path: str, size: int) -> np.ndarray:
 def build_pool(
     extractor: FeatureExtractor, paths: list[str], bank_index: dict[str, int], count: int, anomaly_probability: float,
     opacity: tuple[float, float], fill_sources: list[str], loss_size: int, rng: np.random.Generator,
-    device: torch.device, progress: bool,
+    device: torch.device, progress: bool, base_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SyntheticPool:
     """``count`` items cycling through ``paths`` (shuffled), each anomalous with ``anomaly_probability``
-    (the donor for a shuffled fill is another image of ``paths``)."""
+    (the donor for a shuffled fill is another image of ``paths``). ``base_map`` (preprocessed images ->
+    the base detector's cell maps) is run on every item when the filter is guided by the base."""
     if len(paths) < 2:
         raise ValueError(f"the synthetic pool needs at least 2 normal images, got {len(paths)}")
     size = extractor.preprocessor.size
     order = rng.permutation(len(paths))
-    features, masks, sources = [], [], []
+    features, masks, sources, base_maps = [], [], [], []
     chunk: list[Image.Image] = []
 
     def flush() -> None:
         if chunk:
-            features.append(extractor(extractor.preprocessor.batch(chunk).to(device)).float().cpu())
+            images = extractor.preprocessor.batch(chunk).to(device)
+            features.append(extractor(images).float().cpu())
+            if base_map is not None:
+                base_maps.append(base_map(images).float().cpu())
             chunk.clear()
 
     for k in show_progress(range(count), desc="synthetic anomalies", enabled=progress, leave=False):
@@ -74,4 +81,5 @@ def build_pool(
         if len(chunk) == 16:
             flush()
     flush()
-    return SyntheticPool(torch.cat(features), torch.stack(masks), torch.tensor(sources, dtype=torch.long))
+    return SyntheticPool(torch.cat(features), torch.stack(masks), torch.tensor(sources, dtype=torch.long),
+                         torch.cat(base_maps) if base_maps else None)

@@ -51,7 +51,8 @@ class FilterLoop:
         index = torch.randint(0, len(self.pool), (cfg.batch_size,), generator=self.generator)
         chosen = self.bank.random(self.pool.sources[index], self.matching.templates, self.generator)
         query = self.pool.features[index].to(self.device)
-        anomaly_map, _ = filter_forward(self.model, self.matching, query, self.bank.gather(chosen))
+        base_map = None if self.pool.base_maps is None else self.pool.base_maps[index].to(self.device)
+        anomaly_map, _ = filter_forward(self.model, self.matching, query, self.bank.gather(chosen), base_map)
         # The map at loss resolution against the mask's share per pixel (pool.py).
         predicted = F.interpolate(anomaly_map[:, None], size=cfg.loss_size, mode="bilinear", align_corners=False)
         loss, _ = costfilter_loss(predicted[:, 0], self.pool.masks[index].to(self.device), self.weights)
