@@ -80,7 +80,8 @@ def synthetic_set(samples: list, size: int, seed: int) -> tuple[list[Image.Image
         image = np.asarray(load_image(sample.path).resize((size, size), Image.Resampling.BILINEAR))
         mask = np.zeros((size, size), dtype=bool)
         if i % 2 == 0:
-            donor = np.asarray(load_image(samples[(i + 1) % len(samples)].path).resize((size, size)))
+            donor = np.asarray(load_image(samples[(i + 1) % len(samples)].path).resize(
+                (size, size), Image.Resampling.BILINEAR))
             image, mask, _ = pasted_anomaly(image, donor, rng)
         images.append(Image.fromarray(image))
         masks.append(mask)
