@@ -41,7 +41,7 @@ def filter_worker(config: dict[str, Any]) -> None:
     matching: Matching = config["matching"]
     train: FilterTrainConfig = config["train"]
     pool: SyntheticPool = ray.get(config["pool"]).shard(rank, world)
-    bank = TemplateBank(ray.get(config["bank"]), list(matching.layer_channels)).to(device)
+    bank: TemplateBank = ray.get(config["bank"]).to(device)
     model = ray.train.torch.prepare_model(config["net"])  # moves to the device; DDP when world > 1
     per_worker = dataclasses.replace(train, batch_size=max(1, train.batch_size // world))
     loop = FilterLoop(getattr(model, "module", model), pool, bank, matching, per_worker, config["weights"], device,
@@ -79,7 +79,7 @@ class RayFilterTrainer:
         trainer = ray.train.torch.TorchTrainer(
             filter_worker,
             train_loop_config={
-                "net": net.cpu(), "pool": ray.put(pool), "bank": ray.put(bank.features.detach().cpu()),
+                "net": net.cpu(), "pool": ray.put(pool), "bank": ray.put(bank.cpu_copy()),
                 "matching": matching, "train": config, "weights": weights, "seed": seed,
                 "checkpoint_every": s.checkpoint_every,
             },

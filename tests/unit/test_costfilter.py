@@ -233,3 +233,54 @@ def test_a_trained_base_bundle_is_reused_and_bad_bases_are_refused(tiny_mvtec: P
     with pytest.raises(ConfigError, match="is a costfilter bundle"):
         train_detector("costfilter", str(tiny_mvtec), tiny_costfilter_config(base={"model": str(tmp_path / "cf")}),
                        runtime=Runtime(False), evaluate=False)
+
+
+# ---------------------------------------------------------------- the fleet filter (one filter, several lines)
+def test_a_fleet_bank_draws_every_query_templates_from_its_own_line_and_the_pool_points_into_it():
+    from ray_ad.methods.costfilter.pool import SyntheticPool
+
+    bank = TemplateBank(torch.rand(7, 5, 2, 2), [2, 3], classes=torch.tensor([0, 0, 0, 1, 1, 1, 1]))
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.tensor([0, 1] * 50)
+    exclude = torch.tensor([1, 4] * 50)  # each query's own source image in the concatenated bank
+    chosen = bank.random(exclude, 2, generator, classes)
+    assert (bank.classes[chosen] == classes[:, None]).all()  # never another line's templates
+    assert not (chosen == exclude[:, None]).any()
+    with pytest.raises(ValueError, match="has no classes"):
+        TemplateBank(torch.rand(7, 5, 2, 2), [2, 3]).random(exclude[:2], 2, generator, classes[:2])
+    a = SyntheticPool(torch.rand(3, 5, 2, 2), torch.zeros(3, 4, 4), torch.tensor([0, -1, 2]))
+    b = SyntheticPool(torch.rand(2, 5, 2, 2), torch.zeros(2, 4, 4), torch.tensor([1, 3]))
+    fleet = SyntheticPool.fleet([a, b], [3, 4])
+    assert fleet.sources.tolist() == [0, -1, 2, 4, 6] and fleet.classes.tolist() == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="disagree on base guidance"):
+        SyntheticPool.fleet([a, SyntheticPool(b.features, b.masks, b.sources, torch.zeros(2, 2, 2))], [3, 4])
+
+
+@pytest.mark.slow
+def test_one_fleet_filter_serves_two_lines_each_bundle_complete_on_its_own(tmp_path: Path):
+    from ray_ad.data import training_split
+    from ray_ad.methods.costfilter.fleet import train_fleet_filter
+    from tests.conftest import make_mvtec
+
+    lines = []
+    for k in range(2):
+        data = make_mvtec(tmp_path / f"line{k}", seed=k)
+        train, calibration = training_split(str(data), 0.25)
+        lines.append((build_detector("costfilter", method_config("costfilter", tiny_costfilter_config())), train,
+                      calibration))
+    bad = build_detector("costfilter", method_config("costfilter", tiny_costfilter_config(templates=3)))
+    with pytest.raises(ConfigError, match="templates = 3"):
+        train_fleet_filter([lines[0], (bad, *lines[1][1:])], Runtime(False))
+    report = train_fleet_filter(lines, Runtime(False))
+    first, second = (detector for detector, _, _ in lines)
+    assert [r["fleet_line"] for r in report["lines"]] == [0, 1] and report["template_bank"] == 16
+    assert first.filter.adaptor is not None and first.filter.adaptor.out_features == 2  # class-aware adaptor
+    for a, b in zip(first.filter.state_dict().values(), second.filter.state_dict().values()):
+        assert torch.equal(a, b)  # one filter, two copies
+    assert not torch.equal(first.bank.features, second.bank.features)  # each line keeps its own templates
+    images = torch.stack([first.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in sorted((tmp_path / "line1" / "test" / "spot").glob("*.png"))])
+    save_bundle(second, str(tmp_path / "bundle"))
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    assert loaded.config.filter.classes == 2
+    assert torch.equal(loaded.predict(images).anomaly_map, second.predict(images).anomaly_map)

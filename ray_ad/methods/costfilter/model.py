@@ -9,6 +9,7 @@ authors' code does) and the image score is the mean of the map's top pixels (Sec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,20 @@ from ray_ad.errors import ConfigError
 from ray_ad.methods.base import Detector, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.methods.costfilter.config import SUPPORTED_BASES, CostFilterConfig
 from ray_ad.methods.costfilter.network import CostFilterNet, Matching, filter_forward
-from ray_ad.methods.costfilter.pool import build_pool
+from ray_ad.methods.costfilter.pool import SyntheticPool, build_pool
 from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.methods.costfilter.training import train_filter
 from ray_ad.training import loss_summary
+
+
+@dataclass
+class FitParts:
+    """What ``CostFilter.prepare`` made for the filter's training and for ``finish``."""
+
+    base_info: dict[str, Any]
+    pool: SyntheticPool
+    calibration_images: list[torch.Tensor]
+    calibration_base: list[Prediction]
 
 
 def _build_base(config: CostFilterConfig) -> Detector:
@@ -105,6 +116,16 @@ class CostFilter(Detector):
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         runtime, cfg = runtime or Runtime(), self.config
+        parts = self.prepare(train, calibration, runtime)
+        trainer = runtime.filter_trainer or train_filter  # in this process, or on Ray Train
+        self.filter, losses = trainer(self.filter, parts.pool, self.bank, self.matching, cfg.train, cfg.loss,
+                                      self.device, cfg.seed, runtime.progress)
+        return self.finish(parts, losses)
+
+    def prepare(self, train: list[Sample], calibration: list[Sample], runtime: Runtime) -> FitParts:
+        """Everything before the filter trains: the base, the template bank, the scales, the synthetic pool
+        (``fleet.train_fleet_filter`` prepares several lines this way, then trains one filter for all)."""
+        cfg = self.config
         if cfg.base.model:
             self.use_base_bundle(cfg.base.model)
             base_info: dict[str, Any] = {"model": cfg.base.model}
@@ -119,19 +140,20 @@ class CostFilter(Detector):
                                  self.layer_channels).to(self.device)
         self.bank.check_count(cfg.templates)
         calibration_images = self._batches(calibration)
-        self._fit_base_scale(calibration_images)  # before the pool: a base-guided filter trains on scaled maps
+        calibration_base = self._fit_base_scale(calibration_images)  # first: a base-guided filter trains on scaled maps
         t = cfg.train
         base_map = (lambda images: self.base_cells(self.base.predict(images).anomaly_map)) if self.base_guided else None
         pool = build_pool(self.extractor, [s.path for s in train], {s.path: k for k, s in enumerate(bank_samples)},
                           t.pool_size, t.anomaly_probability, t.opacity, list(t.fill_sources), t.loss_size, rng,
                           self.device, runtime.progress, base_map)
-        trainer = runtime.filter_trainer or train_filter  # in this process, or on Ray Train
-        self.filter, losses = trainer(self.filter, pool, self.bank, self.matching, t, cfg.loss, self.device,
-                                      cfg.seed, runtime.progress)
-        self._fit_threshold(calibration_images)
-        return {"base": base_info, **loss_summary(losses, "filter_"), "steps": len(losses),
-                "template_bank": len(self.bank), "pool": len(pool),
-                "pool_anomalous": int((pool.masks.flatten(1).amax(1) > 0).sum())}
+        return FitParts(base_info, pool, calibration_images, calibration_base)
+
+    def finish(self, parts: FitParts, losses: list[float]) -> dict[str, Any]:
+        """After the filter trained: the threshold, and what the fit reports."""
+        self._fit_threshold(parts.calibration_images, parts.calibration_base)
+        return {"base": parts.base_info, **loss_summary(losses, "filter_"), "steps": len(losses),
+                "template_bank": len(self.bank), "pool": len(parts.pool),
+                "pool_anomalous": int((parts.pool.masks.flatten(1).amax(1) > 0).sum())}
 
     def _batches(self, normals: list[Sample]) -> list[torch.Tensor]:
         if not normals:
@@ -140,28 +162,26 @@ class CostFilter(Detector):
                 for i in range(0, len(normals), 8)]
 
     @torch.no_grad()
-    def _fit_base_scale(self, images: list[torch.Tensor]) -> None:
-        """The base map's 0.99 quantile on held-out normal images: dividing by it puts the base's map on
-        the filter's [0, 1] scale (for fusion and for base guidance)."""
+    def _fit_base_scale(self, images: list[torch.Tensor]) -> list[Prediction]:
+        """The 0.99 quantiles of the base's map and image score on held-out normal images: dividing by them
+        puts the base on the filter's [0, 1] scale (for fusion and base guidance). Returns the base's
+        predictions of ``images``, so they are made once."""
         predictions = [self.base.predict(batch) for batch in images]
-        self._calibration_base = predictions
         values = torch.cat([p.anomaly_map for p in predictions]).flatten()[::7]
         self.base_map_scale = max(float(torch.quantile(values, 0.99)), 1e-12)
         scores = torch.cat([p.pred_score for p in predictions]).float()
         self.base_score_scale = max(float(torch.quantile(scores, 0.99)), 1e-12)
+        return predictions
 
     @torch.no_grad()
-    def _fit_threshold(self, images: list[torch.Tensor]) -> None:
-        base = self._calibration_base  # the base's predictions of these images, made once
+    def _fit_threshold(self, images: list[torch.Tensor], base: list[Prediction]) -> None:
         scores = torch.cat([self._predict(batch, prediction).pred_score for batch, prediction in zip(images, base)])
         self.set_threshold_from(scores.numpy(), self.config.threshold_quantile)
-        del self._calibration_base
 
     def calibrate(self, normals: list[Sample]) -> None:
         """The base map's scale, then the threshold, from held-out normal images."""
         images = self._batches(normals)
-        self._fit_base_scale(images)
-        self._fit_threshold(images)
+        self._fit_threshold(images, self._fit_base_scale(images))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -43,11 +43,13 @@ class FilterNetConfig:
     # Ours, not the paper's: the base detector's own cell map joins M-bar in the matching-guidance stream,
     # so the filter refines the base's map rather than re-deriving one from the templates alone.
     base_guidance: bool = True
+    classes: int = 1  # lines a fleet filter is trained on: > 1 adds the class-aware adaptor (Sec. 3.3)
     reduction: int = 4  # channel-attention bottleneck ratio
 
     def __post_init__(self) -> None:
-        if self.width < 2 or self.levels < 1 or self.guidance_width < 1 or self.reduction < 1:
-            raise ValueError(f"filter: width >= 2, levels >= 1, guidance_width >= 1, reduction >= 1; got {self}")
+        if self.width < 2 or self.levels < 1 or self.guidance_width < 1 or self.reduction < 1 or self.classes < 1:
+            raise ValueError(f"filter: width >= 2, levels >= 1, guidance_width >= 1, reduction >= 1, classes >= 1; "
+                             f"got {self}")
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -120,8 +122,10 @@ class GuidedLevel(nn.Module):
 class CostFilterNet(nn.Module):
     """``(C, f_S layers, M-bar) -> (M [B, H', W'] anomaly probability, class logits [B, K] or None)``."""
 
-    def __init__(self, depth: int, layer_channels: list[int], config: FilterNetConfig, classes: int = 1) -> None:
+    def __init__(self, depth: int, layer_channels: list[int], config: FilterNetConfig, classes: int | None = None
+                 ) -> None:
         super().__init__()
+        classes = config.classes if classes is None else classes
         self.config, self.depth, self.layers = config, depth, len(layer_channels)
         g = config.guidance_width
         # Query features: each layer's channels projected to g, stacked along depth (depth slice l <- layer l).

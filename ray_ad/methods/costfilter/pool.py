@@ -28,14 +28,35 @@ class SyntheticPool:
     masks: torch.Tensor  # [P, R, R] share of each loss-map pixel that is anomalous (0 for normal images)
     sources: torch.Tensor  # [P] the template-bank index of the image each item was made from (-1: none)
     base_maps: torch.Tensor | None = None  # [P, H', W'] the base detector's cell map (base guidance only)
+    classes: torch.Tensor | None = None  # [P] the line of each item (a fleet filter's pool only)
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def shard(self, rank: int, world: int) -> SyntheticPool:
         """Every ``world``-th item from ``rank`` (a Ray Train worker's share)."""
-        base_maps = None if self.base_maps is None else self.base_maps[rank::world]
-        return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world], base_maps)
+        def part(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[rank::world]
+
+        return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world],
+                             part(self.base_maps), part(self.classes))
+
+    @staticmethod
+    def fleet(pools: list[SyntheticPool], bank_sizes: list[int]) -> SyntheticPool:
+        """One pool of several lines' pools: item classes are the lines' indices, and each line's source
+        indices are shifted to its rows of the concatenated template bank (banks of ``bank_sizes``)."""
+        if len(pools) != len(bank_sizes) or not pools:
+            raise ValueError(f"{len(pools)} pools for {len(bank_sizes)} template banks")
+        guided = {pool.base_maps is not None for pool in pools}
+        if len(guided) > 1:
+            raise ValueError("the lines' pools disagree on base guidance: all or none must carry base maps")
+        offsets = [sum(bank_sizes[:k]) for k in range(len(pools))]
+        sources = [torch.where(pool.sources >= 0, pool.sources + offset, pool.sources)
+                   for pool, offset in zip(pools, offsets)]
+        return SyntheticPool(
+            torch.cat([pool.features for pool in pools]), torch.cat([pool.masks for pool in pools]), torch.cat(sources),
+            torch.cat([pool.base_maps for pool in pools]) if guided == {True} else None,
+            torch.cat([torch.full((len(pool),), k, dtype=torch.long) for k, pool in enumerate(pools)]))
 
 
 def _resized(path: str, size: int) -> np.ndarray:

@@ -22,14 +22,18 @@ def global_descriptor(features: torch.Tensor, layer_channels: list[int]) -> torc
 
 
 class TemplateBank:
-    """Features ``[K, C, H, W]`` of K normal images and their global descriptors."""
+    """Features ``[K, C, H, W]`` of K normal images and their global descriptors; for a fleet filter also
+    the line (class) each image belongs to, so training draws a query's templates from its own line."""
 
-    def __init__(self, features: torch.Tensor, layer_channels: list[int]) -> None:
+    def __init__(self, features: torch.Tensor, layer_channels: list[int], classes: torch.Tensor | None = None) -> None:
         if features.dim() != 4 or features.shape[1] != sum(layer_channels):
             raise ValueError(f"template features {list(features.shape)} do not match a backbone with layer "
                              f"channels {layer_channels} (templates of another backbone?)")
+        if classes is not None and classes.shape != (features.shape[0],):
+            raise ValueError(f"bank classes {list(classes.shape)} must hold one class per image ({features.shape[0]})")
         self.features = features
         self.layer_channels = layer_channels
+        self.classes = classes
         self.descriptors = global_descriptor(features, layer_channels)
 
     def __len__(self) -> int:
@@ -39,6 +43,10 @@ class TemplateBank:
         self.features = self.features.to(device)
         self.descriptors = self.descriptors.to(device)
         return self
+
+    def cpu_copy(self) -> TemplateBank:
+        """A copy on the CPU (what is shipped to Ray Train workers; this bank stays where it is)."""
+        return TemplateBank(self.features.detach().cpu(), self.layer_channels, self.classes)
 
     def check_count(self, n: int) -> None:
         if not 1 <= n <= len(self):
@@ -53,14 +61,19 @@ class TemplateBank:
         similarity = global_descriptor(query, self.layer_channels) @ self.descriptors.T
         return similarity.topk(n, dim=1).indices
 
-    def random(self, exclude: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    def random(self, exclude: torch.Tensor, n: int, generator: torch.Generator,
+               classes: torch.Tensor | None = None) -> torch.Tensor:
         """Indices ``[B, n]``: n distinct random bank images per row, never the row's ``exclude`` index
-        (-1 = nothing to exclude)."""
+        (-1 = nothing to exclude), and with ``classes [B]`` only images of the row's class."""
         self.check_count(n + 1 if len(self) > n else n)
         scores = torch.rand(len(exclude), len(self), generator=generator)
         rows = torch.arange(len(exclude))
         excluded = exclude >= 0
         scores[rows[excluded], exclude[excluded]] = -1.0  # ranked last, so never among the top n
+        if classes is not None:
+            if self.classes is None:
+                raise ValueError("templates of a class were asked for, but this bank has no classes")
+            scores[self.classes.cpu()[None, :] != classes.cpu()[:, None]] = -2.0  # other lines: below even those
         return scores.topk(n, dim=1).indices
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:

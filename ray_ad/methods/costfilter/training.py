@@ -49,13 +49,15 @@ class FilterLoop:
     def train_step(self) -> float:
         cfg = self.config
         index = torch.randint(0, len(self.pool), (cfg.batch_size,), generator=self.generator)
-        chosen = self.bank.random(self.pool.sources[index], self.matching.templates, self.generator)
+        classes = None if self.pool.classes is None else self.pool.classes[index]  # a fleet: each item's line
+        chosen = self.bank.random(self.pool.sources[index], self.matching.templates, self.generator, classes)
         query = self.pool.features[index].to(self.device)
         base_map = None if self.pool.base_maps is None else self.pool.base_maps[index].to(self.device)
-        anomaly_map, _ = filter_forward(self.model, self.matching, query, self.bank.gather(chosen), base_map)
+        anomaly_map, class_logits = filter_forward(self.model, self.matching, query, self.bank.gather(chosen), base_map)
         # The map at loss resolution against the mask's share per pixel (pool.py).
         predicted = F.interpolate(anomaly_map[:, None], size=cfg.loss_size, mode="bilinear", align_corners=False)
-        loss, _ = costfilter_loss(predicted[:, 0], self.pool.masks[index].to(self.device), self.weights)
+        loss, _ = costfilter_loss(predicted[:, 0], self.pool.masks[index].to(self.device), self.weights,
+                                  class_logits, None if classes is None else classes.to(self.device))  # Eq. 5
         for group in self.optimiser.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimiser.zero_grad(set_to_none=True)
