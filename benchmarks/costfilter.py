@@ -1,6 +1,7 @@
 """CostFilter-AD on magnetic_tile: each base detector beside base + filter, over filter seeds.
 
-    .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian] [--seeds 0 1 2] [--set key=value ...]
+    .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian] [--seeds 0 1 2] [--set key=value ...] \
+        [--fleet elpv:mono ...]
 
 Each base is fitted once (patchcore: ``configs/patchcore_magnetic_tile.yaml``; gaussian: the OSD-IRF
 recipe with 0 training steps, i.e. the per-position Gaussian reference of ``magnetic_tile.py``) and
@@ -8,6 +9,11 @@ saved; the filter is then trained over that base bundle once per seed (``base.mo
 differ only by the filter. Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image
 (mean and spread over seeds), pixel AUROC per defect type, and overlay PNGs [image | base | base + CF |
 mask] for a few images of each defect type (seed 0) under ``results/<name>_overlays/``.
+
+With ``--fleet DATA ...`` each seed also trains one fleet filter (``costfilter.fleet``) on magnetic_tile
+and the named datasets' normal images, each line with its own base of the same kind (fitted once on
+its data), and scores magnetic_tile with it: the per-line and the fleet filter side by side. The other
+lines' image AUROC on their test splits (base vs fleet-filtered) is reported too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ray_ad.evaluation import Results, compute_metrics, run_detector  # noqa: E4
 from ray_ad.heatmaps import overlay  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
 from ray_ad.methods.base import Runtime  # noqa: E402
+from ray_ad.methods.costfilter.fleet import train_fleet_filter  # noqa: E402
 from ray_ad.progress import configure_logging  # noqa: E402
 from ray_ad.report import METRIC_KEYS  # noqa: E402
 
@@ -85,6 +92,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a CostFilter config value")
     parser.add_argument("--cache-dir", default=str(RESULTS / "cache"))
     parser.add_argument("--overlays", type=int, default=2, help="overlay PNGs per defect type (seed 0)")
+    parser.add_argument("--fleet", nargs="*", default=[], help="other lines' data for a fleet filter (e.g. elpv:mono)")
     parser.add_argument("--name", default="costfilter")
     args = parser.parse_args()
     if not Path(args.data).exists():
@@ -102,7 +110,9 @@ def main() -> None:
         save_bundle(base, base_uri)
         base_results = run_detector(base, test)
         entry = {"base": compute_metrics(base_results), "base_per_defect": pixel_auroc_per_defect(base_results),
-                 "filtered": [], "filtered_per_defect": [], "fit": []}
+                 "filtered": [], "filtered_per_defect": [], "fit": [], "fleet": [], "fleet_per_defect": [],
+                 "fleet_others": []}
+        others = [fleet_line(name, data, args.name, runtime) for data in args.fleet]
         for seed in args.seeds:
             overrides = apply_overrides({"base": {"model": base_uri}, "seed": seed}, args.set)
             detector = build_detector("costfilter", method_config("costfilter", overrides))
@@ -116,11 +126,46 @@ def main() -> None:
             entry["config"] = to_dict(detector.config)
             if seed == args.seeds[0] and args.overlays:
                 overlays(base_results, results, RESULTS / f"{args.name}_overlays" / name, args.overlays)
+            if others:
+                fleet_results, other_rows = fleet_seed(base_uri, others, train, calibration, test, seed, args.set,
+                                                       runtime)
+                entry["fleet"].append(compute_metrics(fleet_results))
+                entry["fleet_per_defect"].append(pixel_auroc_per_defect(fleet_results))
+                entry["fleet_others"].append(other_rows)
         entry["summary"] = summarise(entry["filtered"])
         report["bases"][name] = entry
         lines += table(name, entry, len(args.seeds))
         print("\n".join(table(name, entry, len(args.seeds))))
         save(args.name, report, "\n".join(lines))  # after each base: a long run keeps what it measured
+
+
+def fleet_line(base: str, data: str, name: str, runtime: Runtime) -> dict:
+    """Another line of the fleet: its splits and its own base of kind ``base``, fitted once and saved."""
+    line_train, line_calibration, line_test = splits(data)
+    method, values = base_config(base)
+    detector = build_detector(method, method_config(method, values))
+    detector.fit(line_train, line_calibration, runtime)
+    uri = str(RESULTS / "runs" / f"{name}_base_{base}_{data.replace(':', '_')}")
+    save_bundle(detector, uri)
+    return {"data": data, "base_uri": uri, "train": line_train, "calibration": line_calibration,
+            "test": line_test, "base_metrics": compute_metrics(run_detector(detector, line_test))}
+
+
+def fleet_seed(base_uri: str, others: list[dict], train, calibration, test, seed: int, overrides: list[str],
+               runtime: Runtime):
+    """One fleet filter over magnetic_tile and ``others`` (seed ``seed``): magnetic_tile's results, and the
+    other lines' image AUROC base vs fleet-filtered."""
+    def line(uri: str):
+        values = apply_overrides({"base": {"model": uri}, "seed": seed}, overrides)
+        return build_detector("costfilter", method_config("costfilter", values))
+
+    lines = [(line(base_uri), train, calibration)] + [(line(o["base_uri"]), o["train"], o["calibration"])
+                                                      for o in others]
+    train_fleet_filter(lines, runtime, seed=seed)
+    rows = [{"data": o["data"], "base_image_auroc": o["base_metrics"]["image_auroc"],
+             "fleet_image_auroc": compute_metrics(run_detector(detector, o["test"]))["image_auroc"]}
+            for o, (detector, _, _) in zip(others, lines[1:])]
+    return run_detector(lines[0][0], test), rows
 
 
 def table(name: str, entry: dict, seeds: int) -> list[str]:
@@ -136,6 +181,16 @@ def table(name: str, entry: dict, seeds: int) -> list[str]:
     per_seed = entry["filtered_per_defect"]
     out.append(f"| {name} + CostFilter | " + " | ".join(
         f"{np.mean([p[k]['pixel_auroc'] for p in per_seed]):.3f}" for k in kinds) + " |")
+    if entry["fleet"]:
+        out.append(f"| {name} + fleet CostFilter | " + " | ".join(
+            f"{np.mean([p[k]['pixel_auroc'] for p in entry['fleet_per_defect']]):.3f}" for k in kinds) + " |")
+        fleet = summarise(entry["fleet"])
+        out[6:6] = [f"| {name} + fleet CostFilter | " + " | ".join(
+            f"{fleet[k]['mean']:.4f} ± {fleet[k]['std']:.4f}" for k in KEYS) + " |"]
+        out += ["", "the fleet's other lines, image AUROC (base -> fleet-filtered, per seed):", ""]
+        for k, row in enumerate(entry["fleet_others"][0]):
+            per_seed = ", ".join(f"{rows[k]['fleet_image_auroc']:.4f}" for rows in entry["fleet_others"])
+            out.append(f"- {row['data']}: {row['base_image_auroc']:.4f} -> {per_seed}")
     return out + [""]
 
 
