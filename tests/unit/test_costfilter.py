@@ -284,3 +284,24 @@ def test_one_fleet_filter_serves_two_lines_each_bundle_complete_on_its_own(tmp_p
     loaded = load_bundle(str(tmp_path / "bundle"))
     assert loaded.config.filter.classes == 2
     assert torch.equal(loaded.predict(images).anomaly_map, second.predict(images).anomaly_map)
+
+
+@pytest.mark.slow
+def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images(tiny_mvtec: Path):
+    from ray_ad.data import training_split
+
+    train, calibration = training_split(str(tiny_mvtec), 0.25)
+    backbone = tiny_costfilter_config()["backbone"]
+    base = {"method": "patchcore", "config": {"backbone": backbone, "bank_fraction": 1.0}}
+    normal_levels = {}
+    for pool_base in ("same", "held_out"):
+        config = tiny_costfilter_config(base=base, train={"steps": 1, "batch_size": 4, "pool_size": 24,
+                                                          "loss_size": 32, "pool_base": pool_base})
+        detector = build_detector("costfilter", method_config("costfilter", config))
+        parts = detector.prepare(train, calibration, Runtime(False))
+        normal = parts.pool.masks.flatten(1).amax(1) == 0
+        normal_levels[pool_base] = float(parts.pool.base_maps[normal].mean())
+        assert parts.pool_images == (len(train) if pool_base == "same" else len(train) - len(train) // 2)
+    # The line's own kNN base matches its training images exactly: 0 outside the pasted defects, a map no
+    # test image ever gets. The held-out base scores them as the unseen images they are to it.
+    assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"]

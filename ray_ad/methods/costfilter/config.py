@@ -38,8 +38,15 @@ class FilterTrainConfig:
     opacity: tuple[float, float] = (0.2, 1.0)  # of the fill; the authors' blend weight U[0, 0.8) of the original
     fill_sources: tuple[str, ...] = FILL_SOURCES
     loss_size: int = 64  # maps and masks are compared at this resolution (pixels per side)
+    # Where a base-guided filter's pool gets the base's maps from. "held_out": a second base of the same
+    # kind fitted on half of the training images, the pool made from the other half, so the maps look
+    # like the base's maps of unseen images (a kNN base matches its own training images exactly: their
+    # maps are 0 outside the pasted defect, which no test image offers). "same": the line's base itself.
+    pool_base: str = "held_out"
 
     def __post_init__(self) -> None:
+        if self.pool_base not in ("held_out", "same"):
+            raise ValueError(f"train.pool_base must be held_out or same, got {self.pool_base!r}")
         if self.steps < 1 or self.batch_size < 1 or self.pool_size < 2 or self.lr <= 0:
             raise ValueError(f"train: steps >= 1, batch_size >= 1, pool_size >= 2, lr > 0; got {self}")
         if not 0 <= self.anomaly_probability <= 1:

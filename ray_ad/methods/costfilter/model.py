@@ -9,6 +9,7 @@ authors' code does) and the image score is the mean of the map's top pixels (Sec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ class FitParts:
     pool: SyntheticPool
     calibration_images: list[torch.Tensor]
     calibration_base: list[Prediction]
+    pool_images: int  # distinct normal images the pool was made from
 
 
 def _build_base(config: CostFilterConfig) -> Detector:
@@ -142,17 +144,41 @@ class CostFilter(Detector):
         calibration_images = self._batches(calibration)
         calibration_base = self._fit_base_scale(calibration_images)  # first: a base-guided filter trains on scaled maps
         t = cfg.train
-        base_map = (lambda images: self.base_cells(self.base.predict(images).anomaly_map)) if self.base_guided else None
-        pool = build_pool(self.extractor, [s.path for s in train], {s.path: k for k, s in enumerate(bank_samples)},
-                          t.pool_size, t.anomaly_probability, t.opacity, list(t.fill_sources), t.loss_size, rng,
-                          self.device, runtime.progress, base_map)
-        return FitParts(base_info, pool, calibration_images, calibration_base)
+        pool_samples, base_map = train, None
+        if self.base_guided:
+            pool_samples, base_map = self._pool_base(train, calibration, calibration_images, rng, runtime)
+        pool = build_pool(self.extractor, [s.path for s in pool_samples],
+                          {s.path: k for k, s in enumerate(bank_samples)}, t.pool_size, t.anomaly_probability,
+                          t.opacity, list(t.fill_sources), t.loss_size, rng, self.device, runtime.progress, base_map)
+        return FitParts(base_info, pool, calibration_images, calibration_base, len(pool_samples))
+
+    def _pool_base(self, train: list[Sample], calibration: list[Sample], calibration_images: list[torch.Tensor],
+                   rng: np.random.Generator, runtime: Runtime) -> tuple[list[Sample], Callable]:
+        """(the pool's source images, images -> the base's scaled cell maps) for a base-guided filter."""
+        if self.config.train.pool_base == "same" or len(train) < 4:
+            return train, lambda images: self.base_cells(self.base.predict(images).anomaly_map)
+        order = rng.permutation(len(train))
+        half = len(train) // 2
+        from ray_ad.methods import build_detector  # the registry lists this method too
+
+        held_out = build_detector(self.base.method, to_dict(self.base.config))
+        held_out.fit([train[i] for i in sorted(order[:half])], calibration, runtime.quiet())
+        with torch.no_grad():
+            maps = torch.cat([held_out.predict(batch).anomaly_map for batch in calibration_images])
+        scale = max(float(torch.quantile(maps.flatten()[::7], 0.99)), 1e-12)  # its own normal level
+        grid = self.config.backbone.grid_size
+
+        def base_map(images: torch.Tensor) -> torch.Tensor:
+            cells = F.adaptive_avg_pool2d(held_out.predict(images).anomaly_map[:, None].to(self.device) / scale, grid)
+            return cells[:, 0]
+
+        return [train[i] for i in sorted(order[half:])], base_map
 
     def finish(self, parts: FitParts, losses: list[float]) -> dict[str, Any]:
         """After the filter trained: the threshold, and what the fit reports."""
         self._fit_threshold(parts.calibration_images, parts.calibration_base)
         return {"base": parts.base_info, **loss_summary(losses, "filter_"), "steps": len(losses),
-                "template_bank": len(self.bank), "pool": len(parts.pool),
+                "template_bank": len(self.bank), "pool": len(parts.pool), "pool_images": parts.pool_images,
                 "pool_anomalous": int((parts.pool.masks.flatten(1).amax(1) > 0).sum())}
 
     def _batches(self, normals: list[Sample]) -> list[torch.Tensor]:
