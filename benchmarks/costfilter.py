@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian] [--seeds 0 1 2] [--set key=value ...] \
         [--fleet elpv:mono ...]
 
-Each base is fitted once (patchcore: ``configs/patchcore_magnetic_tile.yaml``; gaussian: the OSD-IRF
-recipe with 0 training steps, i.e. the per-position Gaussian reference of ``magnetic_tile.py``) and
+Each base is fitted once (patchcore: ``configs/patchcore_magnetic_tile.yaml``; gaussian: the ``gaussian``
+detector with the OSD-IRF recipe's backbone and whitening, i.e. the r = 0 reference of ``magnetic_tile.py``) and
 saved; the filter is then trained over that base bundle once per seed (``base.model``), so the rows
 differ only by the filter. Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image
 (mean and spread over seeds), pixel AUROC per defect type, and overlay PNGs [image | base | base + CF |
@@ -49,9 +49,9 @@ KEYS = METRIC_KEYS + ("model_seconds_per_image",)
 def base_config(name: str) -> tuple[str, dict]:
     if name == "patchcore":
         return "patchcore", load_file(str(CONFIGS / "patchcore_magnetic_tile.yaml"))
-    if name == "gaussian":  # the OSD-IRF recipe's per-position Gaussian: whitening only, no trained network
-        return "osd_irf", apply_overrides(load_file(str(CONFIGS / "osd_irf_magnetic_tile.yaml")),
-                                          ["train.steps=0", "score_net.gaussian_skip=true"])
+    if name == "gaussian":  # the OSD-IRF recipe's per-position Gaussian (its backbone and whitening), no network
+        recipe = load_file(str(CONFIGS / "osd_irf_magnetic_tile.yaml"))
+        return "gaussian", {"backbone": recipe["backbone"], "normalisation": recipe["normalisation"]}
     raise SystemExit(f"error: unknown base {name!r} (use patchcore or gaussian)")
 
 

@@ -13,7 +13,7 @@ from ray_ad.methods.costfilter.network import FilterNetConfig
 
 # Bases the filter can sit on: detectors trained on normal images alone whose maps it fuses with.
 # (ref_cfa needs labelled source data and an adaptation; a costfilter base would filter twice.)
-SUPPORTED_BASES = ("osd_irf", "patchcore")
+SUPPORTED_BASES = ("gaussian", "osd_irf", "patchcore")
 IMAGE_SCORES = ("fused", "map_top")
 
 

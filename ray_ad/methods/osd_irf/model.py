@@ -62,6 +62,30 @@ class OSDIRFConfig(DetectorConfig):
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
 
 
+def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_hat, s_diff, s_nll) of a latent ``[B, C, H, W]`` scored under N(0, I): the IRF here, the
+    whitened features themselves in the Gaussian detector (``ray_ad.methods.gaussian``)."""
+    a_hat = delta.pow(2).sum(dim=1).sqrt()  # Eq. 8: per-cell L2 norm over channels
+    s_diff = a_hat.flatten(1).amax(1) - a_hat.flatten(1).amin(1)  # Eq. 10
+    # Eq. 11 as printed, -log{sum -1/2 Delta^2}, takes the log of a negative number; we read it as
+    # the Gaussian negative log-likelihood of Delta under N(0, I), as in InvAD (see README).
+    n = delta[0].numel()
+    s_nll = 0.5 * delta.pow(2).flatten(1).sum(1) + 0.5 * n * math.log(2 * math.pi)  # Eq. 11
+    return a_hat, s_diff, s_nll
+
+
+def combine_scores(s_diff: torch.Tensor, s_nll: torch.Tensor, cal: dict[str, float], terms: str) -> torch.Tensor:
+    """Eq. 9, s = s_diff + s_nll, each min-max normalised with held-out normal statistics ``cal``
+    (``terms`` keeps one of the two: "diff", "nll")."""
+    diff = (s_diff - cal["diff_min"]) / max(cal["diff_max"] - cal["diff_min"], 1e-12)
+    nll = (s_nll - cal["nll_min"]) / max(cal["nll_max"] - cal["nll_min"], 1e-12)
+    if terms == "diff":
+        return diff
+    if terms == "nll":
+        return nll
+    return diff + nll  # Eq. 9
+
+
 class OSDIRF(Detector):
     method = "osd_irf"
     supports_inversion = True  # set_scoring("inversion"): InvAD's DDIM inversion on the same network
@@ -159,28 +183,15 @@ class OSDIRF(Detector):
 
     @staticmethod
     def raw_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A_hat, s_diff, s_nll) of a latent ``[B, C, H, W]``."""
-        a_hat = delta.pow(2).sum(dim=1).sqrt()  # Eq. 8: per-cell L2 norm over channels
-        s_diff = a_hat.flatten(1).amax(1) - a_hat.flatten(1).amin(1)  # Eq. 10
-        # Eq. 11 as printed, -log{sum -1/2 Delta^2}, takes the log of a negative number; we read it as
-        # the Gaussian negative log-likelihood of Delta under N(0, I), as in InvAD (see README).
-        n = delta[0].numel()
-        s_nll = 0.5 * delta.pow(2).flatten(1).sum(1) + 0.5 * n * math.log(2 * math.pi)  # Eq. 11
-        return a_hat, s_diff, s_nll
+        """(A_hat, s_diff, s_nll) of a latent ``[B, C, H, W]`` (Eqs. 8, 10, 11)."""
+        return gaussian_scores(delta)
 
     def _combine(self, s_diff: torch.Tensor, s_nll: torch.Tensor, mode: str) -> torch.Tensor:
         """s = s_diff + s_nll (Eq. 9), each min-max normalised with held-out normal statistics."""
         cal = self.calibration.get(mode)
         if cal is None:
             raise RuntimeError(f"OSD-IRF is not calibrated for scoring mode {mode!r}")
-        diff = (s_diff - cal["diff_min"]) / max(cal["diff_max"] - cal["diff_min"], 1e-12)
-        nll = (s_nll - cal["nll_min"]) / max(cal["nll_max"] - cal["nll_min"], 1e-12)
-        terms = self.config.score_terms
-        if terms == "diff":
-            return diff
-        if terms == "nll":
-            return nll
-        return diff + nll  # Eq. 9
+        return combine_scores(s_diff, s_nll, cal, self.config.score_terms)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
