@@ -122,6 +122,9 @@ class Detector(ABC):
     method: ClassVar[str]
     uses_labels: ClassVar[bool] = False  # True: fit() takes labelled normal AND anomalous images
     supports_inversion: ClassVar[bool] = False  # True: set_scoring("inversion") scores by multi-step inversion
+    # True: predict_features(features) scores the extractor's features directly (a plug-in such as
+    # CostFilter-AD that extracts the same features then hands them over instead of a second pass).
+    scores_features: ClassVar[bool] = False
     # Dotted config keys added after bundles were saved, with the value those older bundles were fitted
     # and calibrated under: a bundle whose config lacks the key loads with it, so it scores as it did.
     STORED_DEFAULTS: ClassVar[dict[str, Any]] = {}
@@ -168,6 +171,10 @@ class Detector(ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
         """Scores and maps for a batch of normalised images."""
+
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        """The prediction from this detector's own extractor features ``[B, C, G, G]`` (see ``scores_features``)."""
+        raise NotImplementedError(f"{self.method} scores images, not features")
 
     # ---------------------------------------------------------------- what a bundle stores
     @abstractmethod

@@ -305,3 +305,23 @@ def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images
     # The line's own kNN base matches its training images exactly: 0 outside the pasted defects, a map no
     # test image ever gets. The held-out base scores them as the unseen images they are to it.
     assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"]
+
+
+@pytest.mark.slow
+def test_a_base_with_the_filter_backbone_scores_the_filter_features_instead_of_a_second_pass(tiny_mvtec: Path):
+    backbone = {"image_size": 64, "grid_size": 8, "layers": [1], "local_pool": 3}
+    config = tiny_costfilter_config(backbone=backbone, base={"method": "gaussian", "config": {"backbone": backbone}})
+    detector, _ = train_detector("costfilter", str(tiny_mvtec), config, runtime=Runtime(False), evaluate=False)
+    assert detector.shares_features
+    images = torch.stack([detector.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in sorted((tiny_mvtec / "test" / "spot").glob("*.png"))])
+    calls = []
+    detector.base.extractor.register_forward_hook(lambda *args: calls.append(1))
+    from_features = detector.base.predict_features(detector.extractor(images))
+    torch.testing.assert_close(from_features.anomaly_map, detector.base.predict(images).anomaly_map)
+    calls.clear()
+    detector.predict(images)
+    assert not calls  # the base's own backbone never ran: one pass served both
+    other = dict(backbone, local_pool=5)
+    config = tiny_costfilter_config(backbone=backbone, base={"method": "patchcore", "config": {"backbone": other}})
+    assert not build_detector("costfilter", method_config("costfilter", config)).shares_features

@@ -102,6 +102,11 @@ class CostFilter(Detector):
         return Matching(tuple(self.layer_channels), cfg.templates, cfg.matching_depth)
 
     @property
+    def shares_features(self) -> bool:
+        """Whether the base reads exactly the filter's features (then one backbone pass serves both)."""
+        return self.base.scores_features and to_dict(self.base.config.backbone) == to_dict(self.config.backbone)
+
+    @property
     def base_guided(self) -> bool:
         return self.config.filter.base_guidance
 
@@ -218,10 +223,11 @@ class CostFilter(Detector):
         images = images.to(self.device)
         cfg = self.config
         fusion = cfg.fusion
-        if base is None and (fusion > 0 or self.base_guided):
-            base = self.base.predict(images)
-        base_cells = self.base_cells(base.anomaly_map) if self.base_guided else None
         query = self.extractor(images)
+        if base is None and (fusion > 0 or self.base_guided):
+            # Same backbone config: the base scores these very features instead of extracting them again.
+            base = self.base.predict_features(query) if self.shares_features else self.base.predict(images)
+        base_cells = self.base_cells(base.anomaly_map) if self.base_guided else None
         templates = self.bank.gather(self.bank.nearest(query, self.config.templates))
         if self.device.type == "cpu" and query.shape[0] == 1:
             # PyTorch sends single-sample 3D convolutions of this size to a slow native CPU kernel

@@ -39,6 +39,7 @@ class GaussianConfig(DetectorConfig):
 
 class GaussianDetector(Detector):
     method = "gaussian"
+    scores_features = True
 
     def __init__(self, config: GaussianConfig) -> None:
         super().__init__(config)
@@ -65,7 +66,11 @@ class GaussianDetector(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        z = self.normaliser(self.extractor(images.to(self.device)))  # whitened cells
+        return self.predict_features(self.extractor(images.to(self.device)))
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        z = self.normaliser(features)  # whitened cells
         norm, s_diff, s_nll = gaussian_scores(z)  # ||z|| per cell: the Mahalanobis distance's square root
         score = combine_scores(s_diff, s_nll, self.calibration, self.config.score_terms)
         return Prediction(score.cpu(), upsample_map(norm, self.image_size, self.config.map_sigma).cpu())

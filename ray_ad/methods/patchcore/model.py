@@ -31,6 +31,7 @@ class PatchCoreConfig(DetectorConfig):
 
 class PatchCore(Detector):
     method = "patchcore"
+    scores_features = True
 
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
@@ -56,7 +57,11 @@ class PatchCore(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        cell = self._cell_scores(self.extractor(images.to(self.device)))
+        return self.predict_features(self.extractor(images.to(self.device)))
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        cell = self._cell_scores(features)
         score = cell.flatten(1).amax(1)
         return Prediction(score.cpu(), upsample_map(cell, self.image_size, self.config.map_sigma).cpu())
 
