@@ -76,6 +76,33 @@ def train_detector(
     return detector, metrics
 
 
+def train_fleet(
+    lines: dict[str, str], overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
+    runtime: Runtime | None = None, evaluate: bool = True,
+) -> dict[str, tuple[Detector, dict[str, Any]]]:
+    """One CostFilter-AD fleet filter for several lines (``{line: data URI}``), each line with its own base,
+    templates and threshold built from ``overrides``; returns ``{line: (detector, metrics)}``."""
+    from ray_ad.methods.costfilter.fleet import train_fleet_filter  # only this path needs it
+
+    runtime = runtime or Runtime()
+    members = []
+    for line, data in lines.items():
+        train, calibration = training_split(data, calibration_fraction)
+        log.info(f"fleet line {line}: {len(train)} normal images, {len(calibration)} held out for calibration")
+        members.append((build_detector("costfilter", method_config("costfilter", overrides or {})), train, calibration))
+    fleet = train_fleet_filter(members, runtime, seed=members[0][0].config.seed)
+    out = {}
+    for (line, data), (detector, _, _), fit in zip(lines.items(), members, fleet["lines"]):
+        metrics: dict[str, Any] = {"fit": fit, "fleet": sorted(lines)}
+        if evaluate:
+            try:
+                metrics.update(evaluate_split(detector, data, "test", runtime.progress)[1])
+            except DataError as exc:
+                log.info(f"{line}: skipping evaluation: {exc}")
+        out[line] = (detector, metrics)
+    return out
+
+
 def target_image_uris(uri: str, split: str | None = None) -> list[str]:
     """The image URIs of a target domain: a dataset (as for training) or any folder of images.
 

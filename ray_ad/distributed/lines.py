@@ -24,7 +24,7 @@ from ray_ad.errors import RayADError
 from ray_ad.job_status import adapt_job_id, read_job_status, target_key, timestamp, write_job_status
 from ray_ad.methods.base import Runtime
 from ray_ad.metrics import decision_metrics
-from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector
+from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector, train_fleet
 from ray_ad.report import format_table
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,32 @@ def train_line(
     if "image_auroc" in metrics:
         log.info(format_table({f"{line}/{version}": metrics}, TABLE_KEYS))
     return {"line": line, "version": version, "metrics": metrics}
+
+
+def train_fleet_lines(
+    lines: dict[str, str], root: str, overrides: dict[str, Any] | None = None, workers: int = 1,
+    use_gpu: bool = False, version: str | None = None, progress: bool = True, cache_dir: str | None = None,
+    feature_actors: int = 0, **settings: Any,
+) -> dict[str, Any]:
+    """One CostFilter-AD fleet filter for ``lines`` (``{line: data URI}``), trained on Ray Train; every line
+    published as ``version`` with its own base and templates and a copy of the filter."""
+    for line in lines:
+        registry.check_name("line", line)
+    if len(lines) < 2:
+        raise RayADError(f"a fleet filter needs at least 2 lines, got {sorted(lines)}")
+    version = registry.check_name("version", version or registry.new_version())
+    trainer = RayScoreNetTrainer(train_settings(root, f"fleet-{version}", workers, use_gpu, **settings))
+    runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu),
+                      RayFilterTrainer(trainer.settings))
+    trained = train_fleet(lines, overrides, runtime=runtime)  # every line complete before any is published
+    for line, (detector, metrics) in trained.items():
+        metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu}
+        registry.publish(detector, root, line, metrics, version=version)
+        log.info(f"published the fleet filter's {line} as {line}/{version} under {root}")
+    rows = {f"{line}/{version}": metrics for line, (_, metrics) in trained.items() if "image_auroc" in metrics}
+    if rows:
+        log.info(format_table(rows, TABLE_KEYS))
+    return {"version": version, "lines": {line: metrics for line, (_, metrics) in trained.items()}}
 
 
 def _feature_backend(actors: int, use_gpu: bool) -> RayFeatureBackend | None:

@@ -14,10 +14,18 @@ import yaml
 
 from ray_ad import registry, storage
 from ray_ad.methods import method_config
-from tests.conftest import REPO, make_mvtec, shift_folder, tiny_osd_irf_config, tiny_ref_cfa_config, upload_folder
+from tests.conftest import (
+    REPO,
+    make_mvtec,
+    shift_folder,
+    tiny_costfilter_config,
+    tiny_osd_irf_config,
+    tiny_ref_cfa_config,
+    upload_folder,
+)
 from tests.helpers import load_job
 
-JOBS = ("train_source", "adapt_target", "sweep", "evaluate", "score_batch")
+JOBS = ("train_source", "train_fleet", "adapt_target", "sweep", "evaluate", "score_batch")
 
 
 def write_config(path: Path, config: dict) -> str:
@@ -49,6 +57,27 @@ def test_train_source_with_two_workers_publishes_to_s3(ray_cluster, s3_bucket, t
     assert storage.list_files(f"{root}/ray_train")  # the checkpoints went to S3 too
     prediction = detector.predict(torch.zeros(1, 3, 64, 64))
     assert torch.isfinite(prediction.pred_score).all()
+
+
+def test_train_fleet_publishes_every_line_with_one_filter_under_one_version(ray_cluster, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_costfilter_config())
+    root = str(tmp_path / "fleet")
+    lines = ["--line", f"tiles={make_mvtec(tmp_path / 'tiles', seed=0)}",
+             "--line", f"cells={make_mvtec(tmp_path / 'cells', seed=1)}"]
+    assert load_job("train_fleet").main(lines[:2] + ["--root", root, "--config", config, "--quiet"]) == 2
+    assert "at least two lines" in capsys.readouterr().err
+    assert load_job("train_fleet").main(lines + ["--root", root, "--config", config, "--version", "v1",
+                                                 "--quiet"]) == 0
+    tiles, tiles_version = registry.load_current(root, "tiles", device="cpu")
+    cells, cells_version = registry.load_current(root, "cells", device="cpu")
+    assert tiles_version == cells_version == "v1"
+    assert tiles.config.filter.classes == 2  # the class-aware adaptor of a two-line filter
+    for a, b in zip(tiles.filter.state_dict().values(), cells.filter.state_dict().values()):
+        assert torch.equal(a, b)
+    metrics = json.loads(storage.read_text(storage.join(registry.version_uri(root, "cells", "v1"), "metrics.json")))
+    assert metrics["fleet"] == ["cells", "tiles"] and metrics["fit"]["fleet_lines"] == 2
+    assert metrics["image_auroc"] > 0.9  # bright squares on stripes
+    assert storage.list_files(f"{root}/ray_train")  # the filter trained on Ray Train, checkpointed
 
 
 def test_a_bad_source_line_is_refused_with_its_name(ray_cluster, tmp_path, capsys):
