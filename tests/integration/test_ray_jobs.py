@@ -64,8 +64,9 @@ def test_train_fleet_publishes_every_line_with_one_filter_under_one_version(ray_
     root = str(tmp_path / "fleet")
     lines = ["--line", f"tiles={make_mvtec(tmp_path / 'tiles', seed=0)}",
              "--line", f"cells={make_mvtec(tmp_path / 'cells', seed=1)}"]
-    assert load_job("train_fleet").main(lines[:2] + ["--root", root, "--config", config, "--quiet"]) == 2
-    assert "at least two lines" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        load_job("train_fleet").main(lines[:2] + ["--root", root, "--config", config, "--quiet"])
+    assert refused.value.code == 2 and "at least two lines" in capsys.readouterr().err
     assert load_job("train_fleet").main(lines + ["--root", root, "--config", config, "--version", "v1",
                                                  "--quiet"]) == 0
     tiles, tiles_version = registry.load_current(root, "tiles", device="cpu")

@@ -294,17 +294,18 @@ def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images
     backbone = tiny_costfilter_config()["backbone"]
     base = {"method": "patchcore", "config": {"backbone": backbone, "bank_fraction": 1.0}}
     normal_levels = {}
-    for pool_base in ("same", "held_out"):
+    for pool_base in ("same", "held_out", "auto"):
         config = tiny_costfilter_config(base=base, train={"steps": 1, "batch_size": 4, "pool_size": 24,
                                                           "loss_size": 32, "pool_base": pool_base})
         detector = build_detector("costfilter", method_config("costfilter", config))
         parts = detector.prepare(train, calibration, Runtime(False))
         normal = parts.pool.masks.flatten(1).amax(1) == 0
         normal_levels[pool_base] = float(parts.pool.base_maps[normal].mean())
+        # auto: a patchcore base is a memory of training patches, so its pool takes a held-out base
         assert parts.pool_images == (len(train) if pool_base == "same" else len(train) - len(train) // 2)
     # The line's own kNN base matches its training images exactly: 0 outside the pasted defects, a map no
     # test image ever gets. The held-out base scores them as the unseen images they are to it.
-    assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"]
+    assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"] == normal_levels["auto"]
 
 
 @pytest.mark.slow

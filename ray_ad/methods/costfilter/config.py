@@ -15,6 +15,8 @@ from ray_ad.methods.costfilter.network import FilterNetConfig
 # (ref_cfa needs labelled source data and an adaptation; a costfilter base would filter twice.)
 SUPPORTED_BASES = ("gaussian", "osd_irf", "patchcore")
 IMAGE_SCORES = ("fused", "map_top")
+POOL_BASES = ("auto", "held_out", "same")
+MEMORY_BASES = ("patchcore",)  # bases that store training patches and so match their own images exactly
 
 
 @dataclass
@@ -42,11 +44,12 @@ class FilterTrainConfig:
     # kind fitted on half of the training images, the pool made from the other half, so the maps look
     # like the base's maps of unseen images (a kNN base matches its own training images exactly: their
     # maps are 0 outside the pasted defect, which no test image offers). "same": the line's base itself.
-    pool_base: str = "held_out"
+    # "auto": held_out for a memory of training patches (patchcore), same for a fitted density.
+    pool_base: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.pool_base not in ("held_out", "same"):
-            raise ValueError(f"train.pool_base must be held_out or same, got {self.pool_base!r}")
+        if self.pool_base not in POOL_BASES:
+            raise ValueError(f"train.pool_base must be one of {', '.join(POOL_BASES)}, got {self.pool_base!r}")
         if self.steps < 1 or self.batch_size < 1 or self.pool_size < 2 or self.lr <= 0:
             raise ValueError(f"train: steps >= 1, batch_size >= 1, pool_size >= 2, lr > 0; got {self}")
         if not 0 <= self.anomaly_probability <= 1:

@@ -22,7 +22,7 @@ from ray_ad.data import Sample
 from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError
 from ray_ad.methods.base import Detector, Prediction, Runtime, check_tensor_keys, upsample_map
-from ray_ad.methods.costfilter.config import SUPPORTED_BASES, CostFilterConfig
+from ray_ad.methods.costfilter.config import MEMORY_BASES, SUPPORTED_BASES, CostFilterConfig
 from ray_ad.methods.costfilter.network import CostFilterNet, Matching, filter_forward
 from ray_ad.methods.costfilter.pool import SyntheticPool, build_pool
 from ray_ad.methods.costfilter.templates import TemplateBank
@@ -160,7 +160,10 @@ class CostFilter(Detector):
     def _pool_base(self, train: list[Sample], calibration: list[Sample], calibration_images: list[torch.Tensor],
                    rng: np.random.Generator, runtime: Runtime) -> tuple[list[Sample], Callable]:
         """(the pool's source images, images -> the base's scaled cell maps) for a base-guided filter."""
-        if self.config.train.pool_base == "same" or len(train) < 4:
+        pool_base = self.config.train.pool_base
+        if pool_base == "auto":
+            pool_base = "held_out" if self.base.method in MEMORY_BASES else "same"
+        if pool_base == "same" or len(train) < 4:
             return train, lambda images: self.base_cells(self.base.predict(images).anomaly_map)
         order = rng.permutation(len(train))
         half = len(train) // 2
