@@ -41,6 +41,12 @@ class FitParts:
     pool_images: int  # distinct normal images the pool was made from
 
 
+def normal_level(values: list[torch.Tensor], stride: int = 1) -> float:
+    """The 0.99 quantile of a base's maps or scores on normal images (of every ``stride``-th value: maps
+    are too large for ``torch.quantile``)."""
+    return max(float(torch.quantile(torch.cat(values).flatten()[::stride], 0.99)), 1e-12)
+
+
 def _build_base(config: CostFilterConfig) -> Detector:
     from ray_ad.methods import build_detector, method_config  # the registry lists this method too
 
@@ -116,10 +122,12 @@ class CostFilter(Detector):
         (and the base's cell map, for a base-guided filter)."""
         return filter_forward(self.filter, self.matching, query, templates, base_cells)  # Eqs. 1-4
 
-    def base_cells(self, base_map: torch.Tensor) -> torch.Tensor:
-        """The base's pixel map ``[B, S, S]`` -> its scaled cell map ``[B, H', W']`` on the filter's grid."""
+    def base_cells(self, base_map: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """The base's pixel map ``[B, S, S]`` -> its cell map ``[B, H', W']`` on the filter's grid, divided by
+        ``scale`` (default: the line base's normal level)."""
         grid = self.config.backbone.grid_size
-        return F.adaptive_avg_pool2d(base_map[:, None].to(self.device) / self.base_map_scale, grid)[:, 0]
+        scale = self.base_map_scale if scale is None else scale
+        return F.adaptive_avg_pool2d(base_map[:, None].to(self.device) / scale, grid)[:, 0]
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         runtime, cfg = runtime or Runtime(), self.config
@@ -172,13 +180,10 @@ class CostFilter(Detector):
         held_out = build_detector(self.base.method, to_dict(self.base.config))
         held_out.fit([train[i] for i in sorted(order[:half])], calibration, runtime.quiet())
         with torch.no_grad():
-            maps = torch.cat([held_out.predict(batch).anomaly_map for batch in calibration_images])
-        scale = max(float(torch.quantile(maps.flatten()[::7], 0.99)), 1e-12)  # its own normal level
-        grid = self.config.backbone.grid_size
+            scale = normal_level([held_out.predict(batch).anomaly_map for batch in calibration_images], stride=7)
 
         def base_map(images: torch.Tensor) -> torch.Tensor:
-            cells = F.adaptive_avg_pool2d(held_out.predict(images).anomaly_map[:, None].to(self.device) / scale, grid)
-            return cells[:, 0]
+            return self.base_cells(held_out.predict(images).anomaly_map, scale)  # on its own normal level
 
         return [train[i] for i in sorted(order[half:])], base_map
 
@@ -201,10 +206,8 @@ class CostFilter(Detector):
         puts the base on the filter's [0, 1] scale (for fusion and base guidance). Returns the base's
         predictions of ``images``, so they are made once."""
         predictions = [self.base.predict(batch) for batch in images]
-        values = torch.cat([p.anomaly_map for p in predictions]).flatten()[::7]
-        self.base_map_scale = max(float(torch.quantile(values, 0.99)), 1e-12)
-        scores = torch.cat([p.pred_score for p in predictions]).float()
-        self.base_score_scale = max(float(torch.quantile(scores, 0.99)), 1e-12)
+        self.base_map_scale = normal_level([p.anomaly_map for p in predictions], stride=7)
+        self.base_score_scale = normal_level([p.pred_score.float() for p in predictions])
         return predictions
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.methods.base import Detector, DetectorConfig, Prediction, Runtime, check_tensor_keys, upsample_map
-from ray_ad.methods.osd_irf.model import combine_scores, gaussian_scores
+from ray_ad.methods.osd_irf.model import SCORE_TERMS, combine_scores, gaussian_scores, score_calibration
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
 
 
@@ -33,8 +33,8 @@ class GaussianConfig(DetectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.score_terms not in ("diff+nll", "diff", "nll"):
-            raise ValueError(f"score_terms must be diff+nll, diff or nll; got {self.score_terms!r}")
+        if self.score_terms not in SCORE_TERMS:
+            raise ValueError(f"score_terms must be one of {', '.join(SCORE_TERMS)}; got {self.score_terms!r}")
 
 
 class GaussianDetector(Detector):
@@ -59,8 +59,7 @@ class GaussianDetector(Detector):
             raise ValueError("calibration needs at least one held-out normal image")
         features = self.extract_features(normals, runtime or Runtime(), desc="calibration features")
         _, s_diff, s_nll = gaussian_scores(self.normaliser(features.to(self.device)))
-        self.calibration = {"diff_min": s_diff.min().item(), "diff_max": s_diff.max().item(),
-                            "nll_min": s_nll.min().item(), "nll_max": s_nll.max().item()}
+        self.calibration = score_calibration(s_diff, s_nll)
         scores = combine_scores(s_diff, s_nll, self.calibration, self.config.score_terms)
         self.set_threshold_from(scores.cpu().numpy(), self.config.threshold_quantile)
 

@@ -25,6 +25,7 @@ from ray_ad.progress import progress as show_progress
 from ray_ad.training import TrainConfig, loss_summary
 
 SCORING_MODES = ("one_step", "inversion")
+SCORE_TERMS = ("diff+nll", "diff", "nll")  # which terms of Eq. 9 an image score adds
 
 
 @dataclass
@@ -72,6 +73,12 @@ def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     n = delta[0].numel()
     s_nll = 0.5 * delta.pow(2).flatten(1).sum(1) + 0.5 * n * math.log(2 * math.pi)  # Eq. 11
     return a_hat, s_diff, s_nll
+
+
+def score_calibration(s_diff: torch.Tensor, s_nll: torch.Tensor) -> dict[str, float]:
+    """The min-max constants of Eq. 9's two terms over held-out normal images (for ``combine_scores``)."""
+    return {"diff_min": s_diff.min().item(), "diff_max": s_diff.max().item(),
+            "nll_min": s_nll.min().item(), "nll_max": s_nll.max().item()}
 
 
 def combine_scores(s_diff: torch.Tensor, s_nll: torch.Tensor, cal: dict[str, float], terms: str) -> torch.Tensor:
@@ -217,10 +224,7 @@ class OSDIRF(Detector):
                 diffs.append(s_diff)
                 nlls.append(s_nll)
             s_diff, s_nll = torch.cat(diffs), torch.cat(nlls)
-            self.calibration[mode] = {
-                "diff_min": s_diff.min().item(), "diff_max": s_diff.max().item(),
-                "nll_min": s_nll.min().item(), "nll_max": s_nll.max().item(),
-            }
+            self.calibration[mode] = score_calibration(s_diff, s_nll)
             normal_scores = self._combine(s_diff, s_nll, mode).cpu().numpy()
             self.calibration[mode]["threshold"] = float(
                 np.quantile(normal_scores, self.config.threshold_quantile)
