@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
-    parser.add_argument("--data", required=True, help="dataset URI; only its non-test images are used")
+    parser.add_argument("--data", required=True, help="dataset URI; only its non-test images are used "
+                                                      "(nagl: the source domain, every labelled image)")
+    parser.add_argument("--validation-data", help="nagl: a held-out domain to validate on (its non-test normals "
+                                                  "and synthetic anomalies with masks; never its test split)")
     parser.add_argument("--space", required=True, help="search space file (YAML/JSON) URI")
     parser.add_argument("--samples", type=int, required=True, help="number of trials")
     parser.add_argument("--name", default="sweep", help="sweep name: results under <root>/sweeps/<name>/")
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_sweep(args.method, args.data, args.root, load_space(args.space), args.samples,
                   config_overrides(args.config, args.set), args.name, args.cpus_per_trial, args.gpus_per_trial,
-                  args.max_concurrent, args.cache_dir, args.seed)
+                  args.max_concurrent, args.cache_dir, args.seed, args.validation_data)
 
     return run(args, body)
 

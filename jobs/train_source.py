@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--line", required=True, help="product line name (lower-case letters, digits, - and _)")
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
-    parser.add_argument("--data", required=True, help="training data URI: MVTec folder, Parquet manifest, elpv:...")
+    parser.add_argument("--data", required=True, action="append",
+                        help="training data URI: MVTec folder, Parquet manifest, elpv:... (nagl: repeat it to train "
+                             "one generalist on several source domains)")
     parser.add_argument("--config", help="YAML/JSON file with method config values")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--version", help="version name to publish (default: a new time-stamped one)")
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from ray_ad.distributed.lines import train_line
 
-        train_line(args.line, args.method, args.data, args.root, config_overrides(args.config, args.set),
+        data = args.data if len(args.data) > 1 else args.data[0]
+        train_line(args.line, args.method, data, args.root, config_overrides(args.config, args.set),
                    version=args.version, progress=not args.quiet, cache_dir=args.cache_dir, **train_flags(args))
 
     return run(args, body)

@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     detector, metrics = train_detector(
-        args.method, args.data, overrides, args.calibration_fraction, Runtime(not args.quiet, args.cache_dir),
+        args.method, args.data if len(args.data) > 1 else args.data[0], overrides, args.calibration_fraction,
+        Runtime(not args.quiet, args.cache_dir),
         evaluate=not args.no_eval,
     )
     if "image_auroc" in metrics:
@@ -63,16 +64,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not detector.supports_inversion:
             raise RayADError(f"--scoring applies to osd_irf bundles, not {detector.method}")
         detector.set_scoring(args.scoring)
-    results, metrics = evaluate_split(detector, args.data, args.split, not args.quiet)
-    print(format_table({detector.method: metrics}))
+    if args.branch:
+        if not detector.uses_references:
+            raise RayADError(f"--branch applies to nagl bundles, not {detector.method}")
+        detector.set_branch(args.branch)
+    if args.shots:
+        from ray_ad.fewshot import evaluate_draws, parse_shots
+
+        metrics = evaluate_draws(detector, args.data, parse_shots(args.shots), args.draws, args.seed, not args.quiet)
+        label = f"{detector.method} ({detector.branch}) {metrics['shots']}, mean of {args.draws}"
+        print(format_table({label: metrics}))
+        spread = [f"{key} ± {metrics[key + '_std']:.4f}" for key in ("image_auroc", "pixel_auroc")
+                  if key + "_std" in metrics]
+        print("spread over draws: " + ", ".join(spread))
+        results = None
+    elif detector.uses_references and getattr(detector, "references", None) is None:
+        raise RayADError(f"{args.model} is a generalist without references: pass --shots K+A to draw them from "
+                         f"{args.data}, or add a line's references with `ray-ad references add`")
+    else:
+        results, metrics = evaluate_split(detector, args.data, args.split, not args.quiet)
+        print(format_table({detector.method: metrics}))
     if args.json:
         storage.write_text(args.json, json.dumps(metrics, indent=2))
         print(f"wrote {args.json}")
     if args.heatmaps:
+        if results is None:
+            raise RayADError("--heatmaps needs a single scoring run; it does not combine with --shots")
         from ray_ad.heatmaps import write_heatmaps
 
         count = write_heatmaps(results, args.heatmaps)
         print(f"wrote {count} heatmaps to {args.heatmaps}")
+    return 0
+
+
+def split_image_mask(item: str) -> tuple[str, str]:
+    """``IMG:MASK`` -> (IMG, MASK), where either may be a URI with ``scheme://``."""
+    separators = [i for i, char in enumerate(item) if char == ":" and item[i + 1 : i + 3] != "//"]
+    if len(separators) != 1 or separators[0] in (0, len(item) - 1):
+        raise ConfigError(f"--abnormal {item!r}: write IMAGE:MASK (one ':' between the image and its mask)")
+    return item[: separators[0]], item[separators[0] + 1 :]
+
+
+def cmd_references_add(args: argparse.Namespace) -> int:
+    from ray_ad.methods.nagl.references import load_references
+
+    detector = load_bundle(args.model, device=args.device)
+    if not detector.uses_references:
+        raise RayADError(f"{args.model} is a {detector.method} bundle; references belong to nagl models")
+    if not args.normal:
+        raise ConfigError("no normal reference: pass at least one image with --normal")
+    if args.root and not args.line:
+        raise ConfigError("--root publishes to a line: name it with --line")
+    abnormal = [split_image_mask(item) for item in args.abnormal or []]
+    references = load_references(args.normal, abnormal, detector.image_size)
+    detector.set_references(references)
+    metrics = {"references": {"normal": args.normal, "abnormal": [list(pair) for pair in abnormal]}}
+    if args.root:
+        from ray_ad.registry import publish
+
+        version = publish(detector, args.root, args.line, metrics)
+        print(f"published {references.shots} references as {args.line} version {version} under {args.root}")
+    else:
+        save_bundle(detector, args.out, metrics)
+        print(f"saved a {references.shots} reference bundle to {args.out}")
     return 0
 
 
@@ -118,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a detector on the normal images of a dataset")
     train.add_argument("--method", required=True, choices=sorted(METHODS))
-    train.add_argument("--data", required=True, help="MVTec folder URI, Parquet manifest URI, elpv:mono or elpv:poly")
+    train.add_argument("--data", required=True, action="append",
+                       help="MVTec folder URI, Parquet manifest URI, elpv:mono or elpv:poly (nagl: repeat it to "
+                            "train on several source domains)")
     train.add_argument("--out", required=True, help="URI of the bundle folder to write")
     train.add_argument("--config", help="YAML/JSON file with method config values")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -137,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the metrics as JSON to this URI")
     evaluate.add_argument("--heatmaps", help="write overlay PNGs to this folder URI")
     evaluate.add_argument("--scoring", choices=("one_step", "inversion"), help="osd_irf scoring mode")
+    evaluate.add_argument("--shots", metavar="K+A",
+                          help="nagl: draw K normal references from the train split and A abnormal ones (with "
+                               "masks) from the test split, score the rest (e.g. 4+1; 4+0 is the normal branch)")
+    evaluate.add_argument("--draws", type=int, default=5, help="reference draws for --shots (default 5)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the first draw (default 0)")
+    evaluate.add_argument("--branch", choices=("nagl", "normal", "naive"),
+                          help="nagl: score with S_n alone (normal) or S_n + abnormal NN (naive: the paper's "
+                               "setting iii)")
     evaluate.add_argument("--device")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -160,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
     predict.add_argument("--device")
     predict.set_defaults(func=cmd_predict)
+
+    references = sub.add_parser("references", help="a nagl line's reference images")
+    references_sub = references.add_subparsers(dest="references_command", required=True)
+    add = references_sub.add_parser("add", help="write a nagl model with a line's references (no training)")
+    add.add_argument("--model", required=True, help="URI of the nagl bundle (the trained generalist)")
+    add.add_argument("--normal", nargs="+", metavar="IMG", help="normal reference image URIs (at least one)")
+    add.add_argument("--abnormal", nargs="*", metavar="IMG:MASK", help="abnormal references with their masks")
+    target = add.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="URI of the bundle to write")
+    target.add_argument("--root", help="registry root: publish as a new version of --line")
+    add.add_argument("--line", help="the line to publish to (with --root)")
+    add.add_argument("--device")
+    add.set_defaults(func=cmd_references_add)
 
     key = sub.add_parser("landing-key", help="admin: the _READY key that lets a landing batch update an existing line")
     key.add_argument("--line", required=True)

@@ -45,32 +45,43 @@ def evaluate_split(detector: Detector, data: str, split: str, progress: bool = T
 
 
 def train_detector(
-    method: str, data: str, overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
+    method: str, data: str | list[str], overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
     runtime: Runtime | None = None, evaluate: bool = True,
 ) -> tuple[Detector, dict[str, Any]]:
-    """Build ``method`` from ``overrides``, fit it on ``data``, evaluate it; returns (detector, metrics)."""
+    """Build ``method`` from ``overrides``, fit it on ``data``, evaluate it; returns (detector, metrics).
+
+    ``data`` is one dataset URI, or several for a generalist trained across source domains (NAGL).
+    """
     runtime = runtime or Runtime()
     progress = runtime.progress
+    sources = [data] if isinstance(data, str) else list(data)
     detector = build_detector(method, method_config(method, overrides or {}))
+    if not sources or (len(sources) > 1 and not detector.uses_references):
+        raise ConfigError(f"{method} trains on exactly one dataset; got {len(sources)} (only nagl takes several)")
     held_out: list[Sample] | None = None
     if detector.uses_labels:
         # Supervised source training: every labelled image of every split; a hashed share is held out
         # for calibration (its normals) and for the evaluation below.
-        labelled = [s for s in load_samples(data) if s.label in (0, 1)]
-        train, held_out = split_calibration(labelled, calibration_fraction)
-        calibration = [s for s in held_out if s.label == 0]
+        labelled = [s for uri in sources for s in load_samples(uri) if s.label in (0, 1)]
+        if detector.uses_references:  # a generalist: nothing to calibrate, its lines bring their references
+            train, calibration = labelled, []
+        else:
+            train, held_out = split_calibration(labelled, calibration_fraction)
+            calibration = [s for s in held_out if s.label == 0]
         log.info(f"training {method} on {len(train)} labelled images "
-              f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out)} held out")
+              f"({sum(s.label == 1 for s in train)} anomalous), {len(held_out or [])} held out")
     else:
-        train, calibration = training_split(data, calibration_fraction)
+        train, calibration = training_split(sources[0], calibration_fraction)
         log.info(f"training {method} on {len(train)} normal images, {len(calibration)} held out for calibration")
     metrics: dict[str, Any] = {"fit": detector.fit(train, calibration, runtime)}
-    if evaluate:
+    if evaluate and detector.uses_references:
+        log.info(f"{method} scores against a line's references: evaluate it with `ray-ad evaluate --shots K+A`")
+    elif evaluate:
         try:
             if held_out is not None:
                 metrics.update(evaluate_samples(detector, held_out, f"the held-out share of {data}", progress))
             else:
-                metrics.update(evaluate_split(detector, data, "test", progress)[1])
+                metrics.update(evaluate_split(detector, sources[0], "test", progress)[1])
         except DataError as exc:
             log.info(f"skipping evaluation: {exc}")
     return detector, metrics

@@ -7,7 +7,7 @@ form of ``--set``::
     search: optuna          # or random (default)
     rounds: 3               # report rounds per trial: the rungs ASHA may stop a trial at
     params:
-      t: {choice: [250, 500, 750]}              # OSD-IRF timestep
+      t: {choice: [250, 500, 750]}              # OSD-IRF timestep (grid: each value, once per sample)
       train.lr: {loguniform: [1.0e-4, 2.0e-3]}
       score_net.hidden: {choice: [64, 128]}     # model width
       fields.timesteps: {choice: [[400, 200, 100], [400, 300, 200, 100]]}   # REF: K steps
@@ -51,7 +51,8 @@ from ray_ad.training import ScoreNetLoop
 log = logging.getLogger(__name__)
 
 METRIC = "val_image_auroc"
-DOMAINS = ("choice", "uniform", "loguniform", "randint")
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+LISTED = ("choice", "grid")  # domains given as a list of values (grid: every value, once per sample)
 SEARCHES = ("random", "optuna")
 
 
@@ -82,9 +83,11 @@ def parse_space(data: dict[str, Any], source: str = "space") -> SweepSpace:
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
             raise ConfigError(f"{source}: param {key!r} needs exactly one of {', '.join(DOMAINS)}, got {spec!r}")
         domain, arg = next(iter(spec.items()))
-        if domain == "choice" and (not isinstance(arg, list) or not arg):
-            raise ConfigError(f"{source}: {key}.choice must be a non-empty list, got {arg!r}")
-        if domain != "choice":
+        if domain in LISTED and (not isinstance(arg, list) or not arg):
+            raise ConfigError(f"{source}: {key}.{domain} must be a non-empty list, got {arg!r}")
+        if domain == "grid" and search != "random":
+            raise ConfigError(f"{source}: {key}.grid needs search: random (a grid is not an Optuna space)")
+        if domain not in LISTED:
             if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, int | float) for v in arg)
                     and arg[0] < arg[1]):
                 raise ConfigError(f"{source}: {key}.{domain} must be [low, high] with low < high, got {arg!r}")
@@ -111,7 +114,7 @@ def trial_overrides(base: dict[str, Any], params: dict[str, Any]) -> dict[str, A
 def check_space(method: str, base: dict[str, Any], space: SweepSpace) -> None:
     """Build the method's config at each parameter's bounds / choices, so a typo fails before any trial."""
     for key, (domain, arg) in space.params.items():
-        for value in arg if domain == "choice" else [arg[0], arg[1] - (1 if domain == "randint" else 0)]:
+        for value in arg if domain in LISTED else [arg[0], arg[1] - (1 if domain == "randint" else 0)]:
             try:
                 method_config(method, trial_overrides(base, {key: value}))
             except (ConfigError, ValueError, TypeError) as exc:
@@ -153,20 +156,42 @@ def sweep_data(data: str, uses_labels: bool, folder: str, fraction: float = 0.3,
     return SweepData(fit, calibration, validation)
 
 
-def synthetic_anomalies(normals: list[Sample], folder: str, seed: int = 0) -> list[Sample]:
-    """One Perlin-mask anomaly per normal image (self-shuffled fill from another image), as PNGs."""
+def synthetic_anomalies(normals: list[Sample], folder: str, seed: int = 0, prefix: str = "synthetic") -> list[Sample]:
+    """One Perlin-mask anomaly per normal image (self-shuffled fill from another image), as PNGs with
+    their masks (``<prefix>_<i>_mask.png``: a reference-based model needs the abnormal reference's mask)."""
     rng = np.random.default_rng(seed)
     uris = [sample.path for sample in normals]
     out = []
     for i, sample in enumerate(normals):
         # The next image is the donor; native size (the shorter side), PIL's default filter.
-        _, anomalous, _ = anomaly_pair(uris, i, (i + 1) % len(uris), None, rng, resample=None)
-        buffer = io.BytesIO()
-        Image.fromarray(anomalous).save(buffer, format="PNG")
-        uri = storage.join(folder, f"synthetic_{i:04d}.png")
-        storage.write_bytes(uri, buffer.getvalue())
-        out.append(Sample(uri, 1, None, "validation", sample.domain, "synthetic"))
+        _, anomalous, mask = anomaly_pair(uris, i, (i + 1) % len(uris), None, rng, resample=None)
+        uri, mask_uri = (storage.join(folder, f"{prefix}_{i:04d}{suffix}.png") for suffix in ("", "_mask"))
+        for target, pixels in ((uri, anomalous), (mask_uri, mask.astype(np.uint8) * 255)):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            storage.write_bytes(target, buffer.getvalue())
+        out.append(Sample(uri, 1, mask_uri, "validation", sample.domain, "synthetic"))
     return out
+
+
+def reference_sweep_data(data: str | list[str], validation_data: str, folder: str, seed: int = 0) -> SweepData:
+    """fit / references / validation for a reference-based model (NAGL): fit on every labelled image of
+    the source(s) ``data``; validate on another domain, ``validation_data``, from its NON-test normals
+    alone: one half are the normal references (and, with a synthetic anomaly pasted in, the abnormal
+    references with their masks), the other half and their synthetic anomalies the validation queries."""
+    sources = [data] if isinstance(data, str) else list(data)
+    if validation_data in sources:
+        raise ConfigError(f"the validation domain {validation_data} is also a training source: validate on a "
+                          "held-out domain")
+    fit = [s for uri in sources for s in load_samples(uri) if s.label in (0, 1)]
+    normals = [s for s in load_samples(validation_data) if s.split != "test" and s.label == 0]
+    if len(normals) < 8:
+        raise DataError(f"{validation_data}: a reference sweep needs at least 8 non-test normal images, "
+                        f"found {len(normals)}")
+    queries, references = split_calibration(normals, 0.5)
+    validation = queries + synthetic_anomalies(queries, folder, seed)
+    abnormal = synthetic_anomalies(references, folder, seed + 1, prefix="reference")
+    return SweepData(fit, references + abnormal, validation)
 
 
 def validation_auroc(detector: Any, validation: list[Sample]) -> float:
@@ -175,6 +200,24 @@ def validation_auroc(detector: Any, validation: list[Sample]) -> float:
     results = run_detector(detector, validation, progress=False)
     labels = np.array([s.label for s in validation])
     return image_metrics(np.asarray(results.scores), labels)["image_auroc"]
+
+
+def reference_validation_auroc(detector: Any, data: SweepData, draws: int = 3, seed: int = 0,
+                               shots: tuple[int, int] = (4, 1)) -> float:
+    """Mean validation AUROC over ``draws`` reference sets drawn from ``data.calibration`` (normal
+    references and synthetic abnormal ones with masks), N4+A1 by default."""
+    from ray_ad.fewshot import references_from_samples
+
+    normal = [s for s in data.calibration if s.label == 0]
+    abnormal = [s for s in data.calibration if s.label == 1]
+    values = []
+    for draw in range(draws):
+        rng = np.random.default_rng(seed + draw)
+        chosen = [normal[i] for i in rng.choice(len(normal), min(shots[0], len(normal)), replace=False)]
+        chosen += [abnormal[i] for i in rng.choice(len(abnormal), min(shots[1], len(abnormal)), replace=False)]
+        detector.set_references(references_from_samples(chosen, detector.image_size))
+        values.append(validation_auroc(detector, data.validation))
+    return float(np.mean(values))
 
 
 # ------------------------------------------------------------------------ one trial
@@ -208,7 +251,10 @@ def run_trial(
 
     runtime = Runtime(progress=False, cache_dir=cache_dir, score_net_trainer=RoundTrainer(rounds, report_round))
     detector.fit(data.fit, data.calibration, runtime)
-    report({METRIC: validation_auroc(detector, data.validation), "score_net_step": -1})
+    if getattr(detector, "uses_references", False):  # scored against references drawn from the held-out domain
+        report({METRIC: reference_validation_auroc(detector, data), "score_net_step": -1})
+    else:
+        report({METRIC: validation_auroc(detector, data.validation), "score_net_step": -1})
 
 
 # ------------------------------------------------------------------------ the report

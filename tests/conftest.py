@@ -71,6 +71,17 @@ def tiny_osd_irf_config(**extra: object) -> dict:
     return config
 
 
+def tiny_nagl_config(**extra: object) -> dict:
+    """A NAGL config (4 heads over the 64 channels of lite0 stages 1-2) that trains in seconds on a CPU."""
+    config = {
+        "backbone": {"image_size": 64, "grid_size": 8, "layers": [1, 2]},
+        "proxies": 5, "heads": 4, "map_sigma": 1.0, "device": "cpu",
+        "train": {"steps": 60, "batch_size": 4, "lr": 3e-3, "synthetic_count": 12, "max_normals": 12},
+    }
+    config.update(extra)
+    return config
+
+
 def tiny_costfilter_config(**extra: object) -> dict:
     """A CostFilter-AD config (a patchcore base, a small filter) that trains in seconds on a CPU."""
     backbone = {"image_size": 64, "grid_size": 8, "layers": [1, 2]}

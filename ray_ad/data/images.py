@@ -69,20 +69,28 @@ def load_mask(uri: str, expected_size: tuple[int, int]) -> Image.Image:
     return mask.convert("L")
 
 
-def to_tensor(
-    image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
-    """PIL RGB or grayscale ("L") -> normalised float tensor ``[3, size, size]``; a grayscale image is
-    resized as one channel and repeated (bilinear resizing acts on each channel alone, so the result is
-    that of its RGB conversion)."""
+def resized_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB or grayscale ("L") -> uint8 ``[3, size, size]`` as the backbone sees it before normalising;
+    a grayscale image is resized as one channel and repeated (bilinear resizing acts on each channel
+    alone, so the result is that of its RGB conversion)."""
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BILINEAR)))
-    pixels = pixels.expand(3, size, size) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-    # (x / 255 - mean) / std as one multiply-add per pixel.
+    return pixels.expand(3, size, size) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``[..., 3, S, S]`` -> the normalised float tensor: (x / 255 - mean) / std as one multiply-add."""
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     return pixels.float() * (1.0 / (255.0 * std_t)) - mean_t / std_t
+
+
+def to_tensor(
+    image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """PIL RGB or grayscale ("L") -> normalised float tensor ``[3, size, size]``."""
+    return normalise_pixels(resized_pixels(image, size), mean, std)
 
 
 def mask_to_tensor(mask: Image.Image | None, size: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from ray_ad import registry, storage
 from ray_ad.adaptation.promote import SERVED, Outcome, adapt_candidates, split_overrides
 from ray_ad.bundle import load_bundle
 from ray_ad.distributed.batch import RayFeatureBackend
+from ray_ad.distributed.episode_train import RayEpisodeTrainer
 from ray_ad.distributed.filter_train import RayFilterTrainer
 from ray_ad.distributed.train import RayScoreNetTrainer, RayTrainSettings
 from ray_ad.errors import RayADError
@@ -39,7 +40,7 @@ def train_settings(root: str, run_name: str, workers: int, use_gpu: bool, **extr
 
 
 def train_line(
-    line: str, method: str, data: str, root: str, overrides: dict[str, Any] | None = None,
+    line: str, method: str, data: str | list[str], root: str, overrides: dict[str, Any] | None = None,
     workers: int = 1, use_gpu: bool = False, version: str | None = None, progress: bool = True,
     cache_dir: str | None = None, feature_actors: int = 0, **settings: Any,
 ) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def train_line(
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"{line}-{version}", workers, use_gpu, **settings))
     runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu),
-                      RayFilterTrainer(trainer.settings))
+                      RayFilterTrainer(trainer.settings), RayEpisodeTrainer(trainer.settings))
     detector, metrics = train_detector(method, data, overrides, runtime=runtime)
     metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu, **_train_figures(trainer)}
     registry.publish(detector, root, line, metrics, version=version)
@@ -75,7 +76,7 @@ def train_fleet_lines(
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"fleet-{version}", workers, use_gpu, **settings))
     runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu),
-                      RayFilterTrainer(trainer.settings))
+                      RayFilterTrainer(trainer.settings), RayEpisodeTrainer(trainer.settings))
     trained = train_fleet(lines, overrides, runtime=runtime)  # every line complete before any is published
     for line, (detector, metrics) in trained.items():
         metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu}

@@ -12,8 +12,18 @@ import logging
 from typing import Any
 
 from ray_ad import storage
+from ray_ad.errors import ConfigError
 from ray_ad.methods import METHODS
-from ray_ad.tuning import METRIC, SweepData, SweepSpace, check_space, run_trial, sweep_data, write_report
+from ray_ad.tuning import (
+    METRIC,
+    SweepData,
+    SweepSpace,
+    check_space,
+    reference_sweep_data,
+    run_trial,
+    sweep_data,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +32,7 @@ def tune_space(space: SweepSpace) -> dict[str, Any]:
     """The space's parameters as Tune search domains."""
     from ray import tune
 
-    domains = {"choice": tune.choice, "uniform": lambda arg: tune.uniform(*arg),
+    domains = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda arg: tune.uniform(*arg),
                "loguniform": lambda arg: tune.loguniform(*arg), "randint": lambda arg: tune.randint(*arg)}
     return {key: domains[domain](arg) for key, (domain, arg) in space.params.items()}
 
@@ -38,17 +48,27 @@ def tune_trial(params: dict[str, Any], method: str, base: dict[str, Any], data: 
 def run_sweep(
     method: str, data: str, root: str, space: SweepSpace, samples: int, base: dict[str, Any] | None = None,
     name: str = "sweep", cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
-    cache_dir: str | None = None, seed: int = 0,
+    cache_dir: str | None = None, seed: int = 0, validation_data: str | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep on the current Ray; write summary, plot and best config; return their URIs and the best."""
+    """Run the sweep on the current Ray; write summary, plot and best config; return their URIs and the best.
+
+    A reference-based method (nagl) trains on ``data`` and validates on another domain, ``validation_data``
+    (its non-test normals and synthetic anomalies made from them; ``tuning.reference_sweep_data``).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     base = dict(base or {})
     check_space(method, base, space)
     folder = storage.join(root, "sweeps", name)
-    uses_labels = METHODS[method][0].uses_labels
-    split = sweep_data(data, uses_labels, storage.join(folder, "validation"), seed=seed)
+    detector_cls = METHODS[method][0]
+    if detector_cls.uses_references != (validation_data is not None):
+        raise ConfigError(f"{method}: --validation-data (a held-out domain) is required for reference-based methods "
+                          "(nagl) and applies to no other")
+    if detector_cls.uses_references:
+        split = reference_sweep_data(data, validation_data, storage.join(folder, "validation"), seed=seed)
+    else:
+        split = sweep_data(data, detector_cls.uses_labels, storage.join(folder, "validation"), seed=seed)
     log.info("sweep %s: %s", name, split.describe())
     if space.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter

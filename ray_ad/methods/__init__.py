@@ -9,6 +9,7 @@ from ray_ad.errors import ConfigError
 from ray_ad.methods.base import Detector, Prediction
 from ray_ad.methods.costfilter import CostFilter, CostFilterConfig
 from ray_ad.methods.gaussian import GaussianConfig, GaussianDetector
+from ray_ad.methods.nagl import NAGL, NAGLConfig
 from ray_ad.methods.osd_irf import OSDIRF, OSDIRFConfig
 from ray_ad.methods.patchcore import PatchCore, PatchCoreConfig
 from ray_ad.methods.ref_cfa import REFCFA, REFCFAConfig
@@ -17,6 +18,7 @@ from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
 METHODS: dict[str, tuple[type[Detector], type]] = {
     "costfilter": (CostFilter, CostFilterConfig),
     "gaussian": (GaussianDetector, GaussianConfig),
+    "nagl": (NAGL, NAGLConfig),
     "osd_irf": (OSDIRF, OSDIRFConfig),
     "patchcore": (PatchCore, PatchCoreConfig),
     "ref_cfa": (REFCFA, REFCFAConfig),

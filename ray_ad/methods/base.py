@@ -74,6 +74,8 @@ class Runtime:
     feature_backend: FeatureBackend | None = None  # where features are computed on a cache miss
     # Where CostFilter-AD's filter trains (a ``costfilter.training.FilterTrainer``); None: in this process.
     filter_trainer: Any = None
+    # Where NAGL's attention modules train (a ``nagl.training.EpisodeTrainer``); None: in this process.
+    episode_trainer: Any = None
 
     def quiet(self) -> Runtime:
         """The same runtime without progress output (for inner loops such as sweep rounds)."""
@@ -125,6 +127,9 @@ class Detector(ABC):
     # True: predict_features(features) scores the extractor's features directly (a plug-in such as
     # CostFilter-AD that extracts the same features then hands them over instead of a second pass).
     scores_features: ClassVar[bool] = False
+    # True: scores against a reference set given after training (NAGL's ``set_references``), so a line is
+    # the trained generalist plus its own references and ``evaluate`` draws references per run.
+    uses_references: ClassVar[bool] = False
     # Dotted config keys added after bundles were saved, with the value those older bundles were fitted
     # and calibrated under: a bundle whose config lacks the key loads with it, so it scores as it did.
     STORED_DEFAULTS: ClassVar[dict[str, Any]] = {}

@@ -5,6 +5,8 @@
     GET  /v1/lines/{line}              current version, threshold, metrics
     POST /v1/lines/{line}/detect       raw image bytes or a JSON batch -> score, is_anomaly, threshold,
                                        model_version per image (?heatmap=true adds a PNG overlay, base64)
+    POST /v1/lines/{line}/references   the line's token (or admin): a nagl reference set (JSON: normal
+                                       images, abnormal images with masks) -> a new version, served at once
     POST /v1/lines/{line}/adapt        admin: {"target", "source_line"} -> job_id (Ray Jobs API)
     GET  /v1/jobs/{job_id}             admin: Ray job state + the job's status object
     POST /v1/landing/poll              admin: one landing-zone pass now
@@ -34,11 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_ad import registry, storage
 from ray_ad.bundle import METRICS_FILE
-from ray_ad.errors import ConfigError, RayADError
+from ray_ad.errors import ConfigError, DataError, RayADError
 from ray_ad.serve.auth import AccessDenied, Tokens
 from ray_ad.serve.config import ServiceConfig
 from ray_ad.serve.metrics import LineMetrics
-from ray_ad.serve.requests import BadRequest, images_from_body, read_body
+from ray_ad.serve.requests import BadRequest, images_from_body, read_body, references_from_body
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,39 @@ class FleetAPI:
         return {"line": line, "version": version, **health, "method": config["method"],
                 "threshold": config["state"]["threshold"], "versions": registry.list_versions(self.root, line),
                 "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
+
+    @api.post("/v1/lines/{line}/references")
+    async def references(self, line: str, request: Request) -> Any:
+        """Publish ``line``'s nagl reference set (no training) and serve it from the next request on.
+
+        The model is the current version of ``model_line`` (default: the line itself, to replace its
+        references); the token must grant both lines. Bad images, a missing or mis-sized mask, or no
+        normal image: 4xx and nothing published.
+        """
+        from ray_ad.methods.nagl.references import publish_references
+
+        try:
+            self._guard(request, line)
+            body = await read_body(request.headers.get("content-length"), request.stream(), self.limits.max_bytes)
+            model_line, normal, abnormal = await asyncio.to_thread(references_from_body, body, self.limits)
+            model_line = model_line or line
+            if model_line != line:
+                self._guard(request, model_line)
+            version = registry.current_version(self.root, model_line)
+            if version is None:
+                raise BadRequest(404, f"model line {model_line!r} has no published model to take the references")
+            model_uri = registry.version_uri(self.root, model_line, version)
+            try:
+                published = await asyncio.to_thread(publish_references, self.root, line, model_uri, normal, abnormal)
+            except DataError as exc:
+                raise BadRequest(422, str(exc)) from exc
+            self._versions.pop(line, None)  # serve the new version from the next request on
+        except BadRequest as exc:
+            return JSONResponse({"error": self._public(str(exc))}, status_code=exc.status)
+        except RayADError as exc:
+            return JSONResponse({"error": self._public(str(exc))}, status_code=503)
+        return {"line": line, "version": published, "model": f"{model_line}@{version}",
+                "references": {"normal": len(normal), "abnormal": len(abnormal)}}
 
     @api.post("/v1/lines/{line}/adapt")
     async def adapt(self, line: str, request: Request) -> Any:

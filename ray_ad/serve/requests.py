@@ -159,3 +159,59 @@ def _multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str
     if len(parts) > limits.max_images:
         raise BadRequest(413, f"{len(parts)} images in one request; the limit is {limits.max_images}")
     return [(part.get_filename() or f"part[{i}]", part.get_payload(decode=True) or b"") for i, part in enumerate(parts)]
+
+
+Reference = tuple[str, Image.Image]
+AbnormalReference = tuple[str, Image.Image, Image.Image | None]
+
+
+def references_from_body(body: bytes, limits: Limits) -> tuple[str | None, list[Reference], list[AbnormalReference]]:
+    """A reference upload for ``POST /v1/lines/{line}/references``: (model line or None, normal images,
+    abnormal (name, image, mask) triples) from the JSON body::
+
+        {"model_line": LINE,                                  optional: whose nagl model to use
+         "normal": [{"name": "n1.png", "data": "<base64>"}, ...],
+         "abnormal": [{"name": "a1.png", "data": "<base64>", "mask": "<base64>"}, ...]}
+
+    Images keep their own size here: a mask is checked against its image before anything is resized.
+    """
+    try:
+        document = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(400, f"malformed JSON body: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("normal", []), list) \
+            or not isinstance(document.get("abnormal", []), list):
+        raise BadRequest(400, 'the body must be JSON {"normal": [...], "abnormal": [...]} (and "model_line")')
+    model_line = document.get("model_line")
+    if model_line is not None and not isinstance(model_line, str):
+        raise BadRequest(400, f"model_line must be a line name, got {model_line!r}")
+    normal_items, abnormal_items = document.get("normal", []), document.get("abnormal", [])
+    if not normal_items:
+        raise BadRequest(422, "no normal reference: a reference set needs at least one normal image")
+    if len(normal_items) + len(abnormal_items) > limits.max_images:
+        raise BadRequest(413, f"{len(normal_items) + len(abnormal_items)} reference images; the limit is "
+                              f"{limits.max_images}")
+
+    def decoded(item: object, where: str, key: str = "data") -> tuple[str, Image.Image | None]:
+        if not isinstance(item, dict):
+            raise BadRequest(400, f"{where}: expected {{'name', 'data'}}")
+        name = item.get("name", where)
+        data = item.get(key)
+        if data is None and key == "mask":
+            return str(name), None
+        if not isinstance(data, str) or not isinstance(name, str):
+            raise BadRequest(400, f"{where}: {key!r} must be a base64 string")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest(400, f"{name}: malformed base64 in {key!r} ({exc})") from exc
+        label = name if key == "data" else f"{name} (mask)"
+        return name, decode_part(raw, label, limits)
+
+    normal = [decoded(item, f"normal[{i}]") for i, item in enumerate(normal_items)]
+    abnormal = []
+    for i, item in enumerate(abnormal_items):
+        name, image = decoded(item, f"abnormal[{i}]")
+        _, mask = decoded(item, f"abnormal[{i}]", "mask")
+        abnormal.append((name, image, mask))
+    return model_line, normal, abnormal  # type: ignore[return-value]

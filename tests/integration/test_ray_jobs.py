@@ -19,6 +19,7 @@ from tests.conftest import (
     make_mvtec,
     shift_folder,
     tiny_costfilter_config,
+    tiny_nagl_config,
     tiny_osd_irf_config,
     tiny_ref_cfa_config,
     upload_folder,
@@ -181,6 +182,25 @@ def test_sweep_writes_table_plot_and_a_best_config_that_trains(ray_cluster, tmp_
     method_config("osd_irf", best)
     assert list((folder / "tune").rglob("events.out.tfevents*"))  # TensorBoard finds the trials
     assert not any("test" in p.parts for p in (folder / "validation").rglob("*"))
+
+
+def test_a_nagl_sweep_over_m_validates_on_a_held_out_domain_only(ray_cluster, tmp_path):
+    source, held_out = make_mvtec(tmp_path / "source", seed=0), make_mvtec(tmp_path / "held_out", n_train=16, seed=1)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"search": "random", "rounds": 1, "params": {"proxies": {"grid": [2, 5]}}}))
+    config = write_config(tmp_path / "base.yaml", tiny_nagl_config(train={
+        "steps": 15, "batch_size": 4, "synthetic_count": 6, "max_normals": 8}))
+    root = tmp_path / "root"
+    args = ["--method", "nagl", "--data", str(source), "--root", str(root), "--space", str(space),
+            "--samples", "1", "--config", config, "--name", "m"]
+    assert load_job("sweep").main(args) == 2  # no held-out domain given: refused before any trial
+    assert load_job("sweep").main([*args, "--validation-data", str(held_out)]) == 0
+    folder = root / "sweeps" / "m"
+    rows = (folder / "summary.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("proxies,val_image_auroc") and sorted(r.split(",")[0] for r in rows[1:]) == ["2", "5"]
+    assert yaml.safe_load((folder / "best_config.yaml").read_text())["proxies"] in (2, 5)
+    made = [p.name for p in (folder / "validation").rglob("*.png")]
+    assert any(name.startswith("reference_") and name.endswith("_mask.png") for name in made)
 
 
 def test_a_space_with_an_unknown_key_fails_before_any_trial(ray_cluster, tmp_path, capsys):

@@ -77,3 +77,30 @@ def test_the_cost_filter_trains_on_one_ray_worker_exactly_like_the_local_loop(ra
     for a, b in zip(local.state_dict().values(), remote.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert trainer.last_result.metrics["step"] == 12
+
+
+def test_nagl_trains_on_one_ray_worker_exactly_like_the_local_loop(ray_cluster, tmp_path):
+    from ray_ad.distributed.episode_train import RayEpisodeTrainer
+    from ray_ad.methods.nagl.config import EpisodeConfig, NAGLLossWeights
+    from ray_ad.methods.nagl.episodes import DomainPool
+    from ray_ad.methods.nagl.network import NAGLNet
+    from ray_ad.methods.nagl.training import train_episodes
+
+    generator = torch.Generator().manual_seed(4)
+    pools = [DomainPool(name, torch.randn(6, 16, 8, generator=generator), torch.randn(5, 16, 8, generator=generator),
+                        (torch.rand(5, 16, generator=generator) > 0.7).float()) for name in ("a", "b")]
+    config = EpisodeConfig(steps=12, batch_size=4, lr=1e-3)
+
+    def net() -> NAGLNet:
+        torch.manual_seed(0)
+        return NAGLNet(8, proxies=3, heads=2, alpha=-1e9)
+
+    local, local_losses = train_episodes(net(), pools, config, NAGLLossWeights(), 0.05, seed=5, progress=False)
+    settings = RayTrainSettings(workers=1, storage_path=str(tmp_path), name="nagl", checkpoint_every=5)
+    trainer = RayEpisodeTrainer(settings)
+    remote, remote_losses = trainer(net(), pools, config, NAGLLossWeights(), 0.05, seed=5, progress=False)
+    assert len(remote_losses) == 12 and remote_losses == pytest.approx(local_losses, rel=1e-5)
+    for a, b in zip(local.state_dict().values(), remote.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert trainer.last_result.metrics["step"] == 12
+    assert any(p.name.startswith("checkpoint_") for p in (tmp_path / "nagl-nagl1").iterdir())

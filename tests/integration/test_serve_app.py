@@ -13,10 +13,17 @@ from PIL import Image
 from ray_ad import registry
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.base import Runtime
-from tests.conftest import _free_port, make_mvtec, tiny_costfilter_config, tiny_osd_irf_config, wait_for_serve_gone
+from tests.conftest import (
+    _free_port,
+    make_mvtec,
+    tiny_costfilter_config,
+    tiny_nagl_config,
+    tiny_osd_irf_config,
+    wait_for_serve_gone,
+)
 from tests.helpers import call, exported_metrics, metric, png
 
-A, B, ADMIN = "a" * 20, "b" * 20, "z" * 24
+A, B, N, ADMIN = "a" * 20, "b" * 20, "n" * 20, "z" * 24
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def service(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Two scorer replicas, as serve_configs/local.yaml runs: multiplexing, version switches and the
     # metrics must hold when a line's requests may reach either replica.
-    config = ServiceConfig(root, tokens={"admin": ADMIN, "lines": {"line-a": A, "line-b": B}}, poll_s=0.5,
+    config = ServiceConfig(root, tokens={"admin": ADMIN, "lines": {"line-a": A, "line-b": B, "line-n": N}}, poll_s=0.5,
                            landing_interval_s=0, scorer=ScorerOptions(replicas=2))
     serve.run(build_app(config), name="fleet", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, detector, data
@@ -183,3 +190,92 @@ def test_a_costfilter_line_scores_over_http_as_its_bundle_does(service):
         expected = float(detector.predict(image).pred_score[0])
     assert row["model_version"] == version and row["score"] == pytest.approx(expected, abs=1e-5)
     assert call(f"{url}/v1/lines/line-cf", token=ADMIN)[1]["method"] == "costfilter"
+
+
+def _reference_body(data, **extra) -> bytes:
+    def b64(path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    body = {"normal": [{"name": f"n{i}.png", "data": b64(data / "train" / "good" / f"00{i}.png")} for i in range(3)],
+            "abnormal": [{"name": "a0.png", "data": b64(data / "test" / "spot" / "000.png"),
+                          "mask": b64(data / "ground_truth" / "spot" / "000_mask.png")}]}
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def test_a_nagl_line_serves_from_uploaded_references_within_a_minute(service):
+    """A new line from a trained NAGL generalist and its references, no training: upload, then serve."""
+    import time
+
+    import torch
+
+    from ray_ad.data.images import load_image
+    from ray_ad.methods.nagl.references import build_references
+
+    url, root, _, data = service
+    from ray_ad.data import load_samples
+
+    generalist = build_detector("nagl", method_config("nagl", tiny_nagl_config(train={
+        "steps": 20, "batch_size": 4, "synthetic_count": 8, "max_normals": 8})))
+    generalist.fit([s for s in load_samples(str(data)) if s.label in (0, 1)], [], Runtime(progress=False))
+    registry.publish(generalist, root, "nagl-gen")
+    query = data / "test" / "spot" / "001.png"
+
+    # The line's own token cannot read the generalist's line: 403, nothing published.
+    status, out = call(f"{url}/v1/lines/line-n/references", _reference_body(data, model_line="nagl-gen"), N,
+                       "application/json")
+    assert status == 403 and "nagl-gen" in out["error"] and registry.list_versions(root, "line-n") == []
+
+    started = time.monotonic()
+    status, out = call(f"{url}/v1/lines/line-n/references", _reference_body(data, model_line="nagl-gen"), ADMIN,
+                       "application/json")
+    assert status == 200, out
+    status, body = call(f"{url}/v1/lines/line-n/detect", query.read_bytes(), N)
+    elapsed = time.monotonic() - started
+    assert status == 200 and body["results"][0]["model_version"] == out["version"], body
+    assert elapsed < 60, f"upload to first served answer took {elapsed:.1f} s"
+
+    # The served score is the generalist's score with these references.
+    images = {p.name: load_image(str(p)) for p in sorted((data / "train" / "good").glob("00[0-2].png"))}
+    mask = Image.open(data / "ground_truth" / "spot" / "000_mask.png")
+    generalist.set_references(build_references(
+        [(n, image) for n, image in images.items()],
+        [("a0", load_image(str(data / "test" / "spot" / "000.png")), mask)], generalist.image_size))
+    with torch.no_grad():
+        expected = float(generalist.predict(generalist.preprocess(load_image(str(query), keep_gray=True))[None])
+                         .pred_score[0])
+    assert body["results"][0]["score"] == pytest.approx(expected, abs=1e-5)
+
+    # Token isolation holds as for any line; the line's own token may replace its references.
+    assert call(f"{url}/v1/lines/line-n/detect", query.read_bytes(), A)[0] == 403
+    assert call(f"{url}/v1/lines/line-n/references", _reference_body(data), A, "application/json")[0] == 403
+    status, again = call(f"{url}/v1/lines/line-n/references", _reference_body(data), N, "application/json")
+    assert status == 200 and again["model"].startswith("line-n@")
+
+
+@pytest.mark.parametrize(("change", "status", "message"), [
+    ({"normal": []}, 422, "no normal reference"),
+    ({"abnormal": [{"name": "a.png", "data": "AAAA"}]}, 422, "a.png"),  # unreadable image
+    ("no mask", 422, "no mask given"),
+    ("small mask", 422, "its mask is 32x32 but the image is 64x64"),
+    ("empty mask", 422, "marks no defect pixel"),
+    ({"normal": "x"}, 400, "the body must be JSON"),
+])
+def test_bad_reference_uploads_get_a_4xx_and_publish_nothing(service, change, status, message):
+    url, root, _, data = service
+    if registry.current_version(root, "line-n") is None:
+        pytest.skip("needs the NAGL line of the test above")
+    body = json.loads(_reference_body(data))
+    abnormal = body["abnormal"][0]
+    if change == "no mask":
+        del abnormal["mask"]
+    elif change in ("small mask", "empty mask"):
+        mask = np.zeros((32, 32) if change == "small mask" else (64, 64), np.uint8)
+        mask[:4, :4] = 255 if change == "small mask" else 0
+        abnormal["mask"] = base64.b64encode(png(mask)).decode()
+    else:
+        body.update(change)
+    before = (registry.current_version(root, "line-n"), registry.list_versions(root, "line-n"))
+    code, out = call(f"{url}/v1/lines/line-n/references", json.dumps(body).encode(), ADMIN, "application/json")
+    assert code == status and message in out["error"], out
+    assert (registry.current_version(root, "line-n"), registry.list_versions(root, "line-n")) == before

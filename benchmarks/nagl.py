@@ -1,0 +1,221 @@
+"""NAGL across domains, as in the paper: train on one source, score an unseen target from a few references.
+
+    .venv/bin/python benchmarks/nagl.py [--tasks mt-elpv elpv-mt] [--seeds 0 1 2] [--draws 5] \
+        [--set key=value ...] [--name nagl]
+
+Tasks: ``mt-elpv`` trains on magnetic_tile (its pixel masks + synthetic anomalies) and scores elpv mono
+and elpv poly; ``elpv-mt`` trains on elpv mono + poly (synthetic anomalies with their masks: elpv has
+no pixel masks) and scores magnetic_tile. The generalist is trained once per seed (``--seeds``).
+
+For every target and every draw (``--draws``, seeded by the draw index, so every seed and every row
+sees the same references), K normal references come from the target's ``train`` split and one abnormal
+reference from its ``test`` split (whole image as the defect region where the target has no masks);
+both are removed from the scored images. Settings N1, N4 (normal references only) and N1+A1, N4+A1;
+N_K and N_K+A1 share the draw's normal references and score the same images. Rows, all on the same
+backbone features:
+
+- ``kNN``: PatchCore's score with the same normal references (L2 to the nearest reference cell, max cell);
+- ``normal branch``: NAGL's S_n alone (NAGL without RM/AFL, the paper's setting i);
+- ``naive N+A NN``: S_n and the similarity to the nearest abnormal-reference defect cell (setting iii);
+- ``NAGL``: S_n and S_a through the trained RM and AFL (setting iv).
+
+Image AUROC, and pixel AUROC where the target has masks: mean over draws (and seeds for NAGL), the
+spread over draws, and for NAGL the spread over training seeds. Seconds per image: NAGL N4+A1 end to end
+from decoded images (backbone + search + attention). Saved as ``results/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+
+from ray_ad.config import apply_overrides  # noqa: E402
+from ray_ad.data import ImageDataset, load_samples  # noqa: E402
+from ray_ad.fewshot import Shots, draw_references  # noqa: E402
+from ray_ad.methods.base import Runtime, upsample_map  # noqa: E402
+from ray_ad.methods.nagl.scoring import (  # noqa: E402
+    anomaly_guided_score,
+    cells,
+    fused_map,
+    normal_guided_score,
+    similarity,
+    top_mean,
+)
+from ray_ad.metrics import auroc  # noqa: E402
+from ray_ad.pipeline import train_detector  # noqa: E402
+from ray_ad.progress import configure_logging  # noqa: E402
+
+TASKS = {"mt-elpv": ("magnetic_tile", ["elpv:mono", "elpv:poly"]), "elpv-mt": ("elpv", ["magnetic_tile"])}
+ROWS = ("kNN", "normal branch", "naive N+A NN", "NAGL")
+
+
+def resolve(name: str, magnetic_tile: str) -> list[str]:
+    return {"magnetic_tile": [magnetic_tile], "elpv": ["elpv:mono", "elpv:poly"]}.get(name, [name])
+
+
+class Target:
+    """A target's test split: backbone cells once, labels and pixel masks once."""
+
+    def __init__(self, uri: str, detector, cache_dir: str) -> None:
+        self.uri = uri
+        self.samples = [s for s in load_samples(uri, "test") if s.label in (0, 1)]
+        self.cells = cells(detector.extract_features(self.samples, Runtime(False, cache_dir), desc=f"{uri} features"))
+        self.labels = np.array([s.label for s in self.samples])
+        self.has_masks = any(s.mask_path for s in self.samples)
+        self.masks = None
+        if self.has_masks:
+            dataset = ImageDataset(self.samples, detector.preprocessor)
+            self.masks = np.stack([dataset[i]["mask"][0].numpy() > 0.5 for i in range(len(dataset))])
+
+
+def search(F_q: torch.Tensor, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(res_q, s_n, L2 kNN cell score) of every query cell against one reference set, in chunks: one
+    product of raw features serves both the cosine search (NAGL) and the L2 search (PatchCore)."""
+    refs = normal[0]
+    ref_norms = refs.norm(dim=-1)
+    res, s_n, knn = [], [], []
+    for chunk in F_q.split(16):
+        dots = chunk @ refs.T  # [b, N, R]
+        norms = chunk.norm(dim=-1, keepdim=True)
+        cos, index = (dots / (norms * ref_norms).clamp_min(1e-12)).max(-1)
+        s_n.append((1 + cos) / 2)  # (1 + cos) / 2 of the nearest normal cell, as nearest_normal gives it
+        res.append(chunk - refs[index])  # Res(F^q, F^n)
+        knn.append((norms**2 + ref_norms**2 - 2 * dots).clamp_min(0).amin(-1).sqrt())
+    return torch.cat(res), torch.cat(s_n), torch.cat(knn)
+
+
+def figures(target: Target, keep: np.ndarray, cell_scores: torch.Tensor, image_scores: torch.Tensor,
+            detector) -> dict[str, float]:
+    out = {"image_auroc": auroc(image_scores.numpy()[keep], target.labels[keep])}
+    if target.has_masks:
+        grid = detector.config.backbone.grid_size
+        maps = torch.cat([upsample_map(chunk.view(-1, grid, grid), detector.image_size, detector.config.map_sigma)
+                          for chunk in cell_scores[torch.from_numpy(keep)].split(64)])
+        out["pixel_auroc"] = auroc(maps.numpy().ravel(), target.masks[keep].ravel())
+    return out
+
+
+@torch.no_grad()
+def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[str, dict[str, list[dict]]]:
+    """Every row's figures for one draw of K = ``normal`` normal references and one abnormal reference:
+    {setting: {row: [figures per trained seed]}}. Both settings (N_K and N_K+A1) share the normal
+    references and score the same images (neither reference image is scored in either)."""
+    first = detectors[0]
+    references, used = draw_references(target.uri, Shots(normal, 1), np.random.default_rng(draw), first.image_size)
+    keep = np.array([s.path not in used for s in target.samples])
+    first.set_references(references)
+    res_q, s_n, knn = search(target.cells, first._normal_cells)
+    top = first.config.top_fraction
+    S_n = normal_guided_score(s_n)
+    defect_cells = first._abnormal_cells[:, first._abnormal_masks[0] > 0]
+    naive = fused_map(S_n, torch.cat([similarity(c, defect_cells.expand(len(c), -1, -1)).amax(-1)
+                                      for c in target.cells.split(16)]))
+    nagl = []
+    for detector in detectors:
+        detector.set_references(references)
+        S_a = torch.cat([anomaly_guided_score(F, detector.net(r, F, detector._P_tilde))
+                         for F, r in zip(target.cells.split(16), res_q.split(16))])
+        S = fused_map(S_n, S_a)
+        nagl.append(figures(target, keep, S, top_mean(S, top), detector))
+    return {
+        f"N{normal}": {"kNN": [figures(target, keep, knn, knn.amax(-1), first)],
+                       "normal branch": [figures(target, keep, S_n, top_mean(S_n, top), first)]},
+        f"N{normal}+A1": {"naive N+A NN": [figures(target, keep, naive, top_mean(naive, top), first)], "NAGL": nagl},
+    }
+
+
+def seconds_per_image(detector, target: Target, shots: Shots) -> float:
+    """NAGL end to end on 64 decoded test images (backbone, search, attention), after one warm-up batch."""
+    references, _ = draw_references(target.uri, shots, np.random.default_rng(0), detector.image_size)
+    detector.set_references(references)
+    dataset = ImageDataset(target.samples[:64], detector.preprocessor, with_masks=False)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    detector.predict(images[:8])
+    start = time.perf_counter()
+    for chunk in images.split(16):
+        detector.predict(chunk)
+    return (time.perf_counter() - start) / len(images)
+
+
+def summary(values: list[list[dict[str, float]]], key: str) -> dict[str, float] | None:
+    """values[draw][seed] -> mean, spread over draws (of the seed mean) and over seeds (of the draw mean)."""
+    if key not in values[0][0]:
+        return None
+    grid = np.array([[entry[key] for entry in draw] for draw in values])  # [draws, seeds]
+    return {"mean": float(grid.mean()), "draw_std": float(grid.mean(1).std()), "seed_std": float(grid.mean(0).std())}
+
+
+def table(results: dict) -> str:
+    lines = []
+    for task, entry in results["tasks"].items():
+        lines += [f"### {task}: trained on {entry['source']}, {len(entry['seeds'])} seed(s), "
+                  f"{entry['train_seconds']:.0f} s training per seed", ""]
+        for target, rows in entry["targets"].items():
+            lines += [f"**{target}** (NAGL N4+A1: {rows['seconds_per_image']:.4f} s per image end to end)", "",
+                      "| row | setting | image AUROC | ± draws | ± seeds | pixel AUROC | ± draws |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            for name in ROWS:
+                for setting, figs in rows["rows"].get(name, {}).items():
+                    image, pixel = figs["image_auroc"], figs.get("pixel_auroc")
+                    seed = f"{image['seed_std']:.4f}" if name == "NAGL" else ""
+                    pixel_cells = f"{pixel['mean']:.4f} | {pixel['draw_std']:.4f}" if pixel else "- | -"
+                    lines.append(f"| {name} | {setting} | {image['mean']:.4f} | {image['draw_std']:.4f} | {seed} | "
+                                 f"{pixel_cells} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="NAGL config override")
+    parser.add_argument("--magnetic-tile", default=str(DEFAULT_MAGNETIC_TILE))
+    parser.add_argument("--cache-dir", default="/tmp/ray_ad_nagl_cache")
+    parser.add_argument("--name", default="nagl")
+    args = parser.parse_args()
+    configure_logging()
+    torch.manual_seed(0)
+    results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws, "tasks": {}}
+    for task in args.tasks:
+        source, targets = TASKS[task]
+        detectors, started = [], time.perf_counter()
+        for seed in args.seeds:
+            overrides = apply_overrides({"seed": seed}, args.set)
+            print(f"[{task}] training NAGL on {source}, seed {seed}", flush=True)
+            detectors.append(train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
+                                            runtime=Runtime(False, args.cache_dir), evaluate=False)[0])
+        train_seconds = (time.perf_counter() - started) / len(args.seeds)
+        entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "targets": {}}
+        for target_name in targets:
+            uri = resolve(target_name, args.magnetic_tile)[0]
+            target = Target(uri, detectors[0], args.cache_dir)
+            rows: dict = {}
+            for normal in (1, 4):
+                per_draw = [score_draw(target, detectors, normal, draw) for draw in range(args.draws)]
+                for setting, names in per_draw[0].items():
+                    for name in names:
+                        values = [draw[setting][name] for draw in per_draw]
+                        rows.setdefault(name, {})[setting] = {
+                            key: summary(values, key) for key in ("image_auroc", "pixel_auroc") if summary(values, key)}
+                    print(f"[{task}] {target_name} {setting}: " + ", ".join(
+                        f"{name} {rows[name][setting]['image_auroc']['mean']:.4f}" for name in names), flush=True)
+            entry["targets"][target_name] = {"rows": rows,
+                                             "seconds_per_image": seconds_per_image(detectors[0], target, Shots(4, 1))}
+        results["tasks"][task] = entry
+    text = table(results)
+    print(text)
+    save(args.name, results, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""NAGL's configuration: the proxies and attention layers, the loss weights, and episodic training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ray_ad.backbones import BackboneConfig
+from ray_ad.data.synthetic import FILL_SOURCES
+from ray_ad.methods.base import DetectorConfig
+
+SYNTHETIC_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class EpisodeConfig:
+    """Episodic training (NAGL Sec. "Loss & Training"): every item is one query with its own reference set
+    (K normal references and one abnormal reference with its mask) drawn from the query's domain."""
+
+    steps: int = 800  # optimiser steps; the authors run 20 epochs x 500 episodes on a GPU
+    batch_size: int = 8  # episodes per step
+    lr: float = 1e-4  # AdamW; the authors start at 1e-5 for a 24M-parameter ViT-S head
+    # The learning rate drops 10x at these shares of the budget (the authors: epochs 10 and 15 of 20).
+    lr_drops: tuple[float, ...] = (0.5, 0.75)
+    shots: tuple[int, ...] = (1, 2, 4)  # K is drawn from these per episode (the authors' K_1 in [1, 2, 4])
+    anomaly_probability: float = 0.5  # share of queries that are anomalous
+    # Synthetic anomalies with their masks (data/synthetic.py): "auto" for domains that have no pixel
+    # masks (elpv), "always" adds them to every domain (magnetic_tile + synthetic), "never" real only.
+    synthetic: str = "always"
+    synthetic_count: int = 160  # synthetic anomalous images made per domain (one backbone pass each)
+    max_normals: int = 240  # normal images per domain kept as references and normal queries
+    opacity: tuple[float, float] = (0.2, 1.0)
+    fill_sources: tuple[str, ...] = FILL_SOURCES
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"train: steps >= 1, batch_size >= 1, lr > 0; got {self}")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"train.shots must be positive reference counts, got {list(self.shots)}")
+        if not 0 <= self.anomaly_probability <= 1:
+            raise ValueError(f"train.anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
+        if self.synthetic not in SYNTHETIC_MODES:
+            raise ValueError(f"train.synthetic must be one of {', '.join(SYNTHETIC_MODES)}, got {self.synthetic!r}")
+        if self.synthetic_count < 0 or self.max_normals < 2:
+            raise ValueError(f"train: synthetic_count >= 0 and max_normals >= 2; got {self}")
+        if any(not 0 < share < 1 for share in self.lr_drops):
+            raise ValueError(f"train.lr_drops must be shares of the budget in (0, 1), got {list(self.lr_drops)}")
+
+
+@dataclass
+class NAGLLossWeights:
+    """L = L_cls + lambda * L_seg, L_seg = Focal + Dice (NAGL, "Loss & Training"); lambda = 1."""
+
+    cls: float = 1.0
+    seg: float = 1.0  # lambda
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class NAGLConfig(DetectorConfig):
+    # The same features as the project's patchcore (lite0 stages 2 and 3 on a 32 x 32 grid), so that the
+    # kNN with the same normal references is NAGL's normal branch S_n exactly.
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=(2, 3), grid_size=32))
+    proxies: int = 25  # M, the learnable proxies P (the authors' M = 25)
+    heads: int = 4  # attention heads of every layer (the authors': 4; d_model is the feature dimension C)
+    mask_value: float = -1e9  # alpha in M' = alpha (1 - M^a)
+    top_fraction: float = 0.01  # T_0.01: the image score is the mean of the top 1% of cells
+    decision_threshold: float = 0.5  # on the image score, which L_cls trains as a probability
+    train: EpisodeConfig = field(default_factory=EpisodeConfig)
+    loss: NAGLLossWeights = field(default_factory=NAGLLossWeights)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.proxies < 1 or self.heads < 1:
+            raise ValueError(f"proxies and heads must be >= 1, got {self.proxies}, {self.heads}")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.mask_value >= 0:
+            raise ValueError(f"mask_value (alpha) must be a large negative number, got {self.mask_value}")

@@ -1,0 +1,145 @@
+"""NAGL's episodes: per source domain, the backbone features of its normal and abnormal images, and the
+sampler that draws one episode per query (K normal references, one abnormal reference, the query).
+
+The backbone is frozen, so every image costs one backbone pass, once; episodes are then drawn from the
+stored cell features for as many steps as configured (the CostFilter-AD pool does the same).
+Abnormal images are the domain's real defects with pixel masks, and synthetic anomalies pasted into
+its normal images (``ray_ad.data.synthetic``, the project's one home for them) where the domain has
+no masks (elpv) or when ``train.synthetic`` asks for them everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ray_ad.backbones import FeatureExtractor
+from ray_ad.data import Sample
+from ray_ad.data.images import load_image, load_mask
+from ray_ad.data.synthetic import pasted_anomaly
+from ray_ad.errors import DataError
+from ray_ad.methods.nagl.config import EpisodeConfig
+from ray_ad.methods.nagl.scoring import cells
+from ray_ad.progress import progress as show_progress
+
+
+def cell_mask(mask: torch.Tensor, grid: int) -> torch.Tensor:
+    """Pixel masks ``[B, S, S]`` -> cell masks ``[B, G*G]``: a cell is abnormal when any of its pixels is
+    (max pooling), so a defect smaller than a cell still marks one cell."""
+    return F.adaptive_max_pool2d(mask.float()[:, None], grid)[:, 0].flatten(1)
+
+
+@dataclass
+class DomainPool:
+    """One source domain's stored episodes material."""
+
+    name: str
+    normal: torch.Tensor  # [P_n, N, C] cell features of normal images
+    abnormal: torch.Tensor  # [P_a, N, C] cell features of abnormal images
+    masks: torch.Tensor  # [P_a, N] their cell masks (1 inside the defect)
+
+    def __post_init__(self) -> None:
+        if len(self.abnormal) < 2:
+            raise DataError(f"domain {self.name!r}: episodes need at least 2 abnormal images (a reference and "
+                            f"a query), got {len(self.abnormal)}")
+
+
+@dataclass
+class Episodes:
+    """A batch of episodes from one domain (all with the same K)."""
+
+    normal_refs: torch.Tensor  # [B, K*N, C]
+    F_a: torch.Tensor  # [B, N, C] the abnormal reference
+    M_a: torch.Tensor  # [B, N] its cell mask
+    F_q: torch.Tensor  # [B, N, C] the query
+    M_q: torch.Tensor  # [B, N] the query's cell mask (zeros for a normal query)
+    y_q: torch.Tensor  # [B] the query's label
+
+    def to(self, device: torch.device | str) -> Episodes:
+        return Episodes(*(getattr(self, name).to(device) for name in
+                          ("normal_refs", "F_a", "M_a", "F_q", "M_q", "y_q")))
+
+
+def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: torch.Generator) -> Episodes:
+    """One domain at random, K at random from ``config.shots``, then per item: K distinct normal
+    references, one abnormal reference, and a query that is neither (abnormal with
+    ``anomaly_probability``)."""
+    pool = pools[int(torch.randint(len(pools), (1,), generator=generator))]
+    shots = config.shots[int(torch.randint(len(config.shots), (1,), generator=generator))]
+    shots = min(shots, len(pool.normal) - 1)  # a normal query must remain outside the references
+    refs, abnormal, queries, query_masks, labels = [], [], [], [], []
+    for _ in range(config.batch_size):
+        order = torch.randperm(len(pool.normal), generator=generator)
+        refs.append(order[:shots])
+        pair = torch.randperm(len(pool.abnormal), generator=generator)[:2]
+        abnormal.append(pair[0])
+        if float(torch.rand((), generator=generator)) < config.anomaly_probability:
+            queries.append(pool.abnormal[pair[1]])
+            query_masks.append(pool.masks[pair[1]])
+            labels.append(1.0)
+        else:
+            queries.append(pool.normal[order[shots]])
+            query_masks.append(torch.zeros(pool.normal.shape[1]))
+            labels.append(0.0)
+    ref_index = torch.stack(refs)
+    abnormal_index = torch.stack(abnormal)
+    return Episodes(
+        normal_refs=pool.normal[ref_index].flatten(1, 2), F_a=pool.abnormal[abnormal_index],
+        M_a=pool.masks[abnormal_index], F_q=torch.stack(queries), M_q=torch.stack(query_masks),
+        y_q=torch.tensor(labels))
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+
+
+@torch.no_grad()
+def build_domain_pool(
+    extractor: FeatureExtractor, name: str, samples: list[Sample], config: EpisodeConfig, rng: np.random.Generator,
+    device: torch.device, progress: bool,
+) -> DomainPool:
+    """The episodes material of one domain from its labelled ``samples``."""
+    size, grid = extractor.preprocessor.size, extractor.config.grid_size
+    normals = [s for s in samples if s.label == 0]
+    if len(normals) < 2:
+        raise DataError(f"domain {name!r} has {len(normals)} normal images; episodes need at least 2")
+    normals = [normals[i] for i in sorted(rng.permutation(len(normals))[: config.max_normals])]
+    masked = [s for s in samples if s.label == 1 and s.mask_path]
+    synthetic = config.synthetic == "always" or (config.synthetic == "auto" and not masked)
+    synthetic_count = config.synthetic_count if synthetic else 0
+    if not masked and not synthetic_count:
+        raise DataError(f"domain {name!r} has no anomalous image with a pixel mask; set train.synthetic to 'auto' "
+                        "or 'always' to train on synthetic anomalies there")
+
+    def featurise(images: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(images), 16):
+            batch = extractor.preprocessor.batch([Image.fromarray(a) for a in images[start:start + 16]])
+            out.append(cells(extractor(batch.to(device)).float().cpu()))
+        return torch.cat(out) if out else torch.zeros(0, grid * grid, extractor.out_channels)
+
+    normal_pixels = [_square(load_image(s.path), size)
+                     for s in show_progress(normals, desc=f"{name}: normal images", enabled=progress, leave=False)]
+    abnormal_pixels, pixel_masks = [], []
+    for s in show_progress(masked, desc=f"{name}: defects", enabled=progress, leave=False):
+        image = load_image(s.path)
+        mask = np.asarray(load_mask(s.mask_path, image.size).resize((size, size), Image.Resampling.NEAREST)) > 127
+        if mask.any():  # a mask that vanishes at this resolution marks nothing to learn from
+            abnormal_pixels.append(_square(image, size))
+            pixel_masks.append(mask)
+    for _ in range(synthetic_count):
+        i, donor = rng.choice(len(normal_pixels), 2, replace=False)
+        image, mask, _ = pasted_anomaly(normal_pixels[i], normal_pixels[donor], rng, config.opacity,
+                                        config.fill_sources)
+        if mask.any():
+            abnormal_pixels.append(image)
+            pixel_masks.append(mask)
+    masks = torch.from_numpy(np.stack(pixel_masks)) if pixel_masks else torch.zeros(0, size, size, dtype=torch.bool)
+    return DomainPool(name, featurise(normal_pixels), featurise(abnormal_pixels), cell_mask(masks, grid))
+
+
+__all__ = ["DomainPool", "Episodes", "build_domain_pool", "cell_mask", "sample_episodes"]

@@ -1,0 +1,127 @@
+"""NAGL's two trained modules: Residual Mining (RM) and Anomaly Feature Learning (AFL).
+
+As in the authors' code: d_model is the backbone's feature dimension C, every layer is one multi-head
+attention with a residual connection and a post-LayerNorm, and there is no feed-forward block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ray_ad.errors import ConfigError
+from ray_ad.methods.nagl.scoring import anomaly_guided_score, fused_map, normal_guided_score, residual, top_mean
+
+
+class AttentionLayer(nn.Module):
+    """``LayerNorm(query + MultiHeadAttention(query, key, value))``: post-norm, no FFN."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended, _ = self.attention(query, key, value, attn_mask=attn_mask, need_weights=False)
+        return self.norm(query + attended)
+
+
+def abnormal_attention_mask(mask_a: torch.Tensor, queries: int, heads: int, alpha: float) -> torch.Tensor:
+    """M' = alpha (1 - M^a) as the additive attention mask of RM's cross-attention.
+
+    ``mask_a [B, N_a]`` (1 on abnormal-reference cells inside the defect) -> ``[B * heads, queries, N_a]``,
+    the layout ``nn.MultiheadAttention`` expects: sample b's mask at rows ``b * heads ... b * heads +
+    heads - 1``. Hence ``repeat_interleave``; the authors' ``repeat`` tiles the whole batch per head,
+    which gives sample b the mask of sample ``(b * heads + h) mod B``.
+    """
+    additive = alpha * (1 - mask_a.to(torch.float32))
+    return additive[:, None, :].expand(-1, queries, -1).repeat_interleave(heads, dim=0)
+
+
+class ResidualMining(nn.Module):
+    """RM: P~ = SA_1(Softmax(Q_1 K_1^T / sqrt(d) + M') V_1), with Q_1 from the M learnable proxies P,
+    K_1 from the abnormal-reference features F^a and V_1 from their residuals Res(F^a, F^n)."""
+
+    def __init__(self, dim: int, proxies: int, heads: int, alpha: float) -> None:
+        super().__init__()
+        self.P = nn.Parameter(torch.randn(proxies, dim) * 0.02)  # the learnable proxies, M x C
+        self.cross_attention = AttentionLayer(dim, heads)
+        self.self_attention = AttentionLayer(dim, heads)  # SA_1
+        self.heads, self.alpha = heads, alpha
+
+    def forward(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor) -> torch.Tensor:
+        """``F_a, res_a [B, N_a, C]``, ``M_a [B, N_a]`` -> the residual proxies P~ ``[B, M, C]``."""
+        P = self.P[None].expand(F_a.shape[0], -1, -1)
+        mask = abnormal_attention_mask(M_a, P.shape[1], self.heads, self.alpha).to(F_a.dtype)
+        mined = self.cross_attention(P, F_a, res_a, attn_mask=mask)
+        return self.self_attention(mined, mined, mined)
+
+
+class AnomalyFeatureLearning(nn.Module):
+    """AFL: P^ = SA_2(Softmax(Q_2 K_2^T / sqrt(d)) V_2), with Q_2 from the residual proxies P~, K_2 from
+    the query's residuals Res(F^q, F^n) and V_2 from the query's features F^q."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.cross_attention = AttentionLayer(dim, heads)
+        self.self_attention = AttentionLayer(dim, heads)  # SA_2
+
+    def forward(self, P_tilde: torch.Tensor, res_q: torch.Tensor, F_q: torch.Tensor) -> torch.Tensor:
+        """``P_tilde [B, M, C]``, ``res_q, F_q [B, N, C]`` -> the anomaly proxies P^ ``[B, M, C]``."""
+        found = self.cross_attention(P_tilde, res_q, F_q)
+        return self.self_attention(found, found, found)
+
+
+class NAGLNet(nn.Module):
+    """RM followed by AFL: the only trained parameters of NAGL."""
+
+    def __init__(self, dim: int, proxies: int, heads: int, alpha: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"the feature dimension {dim} is not divisible by heads={heads}; "
+                              "pick a head count that divides it")
+        self.rm = ResidualMining(dim, proxies, heads, alpha)
+        self.afl = AnomalyFeatureLearning(dim, heads)
+
+    def mine(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor) -> torch.Tensor:
+        """RM alone: the residual proxies P~ of a reference set (computed once per set at inference)."""
+        return self.rm(F_a, res_a, M_a)
+
+    def forward(self, res_q: torch.Tensor, F_q: torch.Tensor, P_tilde: torch.Tensor | None = None,
+                F_a: torch.Tensor | None = None, res_a: torch.Tensor | None = None,
+                M_a: torch.Tensor | None = None) -> torch.Tensor:
+        """The anomaly proxies P^ ``[B, M, C]``: RM on the abnormal reference (unless its ``P_tilde`` is
+        given), then AFL on the query. One forward for both, so a DDP wrapper sees every parameter."""
+        if P_tilde is None:
+            P_tilde = self.rm(F_a, res_a, M_a)
+        return self.afl(P_tilde.expand(F_q.shape[0], -1, -1), res_q, F_q)
+
+
+def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
+               M_a: torch.Tensor | None = None, top_fraction: float = 0.01,
+               P_tilde: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``.
+
+    ``normal_refs [B or 1, R, C]``: the normal-reference cells. With abnormal references (``F_a [B or 1,
+    N_a, C]`` and their cell masks ``M_a``, or their residual proxies ``P_tilde`` mined once before),
+    S = (S_n + S_a) / 2; without (``net`` None or no abnormal reference), S = S_n, the normal branch.
+    """
+    normal_refs = normal_refs.expand(F_q.shape[0], -1, -1)
+    with torch.no_grad():  # nearest-neighbour search: no parameter, no gradient
+        res_q, s_n = residual(F_q, normal_refs)
+    S_a = None
+    if net is not None and (P_tilde is not None or F_a is not None):
+        res_a = None
+        if P_tilde is None:
+            with torch.no_grad():
+                res_a, _ = residual(F_a, normal_refs[: F_a.shape[0]])  # Res(F^a, F^n)
+        P_hat = net(res_q, F_q, P_tilde, F_a, res_a, M_a)  # RM (unless mined before), then AFL
+        S_a = anomaly_guided_score(F_q, P_hat)
+    S = fused_map(normal_guided_score(s_n), S_a)
+    return S, top_mean(S, top_fraction)
+
+
+__all__ = [
+    "AnomalyFeatureLearning", "AttentionLayer", "NAGLNet", "ResidualMining", "abnormal_attention_mask", "score_maps",
+]

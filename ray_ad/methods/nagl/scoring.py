@@ -1,0 +1,68 @@
+"""NAGL's parameter-free parts: similarities, residuals, the score maps and the image score.
+
+Feature sets are cell matrices ``[B, N, C]`` (``N = G * G`` cells of a ``[B, C, G, G]`` feature map);
+``d(., .)`` in the paper is the cosine distance, and the authors' code writes every similarity as
+``(1 + cos) / 2`` in [0, 1], so ``1 - d`` below is that similarity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def cells(features: torch.Tensor) -> torch.Tensor:
+    """``[B, C, G, G]`` feature maps -> ``[B, G*G, C]`` cell vectors."""
+    return features.flatten(2).transpose(1, 2).contiguous()
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(1 + cos) / 2`` between every row of ``a [B, N, C]`` and of ``b [B, R, C]``: ``[B, N, R]``."""
+    return (1 + F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)) / 2
+
+
+def nearest_normal(features: torch.Tensor, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every cell of ``features [B, N, C]``, its nearest normal-reference cell among ``normal [B, R, C]``
+    (the most similar, PatchCore-style search): (similarity s_n ``[B, N]``, the nearest cell f*_n ``[B, N, C]``)."""
+    best, index = similarity(features, normal).max(-1)
+    nearest = torch.gather(normal, 1, index[..., None].expand(-1, -1, normal.shape[-1]))
+    return best, nearest
+
+
+def residual(features: torch.Tensor, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Res(F, F^n) = F - F*_n (NAGL, RM): each cell minus its nearest normal-reference cell; also s_n."""
+    s_n, nearest = nearest_normal(features, normal)
+    return features - nearest, s_n
+
+
+def normal_guided_score(s_n: torch.Tensor) -> torch.Tensor:
+    """S_n^i = d(f_i^q, f*_n): the cosine distance to the nearest normal cell, here ``1 - (1 + cos) / 2``."""
+    return 1 - s_n
+
+
+def anomaly_guided_score(features: torch.Tensor, anomaly_proxies: torch.Tensor) -> torch.Tensor:
+    """S_a^i = 1/M sum_m (1 - d(f_i^q, P^_m)) (NAGL, AFL): mean similarity of each query cell
+    ``[B, N, C]`` to the anomaly proxies ``[B, M, C]``."""
+    return similarity(features, anomaly_proxies).mean(-1)
+
+
+def fused_map(normal_score: torch.Tensor, anomaly_score: torch.Tensor | None) -> torch.Tensor:
+    """S = S_n + S_a (NAGL, overview step 5), halved as in the authors' ``(s_a + 1 - s_n) / 2`` so that S
+    stays in [0, 1] (L_cls reads it as a probability). Without abnormal references: S = S_n."""
+    if anomaly_score is None:
+        return normal_score
+    return (normal_score + anomaly_score) / 2
+
+
+def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
+    """s = T_fraction(S): the mean of the top ``fraction`` of cells of ``[B, N]`` (at least one cell)."""
+    count = max(1, math.ceil(fraction * score_map.shape[-1]))
+    return score_map.topk(count, dim=-1).values.mean(-1)
+
+
+__all__ = [
+    "anomaly_guided_score", "cells", "fused_map", "nearest_normal", "normal_guided_score", "residual", "similarity",
+    "top_mean",
+]

@@ -1,0 +1,169 @@
+"""NAGL: the attention mask, the per-sample mask layout, S_n, references and the bundle round trip."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_ad.bundle import load_bundle, save_bundle
+from ray_ad.data import load_samples
+from ray_ad.errors import DataError
+from ray_ad.methods import build_detector
+from ray_ad.methods.base import Runtime
+from ray_ad.methods.nagl.model import NoReferences
+from ray_ad.methods.nagl.network import ResidualMining, abnormal_attention_mask
+from ray_ad.methods.nagl.references import build_references
+from ray_ad.methods.nagl.scoring import nearest_normal, residual, top_mean
+from tests.conftest import tiny_nagl_config
+
+
+def test_rm_mask_excludes_cells_outside_the_abnormal_region() -> None:
+    torch.manual_seed(0)
+    rm = ResidualMining(dim=8, proxies=3, heads=2, alpha=-1e9).eval()
+    F_a, res_a = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    M_a = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    with torch.no_grad():
+        before = rm(F_a, res_a, M_a)
+        outside = F_a.clone(), res_a.clone()
+        outside[0][0, 2:] += 5 * torch.randn(2, 8)
+        outside[1][0, 2:] += 5 * torch.randn(2, 8)
+        inside = F_a.clone(), res_a.clone()
+        inside[1][0, 0] += 5 * torch.randn(8)
+        torch.testing.assert_close(rm(*outside, M_a), before)  # cells outside the mask are never attended
+        assert not torch.allclose(rm(*inside, M_a), before, atol=1e-3)  # a cell inside is
+
+
+def test_mask_layout_is_per_sample_not_tiled() -> None:
+    masks = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    layout = abnormal_attention_mask(masks, queries=2, heads=3, alpha=-1.0)
+    assert layout.shape == (6, 2, 3)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(layout[b * 3 + h], (-1.0 * (1 - masks[b])).expand(2, 3))
+    # The authors' repeat() tiles the batch per head: row 1 (sample 0, head 1) would get sample 1's mask.
+    tiled = (-1.0 * (1 - masks))[:, None, :].expand(-1, 2, -1).repeat(3, 1, 1)
+    torch.testing.assert_close(tiled[1], layout[3])
+    assert not torch.equal(tiled[1], layout[1])
+
+
+def test_batched_rm_equals_each_sample_alone() -> None:
+    torch.manual_seed(1)
+    rm = ResidualMining(dim=8, proxies=3, heads=4, alpha=-1e9).eval()
+    F_a, res_a = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    M_a = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 1.0]])
+    with torch.no_grad():
+        both = rm(F_a, res_a, M_a)
+        for b in range(2):
+            torch.testing.assert_close(both[b : b + 1], rm(F_a[b : b + 1], res_a[b : b + 1], M_a[b : b + 1]))
+
+
+def test_normal_score_has_the_known_nearest_neighbour() -> None:
+    normal = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    query = torch.tensor([[[1.0, 0.1], [0.2, -1.0]]])
+    s_n, nearest = nearest_normal(query, normal)
+    # Cell 0 is nearest to (1, 0): cos = 1 / sqrt(1.01); cell 1 (0.2, -1) to (1, 0): cos = 0.2 / sqrt(1.04).
+    torch.testing.assert_close(s_n, torch.tensor([[(1 + 1 / math.sqrt(1.01)) / 2, (1 + 0.2 / math.sqrt(1.04)) / 2]]))
+    torch.testing.assert_close(nearest, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    res, _ = residual(query, normal)
+    torch.testing.assert_close(res, torch.tensor([[[0.0, 0.1], [-0.8, -1.0]]]))
+
+
+def test_image_score_is_the_mean_of_the_top_share() -> None:
+    scores = torch.arange(200, dtype=torch.float32)[None]
+    assert float(top_mean(scores, 0.01)) == pytest.approx(198.5)  # ceil(2.0) = 2 cells: 199 and 198
+    assert float(top_mean(scores[:, :50], 0.01)) == pytest.approx(49.0)  # at least one cell
+
+
+def _images(root: Path) -> tuple[list[tuple[str, Image.Image]], list[tuple[str, Image.Image, Image.Image]]]:
+    samples = load_samples(str(root))
+    normal = [(s.path, Image.open(s.path).convert("RGB")) for s in samples if s.label == 0][:3]
+    abnormal = [(s.path, Image.open(s.path).convert("RGB"), Image.open(s.mask_path)) for s in samples
+                if s.label == 1][:1]
+    return normal, abnormal
+
+
+def test_reference_errors_name_the_bad_input(tiny_mvtec: Path) -> None:
+    normal, abnormal = _images(tiny_mvtec)
+    name, image, mask = abnormal[0]
+    with pytest.raises(DataError, match="no normal reference"):
+        build_references([], abnormal, 64)
+    with pytest.raises(DataError, match=f"{name}: no mask"):
+        build_references(normal, [(name, image, None)], 64)
+    with pytest.raises(DataError, match=f"{name}: its mask is 32x32 but the image is 64x64"):
+        build_references(normal, [(name, image, mask.resize((32, 32)))], 64)
+    with pytest.raises(DataError, match="marks no defect pixel"):
+        build_references(normal, [(name, image, Image.new("L", image.size))], 64)
+
+
+def test_untrained_model_without_references_refuses_to_score(tiny_mvtec: Path) -> None:
+    detector = build_detector("nagl", tiny_nagl_config())
+    with pytest.raises(NoReferences, match="references add"):
+        detector.predict(torch.zeros(1, 3, 64, 64))
+
+
+def test_training_lowers_the_loss_and_the_bundle_round_trips(tiny_mvtec: Path, tmp_path: Path) -> None:
+    detector = build_detector("nagl", tiny_nagl_config())
+    samples = [s for s in load_samples(str(tiny_mvtec)) if s.label in (0, 1)]
+    info = detector.fit(samples, [], Runtime(progress=False))
+    assert info["domains"] == ["tiny"] and info["steps"] == 60
+    assert info["loss_last"] < 0.8 * info["loss_first"]
+
+    normal, abnormal = _images(tiny_mvtec)
+    detector.set_references(build_references(normal, abnormal, 64))
+    queries = torch.stack([detector.preprocess(Image.open(s.path).convert("RGB")) for s in samples[:6]])
+    expected = detector.predict(queries)
+    assert expected.anomaly_map.shape == (6, 64, 64)
+
+    save_bundle(detector, str(tmp_path / "bundle"))
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    assert loaded.references is not None and loaded.references.shots == "3+1"
+    got = loaded.predict(queries)
+    torch.testing.assert_close(got.pred_score, expected.pred_score)
+    torch.testing.assert_close(got.anomaly_map, expected.anomaly_map)
+
+    # The branches differ: S_n alone is the normal part of the fused map, the naive branch another map.
+    loaded.set_branch("normal")
+    normal_only = loaded.predict(queries).pred_score
+    loaded.set_branch("naive")
+    naive = loaded.predict(queries).pred_score
+    assert not torch.allclose(normal_only, expected.pred_score) and not torch.allclose(naive, normal_only)
+
+
+def test_the_generalist_without_references_round_trips(tmp_path: Path) -> None:
+    detector = build_detector("nagl", tiny_nagl_config())
+    save_bundle(detector, str(tmp_path / "generalist"))
+    loaded = load_bundle(str(tmp_path / "generalist"))
+    assert loaded.references is None
+    for name, value in detector.net.state_dict().items():
+        torch.testing.assert_close(loaded.net.state_dict()[name], value)
+
+
+def test_reference_masks_accept_zero_one_masks(tiny_mvtec: Path) -> None:
+    normal, abnormal = _images(tiny_mvtec)
+    name, image, mask = abnormal[0]
+    zero_one = Image.fromarray((np.asarray(mask) > 127).astype(np.uint8))
+    refs = build_references(normal, [(name, image, zero_one)], 64)
+    assert refs.masks.sum() == build_references(normal, abnormal, 64).masks.sum() > 0
+
+
+def test_a_reference_sweep_fits_on_the_source_and_validates_on_the_held_out_domain_s_non_test_normals(tmp_path):
+    from ray_ad.errors import ConfigError
+    from ray_ad.tuning import reference_sweep_data
+    from tests.conftest import make_mvtec
+
+    source, held_out = make_mvtec(tmp_path / "source", seed=0), make_mvtec(tmp_path / "held_out", n_train=16, seed=1)
+    data = reference_sweep_data(str(source), str(held_out), str(tmp_path / "made"))
+    assert {s.domain for s in data.fit} == {"source"} and any(s.label == 1 for s in data.fit)
+    real = [s for s in data.calibration + data.validation if s.defect != "synthetic"]
+    assert real and all(s.domain == "held_out" and s.split == "train" and s.label == 0 for s in real)
+    synthetic = [s for s in data.calibration + data.validation if s.defect == "synthetic"]
+    assert synthetic and all(s.label == 1 and Image.open(s.mask_path).getbbox() for s in synthetic)
+    # References and queries never share an image.
+    assert not {s.path for s in data.calibration} & {s.path for s in data.validation}
+    with pytest.raises(ConfigError, match="held-out domain"):
+        reference_sweep_data(str(source), str(source), str(tmp_path / "again"))
