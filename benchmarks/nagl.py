@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
@@ -46,7 +47,9 @@ from ray_ad.methods.nagl.scoring import (  # noqa: E402
     cells,
     fused_map,
     normal_guided_score,
+    reference_statistics,
     similarity,
+    standardised,
     top_mean,
 )
 from ray_ad.metrics import auroc  # noqa: E402
@@ -76,20 +79,23 @@ class Target:
             self.masks = np.stack([dataset[i]["mask"][0].numpy() > 0.5 for i in range(len(dataset))])
 
 
-def search(F_q: torch.Tensor, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(res_q, s_n, L2 kNN cell score) of every query cell against one reference set, in chunks: one
-    product of raw features serves both the cosine search (NAGL) and the L2 search (PatchCore)."""
-    refs = normal[0]
-    ref_norms = refs.norm(dim=-1)
-    res, s_n, knn = [], [], []
+def search(F_q: torch.Tensor, normal: torch.Tensor, statistics) -> tuple[torch.Tensor, ...]:
+    """Of every query cell against one reference set, in chunks: PatchCore's L2 kNN score on the raw
+    features, and (in the references' standard units when ``statistics`` is given, as NAGL scores) the
+    query's features, residual Res(F^q, F^n) and s_n."""
+    raw = normal[0]
+    raw_norms = raw.norm(dim=-1)
+    refs = standardised(statistics, normal)[0][0] if statistics else raw
+    features, res, s_n, knn = [], [], [], []
     for chunk in F_q.split(16):
-        dots = chunk @ refs.T  # [b, N, R]
-        norms = chunk.norm(dim=-1, keepdim=True)
-        cos, index = (dots / (norms * ref_norms).clamp_min(1e-12)).max(-1)
+        knn.append((chunk.norm(dim=-1, keepdim=True) ** 2 + raw_norms**2 - 2 * chunk @ raw.T).clamp_min(0).amin(-1)
+                   .sqrt())
+        chunk = standardised(statistics, chunk)[0] if statistics else chunk
+        cos, index = (F.normalize(chunk, dim=-1) @ F.normalize(refs, dim=-1).T).max(-1)
         s_n.append((1 + cos) / 2)  # (1 + cos) / 2 of the nearest normal cell, as nearest_normal gives it
         res.append(chunk - refs[index])  # Res(F^q, F^n)
-        knn.append((norms**2 + ref_norms**2 - 2 * dots).clamp_min(0).amin(-1).sqrt())
-    return torch.cat(res), torch.cat(s_n), torch.cat(knn)
+        features.append(chunk)
+    return torch.cat(features), torch.cat(res), torch.cat(s_n), torch.cat(knn)
 
 
 def figures(target: Target, keep: np.ndarray, cell_scores: torch.Tensor, image_scores: torch.Tensor,
@@ -112,17 +118,19 @@ def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[
     references, used = draw_references(target.uri, Shots(normal, 1), np.random.default_rng(draw), first.image_size)
     keep = np.array([s.path not in used for s in target.samples])
     first.set_references(references)
-    res_q, s_n, knn = search(target.cells, first._normal_cells)
+    statistics = reference_statistics(first._normal_cells) if first.config.standardise else None
+    F_q, res_q, s_n, knn = search(target.cells, first._normal_cells, statistics)
     top = first.config.top_fraction
     S_n = normal_guided_score(s_n)
-    defect_cells = first._abnormal_cells[:, first._abnormal_masks[0] > 0]
+    abnormal = standardised(statistics, first._abnormal_cells)[0] if statistics else first._abnormal_cells
+    defect_cells = abnormal[:, first._abnormal_masks[0] > 0]
     naive = fused_map(S_n, torch.cat([similarity(c, defect_cells.expand(len(c), -1, -1)).amax(-1)
-                                      for c in target.cells.split(16)]))
+                                      for c in F_q.split(16)]))
     nagl = []
     for detector in detectors:
         detector.set_references(references)
-        S_a = torch.cat([anomaly_guided_score(F, detector.net(r, F, detector._P_tilde))
-                         for F, r in zip(target.cells.split(16), res_q.split(16))])
+        S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
+                         for q, r in zip(F_q.split(16), res_q.split(16))])
         S = fused_map(S_n, S_a)
         nagl.append(figures(target, keep, S, top_mean(S, top), detector))
     return {
@@ -188,14 +196,18 @@ def main() -> None:
     results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws, "tasks": {}}
     for task in args.tasks:
         source, targets = TASKS[task]
-        detectors, started = [], time.perf_counter()
+        detectors, fits, started = [], [], time.perf_counter()
         for seed in args.seeds:
             overrides = apply_overrides({"seed": seed}, args.set)
             print(f"[{task}] training NAGL on {source}, seed {seed}", flush=True)
-            detectors.append(train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
-                                            runtime=Runtime(False, args.cache_dir), evaluate=False)[0])
+            detector, metrics = train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
+                                               runtime=Runtime(False, args.cache_dir), evaluate=False)
+            detectors.append(detector)
+            fits.append(metrics["fit"])
+            print(f"[{task}] seed {seed}: loss {metrics['fit']['loss_first']:.4f} -> {metrics['fit']['loss_last']:.4f}",
+                  flush=True)
         train_seconds = (time.perf_counter() - started) / len(args.seeds)
-        entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "targets": {}}
+        entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "fits": fits, "targets": {}}
         for target_name in targets:
             uri = resolve(target_name, args.magnetic_tile)[0]
             target = Target(uri, detectors[0], args.cache_dir)

@@ -23,7 +23,7 @@ import torch
 from ray_ad.distributed.train import RayTrainSettings, _report, fit_and_read_state, resume, run_config
 from ray_ad.methods.nagl.config import EpisodeConfig, NAGLLossWeights
 from ray_ad.methods.nagl.episodes import DomainPool
-from ray_ad.methods.nagl.network import NAGLNet
+from ray_ad.methods.nagl.network import MapScoring, NAGLNet
 from ray_ad.methods.nagl.training import EpisodeLoop
 from ray_ad.progress import configure_logging
 
@@ -40,7 +40,7 @@ def episode_worker(config: dict[str, Any]) -> None:
     pools: list[DomainPool] = ray.get(config["pools"])
     model = ray.train.torch.prepare_model(config["net"])  # moves to the device; DDP when world > 1
     per_worker = dataclasses.replace(train, batch_size=max(1, train.batch_size // world))
-    loop = EpisodeLoop(getattr(model, "module", model), pools, per_worker, config["weights"], config["top_fraction"],
+    loop = EpisodeLoop(getattr(model, "module", model), pools, per_worker, config["weights"], config["scoring"],
                        device, config["seed"] + rank, model=model)
     resume(loop, rank)
     start_step, started = loop.step, time.perf_counter()
@@ -68,7 +68,7 @@ class RayEpisodeTrainer:
         return f"{self.settings.name}-nagl{self.calls}"
 
     def __call__(self, net: NAGLNet, pools: list[DomainPool], config: EpisodeConfig, weights: NAGLLossWeights,
-                 top_fraction: float, device: torch.device | str = "cpu", seed: int = 0,
+                 scoring: MapScoring, device: torch.device | str = "cpu", seed: int = 0,
                  progress: bool = True) -> tuple[NAGLNet, list[float]]:
         s = self.settings
         self.calls += 1
@@ -76,7 +76,7 @@ class RayEpisodeTrainer:
             episode_worker,
             train_loop_config={
                 "net": net.cpu(), "pools": ray.put(pools), "train": config, "weights": weights,
-                "top_fraction": top_fraction, "seed": seed, "checkpoint_every": s.checkpoint_every,
+                "scoring": scoring, "seed": seed, "checkpoint_every": s.checkpoint_every,
             },
             scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                                    resources_per_worker={"CPU": s.cpus_per_worker}),

@@ -83,7 +83,7 @@ def test_nagl_trains_on_one_ray_worker_exactly_like_the_local_loop(ray_cluster, 
     from ray_ad.distributed.episode_train import RayEpisodeTrainer
     from ray_ad.methods.nagl.config import EpisodeConfig, NAGLLossWeights
     from ray_ad.methods.nagl.episodes import DomainPool
-    from ray_ad.methods.nagl.network import NAGLNet
+    from ray_ad.methods.nagl.network import MapScoring, NAGLNet
     from ray_ad.methods.nagl.training import train_episodes
 
     generator = torch.Generator().manual_seed(4)
@@ -95,12 +95,19 @@ def test_nagl_trains_on_one_ray_worker_exactly_like_the_local_loop(ray_cluster, 
         torch.manual_seed(0)
         return NAGLNet(8, proxies=3, heads=2, alpha=-1e9)
 
-    local, local_losses = train_episodes(net(), pools, config, NAGLLossWeights(), 0.05, seed=5, progress=False)
+    scoring = MapScoring(0.05)
+    local, local_losses = train_episodes(net(), pools, config, NAGLLossWeights(), scoring, seed=5, progress=False)
     settings = RayTrainSettings(workers=1, storage_path=str(tmp_path), name="nagl", checkpoint_every=5)
     trainer = RayEpisodeTrainer(settings)
-    remote, remote_losses = trainer(net(), pools, config, NAGLLossWeights(), 0.05, seed=5, progress=False)
+    remote, remote_losses = trainer(net(), pools, config, NAGLLossWeights(), scoring, seed=5, progress=False)
     assert len(remote_losses) == 12 and remote_losses == pytest.approx(local_losses, rel=1e-5)
-    for a, b in zip(local.state_dict().values(), remote.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    remote_state = remote.state_dict()
+    for name, a in local.state_dict().items():
+        b = remote_state[name]
+        if name.endswith("in_proj_bias"):
+            # The key bias shifts every logit of a query equally, so softmax cancels it: its gradient is
+            # rounding noise, which Adam scales up to +-lr steps. Query and value biases must match.
+            a, b = torch.cat([a[:8], a[16:]]), torch.cat([b[:8], b[16:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert trainer.last_result.metrics["step"] == 12
     assert any(p.name.startswith("checkpoint_") for p in (tmp_path / "nagl-nagl1").iterdir())

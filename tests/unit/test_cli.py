@@ -89,3 +89,56 @@ def test_unknown_method_is_rejected_by_argparse(capsys):
         main(["train", "--method", "magic", "--data", "x", "--out", "y"])
     assert info.value.code == 2
     assert "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+def test_abnormal_references_split_at_the_one_colon_that_is_not_a_scheme():
+    from ray_ad.cli import split_image_mask
+    from ray_ad.errors import ConfigError
+
+    assert split_image_mask("a.png:m.png") == ("a.png", "m.png")
+    assert split_image_mask("s3://b/a.png:s3://b/m.png") == ("s3://b/a.png", "s3://b/m.png")
+    for bad in ("a.png", "a.png:", "a:b:c"):
+        with pytest.raises(ConfigError, match="IMAGE:MASK"):
+            split_image_mask(bad)
+
+
+@pytest.mark.slow  # trains a small NAGL generalist
+def test_nagl_trains_on_two_domains_evaluates_by_draws_and_takes_a_line_s_references(tmp_path, capsys):
+    from tests.conftest import make_mvtec, tiny_nagl_config
+
+    first, second = make_mvtec(tmp_path / "first", seed=0), make_mvtec(tmp_path / "second", seed=1)
+    config = tmp_path / "nagl.yaml"
+    config.write_text(yaml.safe_dump(tiny_nagl_config(train={"steps": 10, "batch_size": 4, "synthetic_count": 4,
+                                                              "max_normals": 6})))
+    model = str(tmp_path / "generalist")
+    assert main(["train", "--method", "nagl", "--data", str(first), "--data", str(second), "--out", model,
+                 "--config", str(config), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", model, "--data", str(second), "--quiet"]) == 2
+    assert "--shots" in capsys.readouterr().err
+
+    report = tmp_path / "draws.json"
+    assert main(["evaluate", "--model", model, "--data", str(second), "--shots", "2+1", "--draws", "2",
+                 "--json", str(report), "--quiet"]) == 0
+    metrics = json.loads(report.read_text())
+    assert metrics["shots"] == "2+1" and len(metrics["draws"]) == 2
+    # Two draws score different images (each draw's references are left out): the mean is theirs.
+    assert metrics["image_auroc"] == pytest.approx(sum(d["image_auroc"] for d in metrics["draws"]) / 2)
+    assert "image_auroc_std" in metrics and "pixel_auroc" in metrics
+
+    good, spot, masks = second / "train" / "good", second / "test" / "spot", second / "ground_truth" / "spot"
+    root = tmp_path / "root"
+    assert main(["references", "add", "--model", model, "--normal", str(good / "000.png"), str(good / "001.png"),
+                 "--abnormal", f"{spot / '000.png'}:{masks / '000_mask.png'}", "--root", str(root),
+                 "--line", "new-line"]) == 0
+    assert "published 2+1 references as new-line" in capsys.readouterr().out
+    from ray_ad import registry
+
+    detector, _ = registry.load_current(str(root), "new-line")
+    assert detector.references is not None and detector.references.shots == "2+1"
+    served = root / "models" / "new-line" / registry.current_version(str(root), "new-line")
+    assert main(["predict", "--model", str(served), str(spot / "001.png")]) == 0
+    # A mask missing from an abnormal reference: refused, nothing published.
+    assert main(["references", "add", "--model", model, "--normal", str(good / "000.png"),
+                 "--abnormal", str(spot / "000.png"), "--root", str(root), "--line", "other"]) == 2
+    assert registry.list_versions(str(root), "other") == []

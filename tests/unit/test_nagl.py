@@ -107,11 +107,12 @@ def test_untrained_model_without_references_refuses_to_score(tiny_mvtec: Path) -
 
 
 def test_training_lowers_the_loss_and_the_bundle_round_trips(tiny_mvtec: Path, tmp_path: Path) -> None:
-    detector = build_detector("nagl", tiny_nagl_config())
+    detector = build_detector("nagl", tiny_nagl_config(train={
+        "steps": 100, "batch_size": 4, "lr": 5e-3, "synthetic_count": 12, "max_normals": 12}))
     samples = [s for s in load_samples(str(tiny_mvtec)) if s.label in (0, 1)]
     info = detector.fit(samples, [], Runtime(progress=False))
-    assert info["domains"] == ["tiny"] and info["steps"] == 60
-    assert info["loss_last"] < 0.8 * info["loss_first"]
+    assert info["domains"] == ["tiny"] and info["steps"] == 100
+    assert info["loss_last"] < 0.9 * info["loss_first"]  # untrained (no gradient reaching RM/AFL): ~1.0
 
     normal, abnormal = _images(tiny_mvtec)
     detector.set_references(build_references(normal, abnormal, 64))

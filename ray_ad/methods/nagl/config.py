@@ -18,7 +18,7 @@ class EpisodeConfig:
 
     steps: int = 800  # optimiser steps; the authors run 20 epochs x 500 episodes on a GPU
     batch_size: int = 8  # episodes per step
-    lr: float = 1e-4  # AdamW; the authors start at 1e-5 for a 24M-parameter ViT-S head
+    lr: float = 1e-3  # AdamW; the authors start at 1e-5 for 10,000 episodes of a 24M-parameter head
     # The learning rate drops 10x at these shares of the budget (the authors: epochs 10 and 15 of 20).
     lr_drops: tuple[float, ...] = (0.5, 0.75)
     shots: tuple[int, ...] = (1, 2, 4)  # K is drawn from these per episode (the authors' K_1 in [1, 2, 4])
@@ -65,6 +65,9 @@ class NAGLConfig(DetectorConfig):
     mask_value: float = -1e9  # alpha in M' = alpha (1 - M^a)
     top_fraction: float = 0.01  # T_0.01: the image score is the mean of the top 1% of cells
     decision_threshold: float = 0.5  # on the image score, which L_cls trains as a probability
+    # Put every feature in the normal references' per-channel standard units before any cosine (ours:
+    # lite0's features are non-negative, so all their cosines sit near 1; the paper's ViT tokens are not).
+    standardise: bool = True
     train: EpisodeConfig = field(default_factory=EpisodeConfig)
     loss: NAGLLossWeights = field(default_factory=NAGLLossWeights)
 

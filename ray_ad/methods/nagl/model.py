@@ -21,9 +21,17 @@ from ray_ad.errors import DataError, RayADError
 from ray_ad.methods.base import Detector, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.methods.nagl.config import NAGLConfig
 from ray_ad.methods.nagl.episodes import build_domain_pool, cell_mask
-from ray_ad.methods.nagl.network import NAGLNet, score_maps
+from ray_ad.methods.nagl.network import MapScoring, NAGLNet, score_maps
 from ray_ad.methods.nagl.references import TENSOR_KEYS, ReferenceSet
-from ray_ad.methods.nagl.scoring import cells, nearest_normal, normal_guided_score, similarity, top_mean
+from ray_ad.methods.nagl.scoring import (
+    cells,
+    nearest_normal,
+    normal_guided_score,
+    reference_statistics,
+    similarity,
+    standardised,
+    top_mean,
+)
 from ray_ad.methods.nagl.training import train_episodes
 from ray_ad.training import loss_summary
 
@@ -52,6 +60,7 @@ class NAGL(Detector):
         self.references: ReferenceSet | None = None
         self.branch = "nagl"
         self.threshold = config.decision_threshold
+        self.scoring = MapScoring(config.top_fraction, config.standardise)
         self._normal_cells: torch.Tensor | None = None  # [1, K*N, C]
         self._abnormal_cells: torch.Tensor | None = None  # [1, A*N, C] and their masks [1, A*N]
         self._abnormal_masks: torch.Tensor | None = None
@@ -72,7 +81,7 @@ class NAGL(Detector):
             log.info(f"NAGL episodes: domain {pool.name}: {len(pool.normal)} normal, "
                      f"{len(pool.abnormal)} abnormal images")
         trainer = runtime.episode_trainer or train_episodes
-        self.net, losses = trainer(self.net, pools, self.config.train, self.config.loss, self.config.top_fraction,
+        self.net, losses = trainer(self.net, pools, self.config.train, self.config.loss, self.scoring,
                                    self.device, self.config.seed, runtime.progress)
         self.net = self.net.to(self.device).eval()
         if self.references is not None:
@@ -98,9 +107,11 @@ class NAGL(Detector):
         if len(references.abnormal):
             self._abnormal_cells = features(references.abnormal)
             self._abnormal_masks = cell_mask(references.masks, grid).flatten()[None].to(self.device)
-            F_a, M_a = self._abnormal_cells, self._abnormal_masks
-            res_a = F_a - nearest_normal(F_a, self._normal_cells)[1]  # Res(F^a, F^n)
-            self._P_tilde = self.net.mine(F_a, res_a, M_a)  # RM, once per reference set
+            normal, F_a = self._normal_cells, self._abnormal_cells
+            if self.config.standardise:
+                normal, F_a = standardised(reference_statistics(normal), normal, F_a)
+            res_a = F_a - nearest_normal(F_a, normal)[1]  # Res(F^a, F^n)
+            self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks)  # RM, once per reference set
 
     def set_branch(self, branch: str) -> None:
         """What scores: ``nagl`` (S_n and S_a), ``normal`` (S_n alone: the kNN with the same normal
@@ -135,13 +146,17 @@ class NAGL(Detector):
 
     def _score(self, F_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.branch == "naive" and self._abnormal_cells is not None:
-            s_n = nearest_normal(F_q, self._normal_cells.expand(len(F_q), -1, -1))[0]
-            defect_cells = self._abnormal_cells[:, self._abnormal_masks[0] > 0]
+            normal, abnormal = self._normal_cells, self._abnormal_cells
+            if self.config.standardise:
+                normal, abnormal, F_q = standardised(reference_statistics(normal), normal, abnormal, F_q)
+            s_n = nearest_normal(F_q, normal.expand(len(F_q), -1, -1))[0]
+            defect_cells = abnormal[:, self._abnormal_masks[0] > 0]
             s_abnormal = similarity(F_q, defect_cells.expand(len(F_q), -1, -1)).amax(-1)
             S = (normal_guided_score(s_n) + s_abnormal) / 2
             return S, top_mean(S, self.config.top_fraction)
         net = self.net if self.branch == "nagl" and self._P_tilde is not None else None
-        return score_maps(net, F_q, self._normal_cells, top_fraction=self.config.top_fraction, P_tilde=self._P_tilde)
+        return score_maps(net, F_q, self._normal_cells, top_fraction=self.config.top_fraction, P_tilde=self._P_tilde,
+                          standardise=self.config.standardise)
 
     # ---------------------------------------------------------------- what a bundle stores
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -6,11 +6,21 @@ attention with a residual connection and a post-LayerNorm, and there is no feed-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ray_ad.errors import ConfigError
-from ray_ad.methods.nagl.scoring import anomaly_guided_score, fused_map, normal_guided_score, residual, top_mean
+from ray_ad.methods.nagl.scoring import (
+    anomaly_guided_score,
+    fused_map,
+    normal_guided_score,
+    reference_statistics,
+    residual,
+    standardised,
+    top_mean,
+)
 
 
 class AttentionLayer(nn.Module):
@@ -98,15 +108,30 @@ class NAGLNet(nn.Module):
         return self.afl(P_tilde.expand(F_q.shape[0], -1, -1), res_q, F_q)
 
 
+@dataclass(frozen=True)
+class MapScoring:
+    """How maps and image scores are made from the features (the config's ``top_fraction``, ``standardise``)."""
+
+    top_fraction: float = 0.01
+    standardise: bool = True
+
+
 def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
                M_a: torch.Tensor | None = None, top_fraction: float = 0.01,
-               P_tilde: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               P_tilde: torch.Tensor | None = None, standardise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``.
 
     ``normal_refs [B or 1, R, C]``: the normal-reference cells. With abnormal references (``F_a [B or 1,
     N_a, C]`` and their cell masks ``M_a``, or their residual proxies ``P_tilde`` mined once before),
     S = (S_n + S_a) / 2; without (``net`` None or no abnormal reference), S = S_n, the normal branch.
+    With ``standardise`` every feature is first put in the normal references' per-channel standard units
+    (see the README: a CNN's non-negative features leave cosines little room otherwise).
     """
+    if standardise:
+        statistics = reference_statistics(normal_refs)
+        normal_refs, F_q = standardised(statistics, normal_refs, F_q)
+        if F_a is not None:
+            F_a = standardised(statistics, F_a)[0]
     normal_refs = normal_refs.expand(F_q.shape[0], -1, -1)
     with torch.no_grad():  # nearest-neighbour search: no parameter, no gradient
         res_q, s_n = residual(F_q, normal_refs)
@@ -123,5 +148,6 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
 
 
 __all__ = [
-    "AnomalyFeatureLearning", "AttentionLayer", "NAGLNet", "ResidualMining", "abnormal_attention_mask", "score_maps",
+    "AnomalyFeatureLearning", "AttentionLayer", "MapScoring", "NAGLNet", "ResidualMining", "abnormal_attention_mask",
+    "score_maps",
 ]

@@ -18,6 +18,20 @@ def cells(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2).contiguous()
 
 
+def reference_statistics(normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and spread ``[B, 1, C]`` of the normal-reference cells ``[B, R, C]``; the variance
+    gets 1% of its channel mean added, so a channel that never fires on the references stays finite."""
+    mean = normal.mean(1, keepdim=True)
+    var = normal.var(1, keepdim=True, unbiased=False)
+    return mean, (var + 0.01 * var.mean(-1, keepdim=True)).sqrt()
+
+
+def standardised(statistics: tuple[torch.Tensor, torch.Tensor], *features: torch.Tensor) -> list[torch.Tensor]:
+    """Every feature set ``[B or 1, N, C]`` in the references' standard units (see ``reference_statistics``)."""
+    mean, spread = statistics
+    return [(f - mean[: f.shape[0]]) / spread[: f.shape[0]] for f in features]
+
+
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(1 + cos) / 2`` between every row of ``a [B, N, C]`` and of ``b [B, R, C]``: ``[B, N, R]``."""
     return (1 + F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)) / 2
@@ -63,6 +77,6 @@ def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 __all__ = [
-    "anomaly_guided_score", "cells", "fused_map", "nearest_normal", "normal_guided_score", "residual", "similarity",
-    "top_mean",
+    "anomaly_guided_score", "cells", "fused_map", "nearest_normal", "normal_guided_score", "reference_statistics",
+    "residual", "similarity", "standardised", "top_mean",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 from ray_ad.methods.nagl.config import EpisodeConfig, NAGLLossWeights
 from ray_ad.methods.nagl.episodes import DomainPool, sample_episodes
 from ray_ad.methods.nagl.loss import nagl_loss
-from ray_ad.methods.nagl.network import NAGLNet, score_maps
+from ray_ad.methods.nagl.network import MapScoring, NAGLNet, score_maps
 from ray_ad.progress import progress as progress_bar
 
 
@@ -28,9 +28,9 @@ class EpisodeLoop:
     """
 
     def __init__(self, net: NAGLNet, pools: list[DomainPool], config: EpisodeConfig, weights: NAGLLossWeights,
-                 top_fraction: float, device: torch.device | str, seed: int, model: nn.Module | None = None) -> None:
+                 scoring: MapScoring, device: torch.device | str, seed: int, model: nn.Module | None = None) -> None:
         self.net, self.model = net.to(device), model if model is not None else net
-        self.pools, self.config, self.weights, self.top_fraction = pools, config, weights, top_fraction
+        self.pools, self.config, self.weights, self.scoring = pools, config, weights, scoring
         self.device = torch.device(device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(seed)
@@ -43,7 +43,8 @@ class EpisodeLoop:
 
     def train_step(self) -> float:
         batch = sample_episodes(self.pools, self.config, self.generator).to(self.device)
-        S, s = score_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a, self.top_fraction)
+        S, s = score_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a, self.scoring.top_fraction,
+                          standardise=self.scoring.standardise)
         loss, _ = nagl_loss(S, s, batch.M_q, batch.y_q, self.weights)
         for group in self.optimiser.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -90,15 +91,15 @@ class EpisodeTrainer(Protocol):
     """
 
     def __call__(self, net: NAGLNet, pools: list[DomainPool], config: EpisodeConfig, weights: NAGLLossWeights,
-                 top_fraction: float, device: torch.device | str = "cpu", seed: int = 0,
+                 scoring: MapScoring, device: torch.device | str = "cpu", seed: int = 0,
                  progress: bool = True) -> tuple[NAGLNet, list[float]]: ...
 
 
 def train_episodes(net: NAGLNet, pools: list[DomainPool], config: EpisodeConfig, weights: NAGLLossWeights,
-                   top_fraction: float, device: torch.device | str = "cpu", seed: int = 0,
+                   scoring: MapScoring, device: torch.device | str = "cpu", seed: int = 0,
                    progress: bool = True) -> tuple[NAGLNet, list[float]]:
     """The default ``EpisodeTrainer``: the loop in this process."""
-    loop = EpisodeLoop(net, pools, config, weights, top_fraction, device, seed)
+    loop = EpisodeLoop(net, pools, config, weights, scoring, device, seed)
     return net.eval(), loop.run(progress)
 
 
