@@ -17,11 +17,13 @@ backbone features:
 - ``kNN``: PatchCore's score with the same normal references (L2 to the nearest reference cell, max cell);
 - ``normal branch``: NAGL's S_n alone (NAGL without RM/AFL, the paper's setting i);
 - ``naive N+A NN``: S_n and the similarity to the nearest abnormal-reference defect cell (setting iii);
+- ``S_a alone``: the anomaly-guided map of the trained RM and AFL without S_n (what the trained part
+  carries by itself);
 - ``NAGL``: S_n and S_a through the trained RM and AFL (setting iv).
 
-Image AUROC, and pixel AUROC where the target has masks: mean over draws (and seeds for NAGL), the
-spread over draws, and for NAGL the spread over training seeds. Seconds per image: NAGL N4+A1 end to end
-from decoded images (backbone + search + attention). Saved as ``results/<name>.{json,md}``.
+Image AUROC, and pixel AUROC where the target has masks: mean over draws (and seeds for the trained
+rows), the spread over draws, and for the trained rows the spread over training seeds. Seconds per
+image: NAGL N4+A1 end to end from decoded images (backbone + search + attention). Saved as ``results/<name>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
 
+from ray_ad.bundle import load_bundle, read_metrics, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import ImageDataset, load_samples  # noqa: E402
 from ray_ad.fewshot import Shots, draw_references  # noqa: E402
@@ -57,7 +60,9 @@ from ray_ad.pipeline import train_detector  # noqa: E402
 from ray_ad.progress import configure_logging  # noqa: E402
 
 TASKS = {"mt-elpv": ("magnetic_tile", ["elpv:mono", "elpv:poly"]), "elpv-mt": ("elpv", ["magnetic_tile"])}
-ROWS = ("kNN", "normal branch", "naive N+A NN", "NAGL")
+TRAINED_ROWS = ("S_a alone", "NAGL")  # rows that depend on the trained RM and AFL: spread over seeds too
+SCORING_KEYS = ("unmasked_region",)  # config keys that apply to a loaded bundle (--models) too
+ROWS = ("kNN", "normal branch", "naive N+A NN", "S_a alone", "NAGL")
 
 
 def resolve(name: str, magnetic_tile: str) -> list[str]:
@@ -126,17 +131,19 @@ def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[
     defect_cells = abnormal[:, first._abnormal_masks[0] > 0]
     naive = fused_map(S_n, torch.cat([similarity(c, defect_cells.expand(len(c), -1, -1)).amax(-1)
                                       for c in F_q.split(16)]))
-    nagl = []
+    nagl, anomaly_branch = [], []
     for detector in detectors:
         detector.set_references(references)
         S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
                          for q, r in zip(F_q.split(16), res_q.split(16))])
         S = fused_map(S_n, S_a)
         nagl.append(figures(target, keep, S, top_mean(S, top), detector))
+        anomaly_branch.append(figures(target, keep, S_a, top_mean(S_a, top), detector))
     return {
         f"N{normal}": {"kNN": [figures(target, keep, knn, knn.amax(-1), first)],
                        "normal branch": [figures(target, keep, S_n, top_mean(S_n, top), first)]},
-        f"N{normal}+A1": {"naive N+A NN": [figures(target, keep, naive, top_mean(naive, top), first)], "NAGL": nagl},
+        f"N{normal}+A1": {"naive N+A NN": [figures(target, keep, naive, top_mean(naive, top), first)],
+                          "S_a alone": anomaly_branch, "NAGL": nagl},
     }
 
 
@@ -173,7 +180,7 @@ def table(results: dict) -> str:
             for name in ROWS:
                 for setting, figs in rows["rows"].get(name, {}).items():
                     image, pixel = figs["image_auroc"], figs.get("pixel_auroc")
-                    seed = f"{image['seed_std']:.4f}" if name == "NAGL" else ""
+                    seed = f"{image['seed_std']:.4f}" if name in TRAINED_ROWS else ""
                     pixel_cells = f"{pixel['mean']:.4f} | {pixel['draw_std']:.4f}" if pixel else "- | -"
                     lines.append(f"| {name} | {setting} | {image['mean']:.4f} | {image['draw_std']:.4f} | {seed} | "
                                  f"{pixel_cells} |")
@@ -190,23 +197,40 @@ def main() -> None:
     parser.add_argument("--magnetic-tile", default=str(DEFAULT_MAGNETIC_TILE))
     parser.add_argument("--cache-dir", default="/tmp/ray_ad_nagl_cache")
     parser.add_argument("--name", default="nagl")
+    parser.add_argument("--models", default=None, metavar="DIR",
+                        help="save each trained generalist as DIR/<task>-seed<N>, and load it from there if present "
+                             "(re-scores without retraining; training seconds: those of the run that trained it)")
     args = parser.parse_args()
     configure_logging()
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws, "tasks": {}}
     for task in args.tasks:
         source, targets = TASKS[task]
-        detectors, fits, started = [], [], time.perf_counter()
+        detectors, fits, seconds = [], [], []
         for seed in args.seeds:
-            overrides = apply_overrides({"seed": seed}, args.set)
-            print(f"[{task}] training NAGL on {source}, seed {seed}", flush=True)
-            detector, metrics = train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
-                                               runtime=Runtime(False, args.cache_dir), evaluate=False)
+            saved = Path(args.models) / f"{task}-seed{seed}" if args.models else None
+            if saved is not None and (saved / "config.json").exists():
+                # A generalist trained by an earlier run with the same --set: score it again, no training.
+                print(f"[{task}] seed {seed}: the NAGL bundle at {saved}", flush=True)
+                detector, metrics = load_bundle(str(saved)), read_metrics(str(saved))
+                scoring = apply_overrides({}, [o for o in args.set if o.split("=")[0] in SCORING_KEYS])
+                for key, value in scoring.items():  # knobs that change scoring, not training, apply as well
+                    setattr(detector.config, key, type(getattr(detector.config, key))(value))
+            else:
+                overrides = apply_overrides({"seed": seed}, args.set)
+                print(f"[{task}] training NAGL on {source}, seed {seed}", flush=True)
+                started = time.perf_counter()
+                detector, metrics = train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
+                                                   runtime=Runtime(False, args.cache_dir), evaluate=False)
+                metrics["train_seconds"] = time.perf_counter() - started
+                if saved is not None:
+                    save_bundle(detector, str(saved), metrics)
             detectors.append(detector)
             fits.append(metrics["fit"])
             print(f"[{task}] seed {seed}: loss {metrics['fit']['loss_first']:.4f} -> {metrics['fit']['loss_last']:.4f}",
                   flush=True)
-        train_seconds = (time.perf_counter() - started) / len(args.seeds)
+            seconds.append(metrics["train_seconds"])
+        train_seconds = float(np.mean(seconds))
         entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "fits": fits, "targets": {}}
         for target_name in targets:
             uri = resolve(target_name, args.magnetic_tile)[0]

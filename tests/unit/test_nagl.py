@@ -15,10 +15,11 @@ from ray_ad.data import load_samples
 from ray_ad.errors import DataError
 from ray_ad.methods import build_detector
 from ray_ad.methods.base import Runtime
+from ray_ad.methods.nagl.episodes import cell_mask
 from ray_ad.methods.nagl.model import NoReferences
 from ray_ad.methods.nagl.network import ResidualMining, abnormal_attention_mask
 from ray_ad.methods.nagl.references import build_references
-from ray_ad.methods.nagl.scoring import nearest_normal, residual, top_mean
+from ray_ad.methods.nagl.scoring import cells, defect_region, nearest_normal, residual, top_mean
 from tests.conftest import tiny_nagl_config
 
 
@@ -71,6 +72,16 @@ def test_normal_score_has_the_known_nearest_neighbour() -> None:
     torch.testing.assert_close(nearest, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
     res, _ = residual(query, normal)
     torch.testing.assert_close(res, torch.tensor([[[0.0, 0.1], [-0.8, -1.0]]]))
+
+
+def test_an_unmasked_reference_gets_its_cells_farthest_from_the_normals_and_a_given_region_is_kept() -> None:
+    given = torch.tensor([[1.0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]])
+    S_n = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.8, 0.1, 0.0, 0.2, 0.1, 0.3],
+                        [0.9, 0.9, 0.0, 0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]])
+    region = defect_region(given, S_n, fraction=0.2)
+    assert region[0].nonzero().flatten().tolist() == [1, 4]  # the two cells (20%) with the largest S_n
+    torch.testing.assert_close(region[1], given[1])  # a mask that marks a region is kept as given
+    assert defect_region(given, S_n, fraction=0.01)[0].sum() == 1  # at least one cell
 
 
 def test_image_score_is_the_mean_of_the_top_share() -> None:
@@ -133,6 +144,28 @@ def test_training_lowers_the_loss_and_the_bundle_round_trips(tiny_mvtec: Path, t
     loaded.set_branch("naive")
     naive = loaded.predict(queries).pred_score
     assert not torch.allclose(normal_only, expected.pred_score) and not torch.allclose(naive, normal_only)
+
+
+def test_a_whole_image_mask_becomes_the_reference_cells_farthest_from_the_normals(tiny_mvtec: Path) -> None:
+    normal, abnormal = _images(tiny_mvtec)
+    name, image, mask = abnormal[0]
+    whole = [(name, image, Image.new("L", image.size, 255))]
+    detector = build_detector("nagl", tiny_nagl_config(unmasked_region=0.1))  # grid 8: ceil(6.4) = 7 cells
+    detector.set_references(build_references(normal, whole, 64))
+    region = detector._abnormal_masks[0]
+    # The reference's own S_n against the normal references, from the normal branch's map.
+    detector.set_branch("normal")
+    with torch.no_grad():
+        S_n, _ = detector._score(cells(detector.extractor(detector.preprocess(image)[None])))
+    assert sorted(region.nonzero().flatten().tolist()) == sorted(S_n[0].topk(7).indices.tolist())
+
+    kept = build_detector("nagl", tiny_nagl_config(unmasked_region=0))
+    kept.set_references(build_references(normal, whole, 64))
+    assert bool(kept._abnormal_masks.all())  # 0: the whole image, as given
+    given = build_detector("nagl", tiny_nagl_config(unmasked_region=0.1))
+    references = build_references(normal, abnormal[:1], 64)
+    given.set_references(references)
+    torch.testing.assert_close(given._abnormal_masks[0], cell_mask(references.masks, 8)[0])  # a region: as given
 
 
 def test_the_generalist_without_references_round_trips(tmp_path: Path) -> None:

@@ -68,6 +68,10 @@ class NAGLConfig(DetectorConfig):
     # Put every feature in the normal references' per-channel standard units before any cosine (ours:
     # lite0's features are non-negative, so all their cosines sit near 1; the paper's ViT tokens are not).
     standardise: bool = True
+    # An abnormal reference whose mask marks the whole image (a dataset without pixel masks) gets as its
+    # defect region M^a its top `unmasked_region` share of cells by S_n: 0.02, the median defect area of
+    # magnetic_tile's masks on the 32 x 32 grid (1.4%), rounded up. 0 keeps the whole image, as given.
+    unmasked_region: float = 0.02
     train: EpisodeConfig = field(default_factory=EpisodeConfig)
     loss: NAGLLossWeights = field(default_factory=NAGLLossWeights)
 
@@ -75,6 +79,8 @@ class NAGLConfig(DetectorConfig):
         super().__post_init__()
         if self.proxies < 1 or self.heads < 1:
             raise ValueError(f"proxies and heads must be >= 1, got {self.proxies}, {self.heads}")
+        if not 0 <= self.unmasked_region <= 1:
+            raise ValueError(f"unmasked_region must be in [0, 1] (0: the whole image), got {self.unmasked_region}")
         if not 0 < self.top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.mask_value >= 0:

@@ -25,6 +25,7 @@ from ray_ad.methods.nagl.network import MapScoring, NAGLNet, score_maps
 from ray_ad.methods.nagl.references import TENSOR_KEYS, ReferenceSet
 from ray_ad.methods.nagl.scoring import (
     cells,
+    defect_region,
     nearest_normal,
     normal_guided_score,
     reference_statistics,
@@ -106,11 +107,15 @@ class NAGL(Detector):
         self._abnormal_cells = self._abnormal_masks = self._P_tilde = None
         if len(references.abnormal):
             self._abnormal_cells = features(references.abnormal)
-            self._abnormal_masks = cell_mask(references.masks, grid).flatten()[None].to(self.device)
             normal, F_a = self._normal_cells, self._abnormal_cells
             if self.config.standardise:
                 normal, F_a = standardised(reference_statistics(normal), normal, F_a)
-            res_a = F_a - nearest_normal(F_a, normal)[1]  # Res(F^a, F^n)
+            s_n, nearest = nearest_normal(F_a, normal)
+            res_a = F_a - nearest  # Res(F^a, F^n)
+            given = cell_mask(references.masks, grid).to(self.device)  # [A, N]
+            fraction = self.config.unmasked_region if self.config.unmasked_region > 0 else 1.0
+            self._abnormal_masks = defect_region(given, normal_guided_score(s_n).view_as(given),
+                                                 fraction).flatten()[None]
             self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks)  # RM, once per reference set
 
     def set_branch(self, branch: str) -> None:

@@ -70,6 +70,23 @@ def fused_map(normal_score: torch.Tensor, anomaly_score: torch.Tensor | None) ->
     return (normal_score + anomaly_score) / 2
 
 
+def defect_region(given: torch.Tensor, S_n: torch.Tensor, fraction: float) -> torch.Tensor:
+    """M^a, the cell mask of each abnormal reference ``[A, N]``, from its given cell mask ``[A, N]``.
+
+    A mask that marks every cell gives no region (a dataset without pixel masks, such as elpv, can only say
+    "this image is defective"); RM would then attend to every cell of the reference, nearly all of them
+    normal. For such a reference the region is estimated from its own normal-guided score ``S_n [A, N]``:
+    its ``fraction`` cells farthest from the normal references (at least one). Masks that mark a region are
+    kept as given.
+    """
+    region = given.clone()
+    count = max(1, math.ceil(fraction * given.shape[-1]))
+    for a in torch.nonzero(given.bool().all(-1)).flatten().tolist():
+        region[a] = 0
+        region[a, S_n[a].topk(count).indices] = 1
+    return region
+
+
 def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
     """s = T_fraction(S): the mean of the top ``fraction`` of cells of ``[B, N]`` (at least one cell)."""
     count = max(1, math.ceil(fraction * score_map.shape[-1]))
@@ -77,6 +94,6 @@ def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 __all__ = [
-    "anomaly_guided_score", "cells", "fused_map", "nearest_normal", "normal_guided_score", "reference_statistics",
-    "residual", "similarity", "standardised", "top_mean",
+    "anomaly_guided_score", "cells", "defect_region", "fused_map", "nearest_normal", "normal_guided_score",
+    "reference_statistics", "residual", "similarity", "standardised", "top_mean",
 ]
