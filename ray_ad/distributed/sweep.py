@@ -60,7 +60,10 @@ def run_sweep(
 
     base = dict(base or {})
     check_space(method, base, space)
-    folder = storage.join(root, "sweeps", name)
+    # Tune runs each trial in a working directory of its own: a relative root or cache folder given here
+    # would name another place there (the validation images written below would not be found).
+    folder = storage.join(storage.absolute(root), "sweeps", name)
+    cache_dir = storage.absolute(cache_dir) if cache_dir else None
     detector_cls = METHODS[method][0]
     if detector_cls.uses_references != (validation_data is not None):
         raise ConfigError(f"{method}: --validation-data (a held-out domain) is required for reference-based methods "

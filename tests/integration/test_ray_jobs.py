@@ -184,15 +184,16 @@ def test_sweep_writes_table_plot_and_a_best_config_that_trains(ray_cluster, tmp_
     assert not any("test" in p.parts for p in (folder / "validation").rglob("*"))
 
 
-def test_a_nagl_sweep_over_m_validates_on_a_held_out_domain_only(ray_cluster, tmp_path):
+def test_a_nagl_sweep_over_m_validates_on_a_held_out_domain_only(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --root, as in the README: Tune's trials run in folders of their own
     source, held_out = make_mvtec(tmp_path / "source", seed=0), make_mvtec(tmp_path / "held_out", n_train=16, seed=1)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"search": "random", "rounds": 1, "params": {"proxies": {"grid": [2, 5]}}}))
     config = write_config(tmp_path / "base.yaml", tiny_nagl_config(train={
         "steps": 15, "batch_size": 4, "synthetic_count": 6, "max_normals": 8}))
     root = tmp_path / "root"
-    args = ["--method", "nagl", "--data", str(source), "--root", str(root), "--space", str(space),
-            "--samples", "1", "--config", config, "--name", "m"]
+    args = ["--method", "nagl", "--data", str(source), "--root", "root", "--space", str(space),
+            "--samples", "1", "--config", config, "--name", "m", "--cache-dir", "cache"]
     assert load_job("sweep").main(args) == 2  # no held-out domain given: refused before any trial
     assert load_job("sweep").main([*args, "--validation-data", str(held_out)]) == 0
     folder = root / "sweeps" / "m"
