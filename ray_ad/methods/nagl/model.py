@@ -112,10 +112,10 @@ class NAGL(Detector):
                 normal, F_a = standardised(reference_statistics(normal), normal, F_a)
             s_n, nearest = nearest_normal(F_a, normal)
             res_a = F_a - nearest  # Res(F^a, F^n)
-            given = cell_mask(references.masks, grid).to(self.device)  # [A, N]
-            fraction = self.config.unmasked_region if self.config.unmasked_region > 0 else 1.0
-            self._abnormal_masks = defect_region(given, normal_guided_score(s_n).view_as(given),
-                                                 fraction).flatten()[None]
+            M_a = cell_mask(references.masks, grid).to(self.device)  # [A, N], as given
+            if self.config.unmasked_region > 0:  # 0: a whole-image mask stays the whole image
+                M_a = defect_region(M_a, normal_guided_score(s_n).view_as(M_a), self.config.unmasked_region)
+            self._abnormal_masks = M_a.flatten()[None]
             self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks)  # RM, once per reference set
 
     def set_branch(self, branch: str) -> None:
