@@ -43,6 +43,24 @@ def test_one_step_irf_is_one_call_on_the_mean_path_input(detector):
     assert torch.allclose(delta, (1 - a).sqrt() * a.sqrt() * x0)
 
 
+def test_noisy_state_irf_is_one_call_per_fixed_draw_and_independent_of_the_batch(detector):
+    detector.config.irf_input, detector.config.irf_draws = "noisy", 3
+    x0 = torch.randn(4, 5, 3, 3)
+    fields = detector.inverse_residual_fields(x0)
+    assert fields.shape == (3, 4, 5, 3, 3) and len(detector.score_net.calls) == 3
+    a = detector.schedule.alphas_cumprod[250]
+    eps = detector.irf_noise(x0)  # the same draws for every image
+    for k, (x_in, t_in) in enumerate(detector.score_net.calls):
+        assert torch.equal(t_in, torch.full((4,), 250))
+        assert torch.allclose(x_in, a.sqrt() * x0 + (1 - a).sqrt() * eps[k])  # Eq. 6
+    assert torch.allclose(detector.inverse_residual_fields(x0[2:3])[:, 0], fields[:, 2])
+    # The exact Gaussian denoiser leaves no residual over the Gaussian part.
+    gaussian, residual = detector.irf_split(x0)
+    assert torch.allclose(gaussian, fields) and residual.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="irf_input"):
+        method_config("osd_irf", tiny_osd_irf_config(irf_input="sampled"))
+
+
 def test_ddim_inversion_matches_its_closed_form(detector):
     # With the exact Gaussian score, each DDIM inversion step maps x -> (sqrt(a_next a) + sqrt((1-a_next)(1-a))) x.
     detector.config.inversion_steps = 3

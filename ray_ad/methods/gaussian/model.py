@@ -49,15 +49,23 @@ class GaussianDetector(Detector):
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
         runtime = runtime or Runtime()
-        self.normaliser.fit(self.extract_features(train, runtime, desc="train features"))
+        self.fit_features(self.extract_features(train, runtime, desc="train features"))
         self.calibrate(calibration, runtime)
         return {"train_images": len(train)}
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        """Each position's mean and whitening from training features ``[N, C, G, G]``."""
+        self.normaliser.fit(features)
 
     @torch.no_grad()
     def calibrate(self, normals: list[Sample], runtime: Runtime | None = None) -> None:
         if not normals:
             raise ValueError("calibration needs at least one held-out normal image")
-        features = self.extract_features(normals, runtime or Runtime(), desc="calibration features")
+        self.calibrate_features(self.extract_features(normals, runtime or Runtime(), desc="calibration features"))
+
+    @torch.no_grad()
+    def calibrate_features(self, features: torch.Tensor) -> None:
+        """Eq. 9's min-max constants and the threshold from held-out normals' features."""
         _, s_diff, s_nll = gaussian_scores(self.normaliser(features.to(self.device)))
         self.calibration = score_calibration(s_diff, s_nll)
         scores = combine_scores(s_diff, s_nll, self.calibration, self.config.score_terms)
@@ -69,7 +77,7 @@ class GaussianDetector(Detector):
 
     @torch.no_grad()
     def predict_features(self, features: torch.Tensor) -> Prediction:
-        z = self.normaliser(features)  # whitened cells
+        z = self.normaliser(features.to(self.device))  # whitened cells
         norm, s_diff, s_nll = gaussian_scores(z)  # ||z|| per cell: the Mahalanobis distance's square root
         score = combine_scores(s_diff, s_nll, self.calibration, self.config.score_terms)
         return Prediction(score.cpu(), upsample_map(norm, self.image_size, self.config.map_sigma).cpu())

@@ -26,6 +26,7 @@ from ray_ad.training import TrainConfig, loss_summary
 
 SCORING_MODES = ("one_step", "inversion")
 SCORE_TERMS = ("diff+nll", "diff", "nll")  # which terms of Eq. 9 an image score adds
+IRF_INPUTS = ("mean_path", "noisy")  # Eq. 7 (the paper's choice) or Eq. 6
 
 
 @dataclass
@@ -43,6 +44,11 @@ class OSDIRFConfig(DetectorConfig):
     # The Gaussian the IRF is scored under: "standard" = N(0, I) as in Eq. 11; "fitted" = N(mu, diag sigma^2)
     # per cell and channel, fitted to the IRFs of the training normals (see README).
     irf_gaussian: Literal["standard", "fitted"] = "standard"
+    # What the one network call sees: Eq. 7's mean-path input sqrt(alpha_bar_t) x_0 (the paper's), or
+    # Eq. 6's noisy state sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, scored once per each of
+    # ``irf_draws`` fixed noise draws and averaged (K calls; see README).
+    irf_input: Literal["mean_path", "noisy"] = "mean_path"
+    irf_draws: int = 4
 
     def check_trained_range(self, t: int) -> None:
         if self.train.t_max and t >= self.train.t_max:
@@ -61,6 +67,10 @@ class OSDIRFConfig(DetectorConfig):
                              f"augmentation (train.augment={self.train.augment}) would move features between positions")
         if self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {self.inversion_steps}")
+        if self.irf_input not in IRF_INPUTS:
+            raise ValueError(f"irf_input must be one of {', '.join(IRF_INPUTS)}; got {self.irf_input!r}")
+        if self.irf_draws < 1:
+            raise ValueError(f"irf_draws must be >= 1, got {self.irf_draws}")
 
 
 def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +106,7 @@ def combine_scores(s_diff: torch.Tensor, s_nll: torch.Tensor, cal: dict[str, flo
 class OSDIRF(Detector):
     method = "osd_irf"
     supports_inversion = True  # set_scoring("inversion"): InvAD's DDIM inversion on the same network
+    scores_features = True
 
     def __init__(self, config: OSDIRFConfig) -> None:
         super().__init__(config)
@@ -118,16 +129,23 @@ class OSDIRF(Detector):
         return self.normaliser(features)
 
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None) -> dict[str, Any]:
+        runtime = runtime or Runtime()
+        features = self.extract_features(train, runtime, self.config.train.augment, "train features")
+        info = self.fit_features(features, len(train), runtime)
+        self.calibrate(calibration, runtime)
+        return info
+
+    def fit_features(self, features: torch.Tensor, originals: int, runtime: Runtime | None = None) -> dict[str, Any]:
+        """Normaliser, score network and IRF Gaussian from training features ``[N, C, G, G]``, of which
+        the first ``originals`` are un-augmented (the IRF Gaussian is fitted on those). No calibration."""
         runtime, cfg = runtime or Runtime(), self.config
-        features = self.extract_features(train, runtime, cfg.train.augment, "train features")
         self.normaliser.fit(features)
         x0 = self.normalise(features.to(self.device))
         # Eq. 4: DDPM epsilon-prediction, in this process or on Ray Train (whatever the runtime says).
         self.score_net, losses = runtime.score_net_trainer(
             self.score_net, x0, self.schedule, cfg.train, self.device, cfg.seed, runtime.progress
         )
-        self.fit_irf_gaussian(x0[: len(train)])  # un-augmented originals
-        self.calibrate(calibration, runtime)
+        self.fit_irf_gaussian(x0[:originals])
         return {**loss_summary(losses), "steps": len(losses)}
 
     @torch.no_grad()
@@ -138,7 +156,9 @@ class OSDIRF(Detector):
             self.irf_mean = torch.zeros(channels, grid, grid)
             self.irf_std = torch.ones(channels, grid, grid)
             return
-        deltas = torch.cat([self.inverse_residual_field(chunk.to(self.device)) for chunk in x0.split(32)])
+        # Every draw's IRF of every image (one draw on the mean path): the Gaussian each draw is scored under.
+        deltas = torch.cat([self.inverse_residual_fields(chunk.to(self.device)).flatten(0, 1)
+                            for chunk in x0.split(32)])
         self.irf_mean = deltas.mean(0)
         self.irf_std = deltas.std(0).clamp_min(1e-3)
 
@@ -168,6 +188,40 @@ class OSDIRF(Detector):
         mu_x_t = alpha_bar_t.sqrt() * x0  # mean-path input, Eq. 7
         return self.score_net(mu_x_t, torch.full((x0.shape[0],), t, device=x0.device))
 
+    def irf_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Eq. 6's eps: ``irf_draws`` fixed draws ``[K, C, G, G]`` from the config's seed, the same for
+        every image, so a score does not depend on the batch or the call."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.randn((self.config.irf_draws, *like.shape[1:]), generator=generator).to(like.device)
+
+    @torch.no_grad()
+    def inverse_residual_fields(self, x0: torch.Tensor) -> torch.Tensor:
+        """The IRFs ``[K, B, C, G, G]`` the one-step score reads: K = 1 on the mean path (Eq. 7), else one
+        per draw, Delta x_t = eps_theta(x_t, t), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Eq. 6)."""
+        if self.config.irf_input == "mean_path":
+            return self.inverse_residual_field(x0)[None]
+        t = self.config.t
+        alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
+        timesteps = torch.full((x0.shape[0],), t, device=x0.device)
+        return torch.stack([self.score_net(alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps, timesteps)
+                            for eps in self.irf_noise(x0)])  # Eq. 6
+
+    @torch.no_grad()
+    def irf_split(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each draw's IRF as (Gaussian part, network residual r), both ``[K, B, C, G, G]``.
+
+        The Gaussian part is the exact noise prediction of N(0, I) data at the network's input,
+        sqrt(1 - alpha_bar_t) x_t (``gaussian_skip.py``); r = Delta - that is what the trained network
+        adds. With the Gaussian skip, r is the inner network's output and r = 0 is the Gaussian detector.
+        """
+        t = self.config.t
+        alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
+        inputs = alpha_bar_t.sqrt() * x0  # Eq. 7's mean path ...
+        if self.config.irf_input == "noisy":  # ... or Eq. 6's noisy states, one per draw
+            inputs = inputs[None] + (1 - alpha_bar_t).sqrt() * self.irf_noise(x0)[:, None]
+        gaussian = (1 - alpha_bar_t).sqrt() * inputs.reshape(-1, *x0.shape)
+        return gaussian, self.inverse_residual_fields(x0) - gaussian
+
     @torch.no_grad()
     def ddim_inversion(self, x0: torch.Tensor) -> torch.Tensor:
         """InvAD's baseline: deterministic DDIM inversion of x_0 to x_T in ``inversion_steps`` calls."""
@@ -183,10 +237,19 @@ class OSDIRF(Detector):
         return x
 
     def latent(self, x0: torch.Tensor, mode: str) -> torch.Tensor:
-        """The latent whose typicality under N(0, I) is scored: the standardised IRF or InvAD's x_T."""
+        """The latent whose typicality under N(0, I) is scored: the standardised mean-path IRF or InvAD's x_T."""
         if mode == "one_step":
             return (self.inverse_residual_field(x0) - self.irf_mean) / self.irf_std
         return self.ddim_inversion(x0)
+
+    def mode_scores(self, x0: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_hat, s_diff, s_nll) of normalised features in scoring ``mode``; with Eq. 6's noisy input,
+        each draw's IRF is scored under the Gaussian and the three terms are averaged over the draws."""
+        if mode != "one_step":
+            return self.raw_scores(self.ddim_inversion(x0))
+        fields = self.inverse_residual_fields(x0)
+        per_draw = [self.raw_scores((delta - self.irf_mean) / self.irf_std) for delta in fields]
+        return tuple(torch.stack(term).mean(0) for term in zip(*per_draw))  # type: ignore[return-value]
 
     @staticmethod
     def raw_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,8 +265,12 @@ class OSDIRF(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        x0 = self.normalise(self.extractor(images.to(self.device)))
-        a_hat, s_diff, s_nll = self.raw_scores(self.latent(x0, self.config.scoring))
+        return self.predict_features(self.extractor(images.to(self.device)))
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        x0 = self.normalise(features.to(self.device))
+        a_hat, s_diff, s_nll = self.mode_scores(x0, self.config.scoring)
         score = self._combine(s_diff, s_nll, self.config.scoring)
         anomaly_map = upsample_map(a_hat, self.image_size, self.config.map_sigma)  # Eq. 8: A = Upsample(A_hat)
         return Prediction(score.cpu(), anomaly_map.cpu())
@@ -214,13 +281,16 @@ class OSDIRF(Detector):
         if not normals:
             raise ValueError("calibration needs at least one held-out normal image")
         runtime = runtime or Runtime()
-        progress = runtime.progress
-        features = self.extract_features(normals, runtime, desc="calibration features")
+        self.calibrate_features(self.extract_features(normals, runtime, desc="calibration features"), runtime.progress)
+
+    @torch.no_grad()
+    def calibrate_features(self, features: torch.Tensor, progress: bool = False) -> None:
+        """``calibrate`` from the held-out normals' backbone features."""
         x0 = self.normalise(features.to(self.device))
         for mode in SCORING_MODES:
             diffs, nlls = [], []
             for chunk in show_progress(x0.split(16), desc=f"calibrate {mode}", enabled=progress, leave=False):
-                _, s_diff, s_nll = self.raw_scores(self.latent(chunk, mode))
+                _, s_diff, s_nll = self.mode_scores(chunk, mode)
                 diffs.append(s_diff)
                 nlls.append(s_nll)
             s_diff, s_nll = torch.cat(diffs), torch.cat(nlls)
