@@ -83,3 +83,12 @@ def load_job(name: str):  # noqa: ANN201 - a module
         return importlib.import_module(name)
     finally:
         sys.path.remove(jobs)
+
+
+def pairwise_auroc(scores: dict[str, float], anomalous: set[str]) -> float:
+    """Image AUROC by counting pairs (ties count one half): the share of (anomalous, normal) pairs whose
+    anomalous image scores higher. Written out here so a test does not check a metric with itself."""
+    positives = [v for k, v in scores.items() if k in anomalous]
+    negatives = [v for k, v in scores.items() if k not in anomalous]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from ray_ad import tuning
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
 from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import method_config
@@ -85,15 +86,27 @@ def test_sampled_numpy_values_become_plain_values_and_the_base_is_not_changed():
 
 
 @pytest.mark.slow  # trains a (tiny) real OSD-IRF
-def test_a_trial_reports_between_rounds_and_after_fit_without_ray(tmp_path):
+def test_a_trial_reports_between_rounds_and_after_fit_without_ray(tmp_path, monkeypatch):
     data = sweep_data(str(make_mvtec(tmp_path / "data", n_train=14)), False, str(tmp_path / "validation"))
     assert not {s.split for s in data.fit + data.calibration} & {"test"}
     assert any(s.defect == "synthetic" for s in data.validation)  # the MVTec train split has no anomalies
+    # Which network each validation scored, and what it gave (the report must carry that round's value).
+    scored: list[tuple[float, float]] = []
+    real_validation = tuning.validation_auroc
+
+    def spy(detector, samples):
+        value = real_validation(detector, samples)
+        fingerprint = sum(p.double().sum().item() for p in detector.score_net.parameters())
+        scored.append((fingerprint, value))
+        return value
+
+    monkeypatch.setattr(tuning, "validation_auroc", spy)
     reports = []
     base = tiny_osd_irf_config(train={"steps": 12, "batch_size": 8, "warmup_steps": 2})
     run_trial({"t": 150}, "osd_irf", base, data, 3, None, reports.append)
     assert [r["score_net_step"] for r in reports] == [4, 8, -1]  # OSD-IRF rescores between rounds
-    assert all(0 <= r[METRIC] <= 1 for r in reports)
+    assert [r[METRIC] for r in reports] == [value for _, value in scored]
+    assert len({fingerprint for fingerprint, _ in scored}) == 3  # each round scored its own (EMA) network
 
 
 @pytest.mark.slow  # a fresh interpreter that imports torch
