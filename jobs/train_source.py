@@ -1,6 +1,7 @@
 """Train a product line's detector on Ray Train, evaluate it, publish it to the registry.
 
     python jobs/train_source.py --line tiles --method osd_irf --data s3://bucket/tiles --root s3://bucket/fleet
+    python jobs/train_source.py --line tiles --select --data s3://bucket/tiles --root s3://bucket/fleet  # recipe chosen
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_source.py ...
 
 The bundle lands in <root>/models/<line>/<version>/ and <root>/models/<line>/CURRENT is pointed at it
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--line", required=True, help="product line name (lower-case letters, digits, - and _)")
-    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    recipe = parser.add_mutually_exclusive_group(required=True)
+    recipe.add_argument("--method", choices=sorted(METHODS))
+    recipe.add_argument("--select", nargs="?", const="", metavar="CANDIDATES",
+                        help="train the candidate recipes of this YAML file (default configs/select.yaml) and publish "
+                             "the one a label-free validation ranks first (held-out normals + pasted defects)")
     parser.add_argument("--data", required=True, action="append",
                         help="training data URI: MVTec folder, Parquet manifest, elpv:... (nagl: repeat it to train "
                              "one generalist on several source domains)")
@@ -37,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
         data = args.data if len(args.data) > 1 else args.data[0]
         train_line(args.line, args.method, data, args.root, config_overrides(args.config, args.set),
-                   version=args.version, progress=not args.quiet, cache_dir=args.cache_dir, **train_flags(args))
+                   version=args.version, progress=not args.quiet, cache_dir=args.cache_dir, select=args.select,
+                   **train_flags(args))
 
     return run(args, body)
 

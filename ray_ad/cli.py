@@ -17,9 +17,10 @@ from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError, RayADError
 from ray_ad.methods import METHODS
 from ray_ad.methods.base import Adaptable, Runtime
-from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector
+from ray_ad.pipeline import adapt_detector, evaluate_split, target_image_uris, train_detector, train_selected
 from ray_ad.progress import configure_logging
 from ray_ad.report import format_table
+from ray_ad.selection import selection_table
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -46,15 +47,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = apply_overrides(overrides, args.set or [])
     if args.device:
         overrides["device"] = args.device
-    detector, metrics = train_detector(
-        args.method, args.data if len(args.data) > 1 else args.data[0], overrides, args.calibration_fraction,
-        Runtime(not args.quiet, args.cache_dir),
-        evaluate=not args.no_eval,
-    )
+    runtime = Runtime(not args.quiet, args.cache_dir)
+    if args.select is not None:
+        if len(args.data) > 1:
+            raise RayADError("--select trains on exactly one dataset")
+        detector, metrics = train_selected(args.select or None, args.data[0], overrides, args.calibration_fraction,
+                                           runtime, evaluate=not args.no_eval)
+        print(selection_table(metrics["selection"]))
+    else:
+        detector, metrics = train_detector(
+            args.method, args.data if len(args.data) > 1 else args.data[0], overrides, args.calibration_fraction,
+            runtime, evaluate=not args.no_eval,
+        )
     if "image_auroc" in metrics:
-        print(format_table({args.method: metrics}))
+        print(format_table({detector.method: metrics}))
     save_bundle(detector, args.out, metrics)
-    print(f"saved {args.method} bundle to {args.out}")
+    print(f"saved {detector.method} bundle to {args.out}")
     return 0
 
 
@@ -171,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a detector on the normal images of a dataset")
-    train.add_argument("--method", required=True, choices=sorted(METHODS))
+    recipe = train.add_mutually_exclusive_group(required=True)
+    recipe.add_argument("--method", choices=sorted(METHODS))
+    recipe.add_argument("--select", nargs="?", const="", metavar="CANDIDATES",
+                        help="train the candidate recipes of this YAML file (default configs/select.yaml) and keep "
+                             "the one a label-free validation ranks first (held-out normals + pasted defects)")
     train.add_argument("--data", required=True, action="append",
                        help="MVTec folder URI, Parquet manifest URI, elpv:mono or elpv:poly (nagl: repeat it to "
                             "train on several source domains)")

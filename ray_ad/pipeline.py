@@ -87,6 +87,27 @@ def train_detector(
     return detector, metrics
 
 
+def train_selected(
+    candidates_uri: str | None, data: str, overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
+    runtime: Runtime | None = None, evaluate: bool = True,
+) -> tuple[Detector, dict[str, Any]]:
+    """``train_detector`` for the candidate recipes of ``candidates_uri`` (``selection.py``): the one
+    the label-free validation ranks first, with every candidate's figure under ``metrics["selection"]``;
+    the test split is scored after the choice, for the report."""
+    from ray_ad.selection import load_candidates, select_detector
+
+    candidates, holdout_fraction = load_candidates(candidates_uri)
+    runtime = runtime or Runtime()
+    selection = select_detector(candidates, data, overrides, holdout_fraction, calibration_fraction, runtime)
+    detector, metrics = selection.detectors[selection.winner], selection.metrics
+    if evaluate:
+        try:
+            metrics.update(evaluate_split(detector, data, "test", runtime.progress)[1])
+        except DataError as exc:
+            log.info(f"skipping evaluation: {exc}")
+    return detector, metrics
+
+
 def train_fleet(
     lines: dict[str, str], overrides: dict[str, Any] | None = None, calibration_fraction: float = 0.1,
     runtime: Runtime | None = None, evaluate: bool = True,

@@ -25,8 +25,9 @@ from ray_ad.errors import RayADError
 from ray_ad.job_status import adapt_job_id, read_job_status, target_key, timestamp, write_job_status
 from ray_ad.methods.base import Runtime
 from ray_ad.metrics import decision_metrics
-from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector, train_fleet
+from ray_ad.pipeline import evaluate_split, target_image_uris, train_detector, train_fleet, train_selected
 from ray_ad.report import format_table
+from ray_ad.selection import selection_table
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,31 @@ def train_settings(root: str, run_name: str, workers: int, use_gpu: bool, **extr
 
 
 def train_line(
-    line: str, method: str, data: str | list[str], root: str, overrides: dict[str, Any] | None = None,
+    line: str, method: str | None, data: str | list[str], root: str, overrides: dict[str, Any] | None = None,
     workers: int = 1, use_gpu: bool = False, version: str | None = None, progress: bool = True,
-    cache_dir: str | None = None, feature_actors: int = 0, **settings: Any,
+    cache_dir: str | None = None, feature_actors: int = 0, select: str | None = None, **settings: Any,
 ) -> dict[str, Any]:
     """Train ``method`` on ``data`` with Ray Train, evaluate, publish as a new version of ``line``.
 
-    Re-running with the same ``version`` resumes its Ray Train runs from their checkpoints.
+    With ``select`` (a candidates file, "" for ``configs/select.yaml``) instead of a method, every
+    candidate recipe is trained and the one the label-free validation ranks first is published
+    (``ray_ad.selection``). Re-running with the same ``version`` resumes its Ray Train runs.
     """
     registry.check_name("line", line)
     version = registry.check_name("version", version or registry.new_version())
     trainer = RayScoreNetTrainer(train_settings(root, f"{line}-{version}", workers, use_gpu, **settings))
     runtime = Runtime(progress, cache_dir, trainer, _feature_backend(feature_actors, use_gpu),
                       RayFilterTrainer(trainer.settings), RayEpisodeTrainer(trainer.settings))
-    detector, metrics = train_detector(method, data, overrides, runtime=runtime)
+    if select is not None:
+        if not isinstance(data, str):
+            raise RayADError("a recipe selection trains on exactly one dataset")
+        detector, metrics = train_selected(select or None, data, overrides, runtime=runtime)
+        log.info(selection_table(metrics["selection"]))
+    elif method is None:
+        raise RayADError("train_line needs a method or a candidates file to select from")
+    else:
+        detector, metrics = train_detector(method, data, overrides, runtime=runtime)
+    method = detector.method
     metrics["ray_train"] = {"workers": workers, "use_gpu": use_gpu, **_train_figures(trainer)}
     registry.publish(detector, root, line, metrics, version=version)
     log.info(f"published {method} as {line}/{version} under {root}")
