@@ -55,6 +55,7 @@ def test_a_candidate_config_file_is_read_beside_the_candidates_file(tmp_path):
     assert candidate.config == {"backbone": {"grid_size": 4}, "map_sigma": 2}
 
 
+@pytest.mark.slow  # fits two detectors
 def test_selection_ranks_on_held_out_normals_only_and_keeps_the_better_recipe(tmp_path, monkeypatch):
     data = make_mvtec(tmp_path / "data", n_train=40, n_good=4, n_bad=4)
     candidates, fraction = load_candidates(write_candidates(tmp_path / "c.yaml", tiny_candidates()))
@@ -77,6 +78,7 @@ def test_selection_ranks_on_held_out_normals_only_and_keeps_the_better_recipe(tm
     assert selection.detectors["grid8"] is not selection.detectors["one_cell"]
 
 
+@pytest.mark.slow  # fits two detectors
 def test_train_select_writes_the_winner_with_every_candidates_figure(tmp_path, capsys):
     data = make_mvtec(tmp_path / "data", n_train=40, n_good=4, n_bad=4)
     candidates = write_candidates(tmp_path / "c.yaml", tiny_candidates())
