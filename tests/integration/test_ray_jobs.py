@@ -65,6 +65,23 @@ def test_train_source_with_two_workers_publishes_to_s3(ray_cluster, s3_bucket, t
     assert torch.isfinite(prediction.pred_score).all()
 
 
+def test_train_source_select_publishes_the_recipe_the_validation_ranks_first(ray_cluster, tmp_path):
+    tiny = ["backbone.image_size=64", "backbone.layers=[1, 2]", "device=cpu"]
+    candidates = write_config(tmp_path / "candidates.yaml", {"candidates": [
+        {"name": "one_cell", "method": "gaussian", "set": [*tiny, "backbone.grid_size=1"]},
+        {"name": "grid8", "method": "gaussian", "set": [*tiny, "backbone.grid_size=8"]},
+    ]})
+    root = str(tmp_path / "fleet")
+    assert load_job("train_source").main(["--line", "tiles", "--select", candidates, "--data",
+                                          str(make_mvtec(tmp_path / "data", n_train=40)), "--root", root,
+                                          "--quiet"]) == 0
+    detector, version = registry.load_current(root, "tiles", device="cpu")
+    metrics = json.loads(storage.read_text(storage.join(registry.version_uri(root, "tiles", version), "metrics.json")))
+    figures = metrics["selection"]["candidates"]
+    assert metrics["selection"]["winner"] == "grid8" and detector.config.backbone.grid_size == 8
+    assert figures["grid8"]["validation_auroc"] > figures["one_cell"]["validation_auroc"]
+
+
 def test_train_fleet_publishes_every_line_with_one_filter_under_one_version(ray_cluster, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_costfilter_config())
     root = str(tmp_path / "fleet")
