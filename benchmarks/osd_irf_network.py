@@ -1,7 +1,7 @@
 """What OSD-IRF's score network adds over its own Gaussian reference (issue 22).
 
     .venv/bin/python benchmarks/osd_irf_network.py [--variants paper_t small_t] [--seeds 0 1 2]
-        [--budgets 300 600 1200] [--set key=value ...] [--toy-only] [--name osd_irf_network]
+        [--budgets 300 600 1200] [--set key=value ...] [--toy-only] [--model BUNDLE] [--name osd_irf_network]
 
 Every IRF is split into its Gaussian part, the exact noise prediction of N(0, I) data at the
 network's input, and the network's residual r (``OSDIRF.irf_split``). With the recipe's whitening and
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
 
+from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.config import apply_overrides, load_file  # noqa: E402
 from ray_ad.data.toy_features import toy_split  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cache-dir", default="runs/cache")
     parser.add_argument("--toy-only", action="store_true")
+    parser.add_argument("--model", help="split the IRF of this saved osd_irf bundle instead of training (its "
+                                        "features must be the recipe's: the reference is fitted on those)")
     parser.add_argument("--name", default="osd_irf_network")
     args = parser.parse_args(argv)
 
@@ -202,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         reference = {"image_auroc": auroc(data["reference"].scores, data["labels"]),
                      "pixel_auroc": pixel_auroc(data["reference"].maps, data["masks"])}
         print(f"gaussian reference: {reference}", flush=True)
+        if args.model:  # a saved bundle, no retraining: its own normaliser, the split of its IRF
+            detector = load_bundle(args.model)
+            features = {split: detector.extract_features(samples, Runtime(progress=False, cache_dir=args.cache_dir))
+                        for split, samples in zip(("train", "calibration", "test"), splits(args.data))}
+            row = {"variant": f"bundle {args.model}", "seed": detector.config.seed, "steps": -1,
+                   **budget_row(detector, features, data["reference"], data["labels"], data["masks"])}
+            print(", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+            save(args.name, {"toy": toy, "reference": reference, "bundle": row, "machine": machine()},
+                 table(toy, [], reference) + "\n\n" + json.dumps(row, indent=1))
+            return 0
         for variant in args.variants:
             for seed in args.seeds:
                 rows += run_variant(variant, seed, args.budgets, base, data, data["reference"])
