@@ -70,9 +70,14 @@ class REFCFA(REFCFAScorer):
         """S1, then the token basis and U_S of its fields (``fit_source_basis``)."""
         runtime = runtime or Runtime()
         features = self.extract_features(normals, runtime, desc="source features")
-        self.source, losses = self._train_domain(features, runtime, "source")
+        losses = self.fit_source_features(features, runtime)
         self.fit_source_basis(normals, runtime)
         return loss_summary(losses, "source_")
+
+    def fit_source_features(self, features: torch.Tensor, runtime: Runtime | None = None) -> list[float]:
+        """S1 alone on backbone features [N, C, G, G] of source normals; the per-step losses."""
+        self.source, losses = self._train_domain(features, runtime or Runtime(), "source")
+        return losses
 
     def fit_source_basis(self, normals: list[Sample], runtime: Runtime | None = None) -> None:
         """Token basis B and U_S from the REF of the source normals (after S1)."""

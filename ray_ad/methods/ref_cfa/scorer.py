@@ -156,6 +156,19 @@ class REFCFAScorer(Detector):
         positions = self.alignment.positions if self.config.cfa.temporal else None
         return self.aligned_fields(self.target, self.target.normalise(features), self.target_basis(), positions)
 
+    @torch.no_grad()
+    def source_statistics(self, features: torch.Tensor) -> FieldStatistics:
+        """E, NS and DV of every cell under the fixed uniform w_t (Eqs. 6-8), through the source network:
+        what S1 alone makes of features [B, C, G, G], before g_phi or any label-trained part.
+
+        Under N(0, I)'s exact denoiser (the Gaussian skip with an untrained network) every residual is a
+        multiple of the cell's own normalised feature, so M = 0 and DV = 0; whatever they hold, the
+        network learnt (``tests/unit/test_network_carries_signal.py``).
+        """
+        x0 = self.source.normalise(features.to(self.device))
+        fields, _ = self.fields(self.source, x0, None)
+        return field_statistics(fields, uniform_weights(fields.energy.shape[1]), self.config.fields.ridge)
+
     # ---------------------------------------------------------------- signature (Eqs. 6-9)
     def _scalars(self, fields: FieldSequence, weights: torch.Tensor) -> tuple[torch.Tensor, FieldStatistics | None]:
         if self.raw:
