@@ -1,15 +1,17 @@
 """What OSD-IRF's score network adds over its own Gaussian reference (issue 22).
 
-    .venv/bin/python benchmarks/osd_irf_network.py [--variants paper_t small_t] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/osd_irf_network.py [--variants paper_t small_t paper_recipe] [--seeds 0 1 2]
         [--budgets 300 600 1200] [--set key=value ...] [--toy-only] [--model BUNDLE] [--name osd_irf_network]
 
 Every IRF is split into its Gaussian part, the exact noise prediction of N(0, I) data at the
 network's input, and the network's residual r (``OSDIRF.irf_split``). With the recipe's whitening and
 Gaussian skip, r = 0 is the ``gaussian`` detector, so the split says what training bought.
 
-1. **Toy** (seconds): the two-mode cells of ``ray_ad.data.toy_features``, which a Gaussian cannot
-   describe; image AUROC of the Gaussian reference and of a small trained network at t = 500 (the
-   paper's, trained on every t) and at t = 100 (trained on t < 250).
+1. **Toy** (minutes; ``--toy-only --name osd_irf_network_toy`` runs it alone), per seed: the two-mode
+   cells of ``ray_ad.data.toy_features``, which a Gaussian cannot describe; image AUROC of the Gaussian
+   reference and of a small trained network at t = 500 (the paper's, trained on every t) and at t = 100
+   (trained on t < 250); the same for REF's source network S1, read through the E_M of its reverse chain
+   alone (no head), untrained (N(0, I)'s denoiser) and trained on t < 250.
 2. **magnetic_tile**: each variant (below, on top of ``configs/osd_irf_magnetic_tile.yaml`` with a
    CPU-sized DiT) is trained once per seed for the largest budget; at each budget the EMA network of
    that step scores the test split. Per budget: image / pixel AUROC of OSD-IRF as configured, of the
@@ -74,6 +76,19 @@ def toy_rows(seed: int = 0) -> dict[str, float]:
         detector.fit_features(train, len(train), Runtime(progress=False))
         detector.calibrate_features(calibration)
         rows[name] = auroc(detector.predict_features(test).pred_score.numpy(), labels.numpy())
+    # REF's source network S1 on the same toy, read without any head: the largest E_M (Eq. 6 of the
+    # orthogonal residual M, Eq. 4) of an image's cells. N(0, I)'s denoiser has M = 0.
+    for name, steps in [("REF S1 E_M, untrained (Gaussian denoiser)", 0), ("REF S1 E_M, trained (t < 250)", 800)]:
+        ref = build_detector("ref_cfa", method_config("ref_cfa", {
+            "backbone": backbone, "device": "cpu", "seed": seed,
+            "normalisation": {"kind": "position_whiten", "ridge": 0.01},
+            "score_net": {"hidden": 32, "depth": 2, "heads": 2, "gaussian_skip": True},
+            "train": {"steps": steps, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99,
+                      "t_max": 250},
+            "fields": {"timesteps": [200, 150, 100, 50], "token_dim": 4}}))
+        ref.fit_source_features(train, Runtime(progress=False))
+        e_m = ref.source_statistics(test).E[:, 1].view(len(test), -1).amax(1)
+        rows[name] = auroc(e_m.numpy(), labels.numpy())
     return rows
 
 
@@ -156,10 +171,11 @@ def prepare(data_path: str, base: dict, cache_dir: str) -> dict:
             "masks": reference.masks, "normaliser": gaussian.normaliser}
 
 
-def table(toy: dict[str, float], rows: list[dict], reference: dict[str, float]) -> str:
-    lines = ["## Toy: two-mode cells, anomalies between the modes (image AUROC)", "",
-             "| detector | image AUROC |", "|---|---:|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in toy.items()]
+def table(toy: dict[str, list[float]], rows: list[dict], reference: dict[str, float]) -> str:
+    seeds = len(next(iter(toy.values())))
+    lines = [f"## Toy: two-mode cells, anomalies between the modes (image AUROC, mean ± std over {seeds} seeds "
+             "of data and training)", "", "| detector | image AUROC |", "|---|---:|"]
+    lines += [f"| {name} | {np.mean(values):.3f} ± {np.std(values):.3f} |" for name, values in toy.items()]
     if not rows:
         return "\n".join(lines)
     lines += ["", "## magnetic_tile: trained vs its r = 0 reference (the `gaussian` detector)", "",
@@ -200,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="osd_irf_network")
     args = parser.parse_args(argv)
 
-    toy = toy_rows()
-    print("toy:", ", ".join(f"{k} {v:.3f}" for k, v in toy.items()), flush=True)
+    per_seed = [toy_rows(seed) for seed in args.seeds]
+    toy = {name: [row[name] for row in per_seed] for name in per_seed[0]}
+    print("toy:", ", ".join(f"{k} {np.mean(v):.3f}" for k, v in toy.items()), flush=True)
     rows: list[dict] = []
     reference: dict[str, float] = {}
     if not args.toy_only:
