@@ -162,8 +162,9 @@ class REFCFAScorer(Detector):
         what S1 alone makes of features [B, C, G, G], before g_phi or any label-trained part.
 
         Under N(0, I)'s exact denoiser (the Gaussian skip with an untrained network) every residual is a
-        multiple of the cell's own normalised feature, so M = 0 and DV = 0; whatever they hold, the
-        network learnt (``tests/unit/test_network_carries_signal.py``).
+        multiple of the cell's own normalised feature, so M = 0 up to rounding (and DV, the turn between
+        rounding-noise vectors, means nothing): whatever E_M holds, the network learnt
+        (``tests/unit/test_network_carries_signal.py``).
         """
         x0 = self.source.normalise(features.to(self.device))
         fields, _ = self.fields(self.source, x0, None)
