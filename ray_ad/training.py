@@ -9,13 +9,16 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from ray_ad.diffusion import NoiseSchedule
+from ray_ad.diffusion.context import ContextNet, masked_context_loss
 from ray_ad.progress import progress as progress_bar
+
+OBJECTIVES = ("epsilon", "masked_context")
 
 
 @dataclass
@@ -31,12 +34,21 @@ class TrainConfig:
     # Train only on t < t_max (0 = every t of the schedule). A detector that scores at one timestep
     # (OSD-IRF) spends its whole budget on the noise levels it will use; see the OSD-IRF README.
     t_max: int = 0
+    # What the network learns: DDPM epsilon-prediction (Eq. 4 of OSD-IRF and REF), or, for OSD-IRF's
+    # context variant only (ours, ``ray_ad/diffusion/context.py``), hidden cells predicted from the others,
+    # hidden in ``context_block`` x ``context_block`` squares.
+    objective: Literal["epsilon", "masked_context"] = "epsilon"
+    context_block: int = 2
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"train.steps must be >= 0 (0 = the network as initialised), got {self.steps}")
         if not 0 <= self.t_max <= 1000:
             raise ValueError(f"train.t_max must be in [0, 1000] (0 = every timestep), got {self.t_max}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.context_block < 1:
+            raise ValueError(f"train.context_block must be >= 1, got {self.context_block}")
 
 
 def loss_summary(losses: list[float], prefix: str = "") -> dict[str, float | None]:
@@ -112,6 +124,9 @@ class ScoreNetLoop:
         self, net: nn.Module, schedule: NoiseSchedule, config: TrainConfig, device: torch.device | str = "cpu",
         seed: int = 0, model: nn.Module | None = None,
     ) -> None:
+        if (config.objective == "masked_context") != isinstance(net, ContextNet):
+            raise ValueError(f"train.objective={config.objective!r} does not fit a {type(net).__name__}: "
+                             "masked_context trains OSD-IRF's context network (irf_input: context) only")
         self.net = net.to(device).train()
         self.model = model if model is not None else self.net
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -140,7 +155,10 @@ class ScoreNetLoop:
             batch = x0[index].to(self.device)
             for group in self.optimiser.param_groups:
                 group["lr"] = lr_at(self.step, config)
-            loss = epsilon_loss(self.model, self.schedule, batch, config.t_max)
+            if config.objective == "masked_context":
+                loss = masked_context_loss(self.model, batch, config.context_block)
+            else:
+                loss = epsilon_loss(self.model, self.schedule, batch, config.t_max)
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

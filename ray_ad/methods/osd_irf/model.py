@@ -19,6 +19,7 @@ import torch
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
+from ray_ad.diffusion.context import ContextNet, context_residual
 from ray_ad.methods.base import Detector, DetectorConfig, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
 from ray_ad.progress import progress as show_progress
@@ -26,7 +27,8 @@ from ray_ad.training import TrainConfig, loss_summary
 
 SCORING_MODES = ("one_step", "inversion")
 SCORE_TERMS = ("diff+nll", "diff", "nll")  # which terms of Eq. 9 an image score adds
-IRF_INPUTS = ("mean_path", "noisy")  # Eq. 7 (the paper's choice) or Eq. 6
+# Eq. 7 (the paper's choice), Eq. 6, or ours: each cell predicted from the others (diffusion/context.py)
+IRF_INPUTS = ("mean_path", "noisy", "context")
 
 
 @dataclass
@@ -46,8 +48,10 @@ class OSDIRFConfig(DetectorConfig):
     irf_gaussian: Literal["standard", "fitted"] = "standard"
     # What the one network call sees: Eq. 7's mean-path input sqrt(alpha_bar_t) x_0 (the paper's), or
     # Eq. 6's noisy state sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, scored once per each of
-    # ``irf_draws`` fixed noise draws and averaged (K calls; see README).
-    irf_input: Literal["mean_path", "noisy"] = "mean_path"
+    # ``irf_draws`` fixed noise draws and averaged (K calls; see README). "context" (ours, not the paper's):
+    # the network predicts each cell from the other cells (4 calls), Delta = x_0 - f(context); it needs
+    # train.objective: masked_context and no Gaussian skip.
+    irf_input: Literal["mean_path", "noisy", "context"] = "mean_path"
     irf_draws: int = 4
 
     def check_trained_range(self, t: int) -> None:
@@ -71,6 +75,14 @@ class OSDIRFConfig(DetectorConfig):
             raise ValueError(f"irf_input must be one of {', '.join(IRF_INPUTS)}; got {self.irf_input!r}")
         if self.irf_draws < 1:
             raise ValueError(f"irf_draws must be >= 1, got {self.irf_draws}")
+        context = self.irf_input == "context"
+        if context != (self.train.objective == "masked_context"):
+            raise ValueError(f"irf_input={self.irf_input!r} needs train.objective="
+                             f"{'masked_context' if context else 'epsilon'}, got {self.train.objective!r}")
+        if context and (self.score_net.gaussian_skip or self.scoring != "one_step"):
+            raise ValueError("irf_input=context predicts x_0 at t = 0: set score_net.gaussian_skip=false and "
+                             f"scoring=one_step (got gaussian_skip={self.score_net.gaussian_skip}, "
+                             f"scoring={self.scoring!r})")
 
 
 def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +126,10 @@ class OSDIRF(Detector):
         channels, grid = self.extractor.out_channels, config.backbone.grid_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.score_net = build_score_net(config.score_net, channels, grid).to(self.device).eval()
+            self.score_net = build_score_net(config.score_net, channels, grid)
+            if config.irf_input == "context":
+                self.score_net = ContextNet(self.score_net, channels)
+            self.score_net = self.score_net.to(self.device).eval()
         # Backbone features normalised with training-set statistics: stages differ in scale by orders
         # of magnitude, and the DDPM prior assumes data of unit variance.
         self.normaliser = FeatureNormaliser(config.normalisation, channels, grid).to(self.device)
@@ -182,7 +197,10 @@ class OSDIRF(Detector):
     # ---------------------------------------------------------------- scoring
     @torch.no_grad()
     def inverse_residual_field(self, x0: torch.Tensor) -> torch.Tensor:
-        """Delta x_t = eps_theta(mu(x_t), t), mu(x_t) = sqrt(alpha_bar_t) x_0   (Eq. 7): one call."""
+        """Delta x_t = eps_theta(mu(x_t), t), mu(x_t) = sqrt(alpha_bar_t) x_0   (Eq. 7): one call.
+        With ``irf_input: context``: Delta = x_0 - f(context), each cell hidden once (4 calls, ours)."""
+        if self.config.irf_input == "context":
+            return context_residual(self.score_net, x0, self.config.train.context_block)
         t = self.config.t
         alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
         mu_x_t = alpha_bar_t.sqrt() * x0  # mean-path input, Eq. 7
@@ -198,7 +216,7 @@ class OSDIRF(Detector):
     def inverse_residual_fields(self, x0: torch.Tensor) -> torch.Tensor:
         """The IRFs ``[K, B, C, G, G]`` the one-step score reads: K = 1 on the mean path (Eq. 7), else one
         per draw, Delta x_t = eps_theta(x_t, t), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Eq. 6)."""
-        if self.config.irf_input == "mean_path":
+        if self.config.irf_input in ("mean_path", "context"):
             return self.inverse_residual_field(x0)[None]
         t = self.config.t
         alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
@@ -213,7 +231,10 @@ class OSDIRF(Detector):
         The Gaussian part is the exact noise prediction of N(0, I) data at the network's input,
         sqrt(1 - alpha_bar_t) x_t (``gaussian_skip.py``); r = Delta - that is what the trained network
         adds. With the Gaussian skip, r is the inner network's output and r = 0 is the Gaussian detector.
+        With ``irf_input: context`` the Gaussian part is x_0 itself and r = -f(context).
         """
+        if self.config.irf_input == "context":
+            return x0[None], self.inverse_residual_fields(x0) - x0[None]
         t = self.config.t
         alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
         inputs = alpha_bar_t.sqrt() * x0  # Eq. 7's mean path ...
@@ -287,7 +308,8 @@ class OSDIRF(Detector):
     def calibrate_features(self, features: torch.Tensor, progress: bool = False) -> None:
         """``calibrate`` from the held-out normals' backbone features."""
         x0 = self.normalise(features.to(self.device))
-        for mode in SCORING_MODES:
+        # The context network predicts x_0 at t = 0 only: InvAD's inversion has nothing to run on.
+        for mode in SCORING_MODES if self.config.irf_input != "context" else ("one_step",):
             diffs, nlls = [], []
             for chunk in show_progress(x0.split(16), desc=f"calibrate {mode}", enabled=progress, leave=False):
                 _, s_diff, s_nll = self.mode_scores(chunk, mode)
@@ -305,6 +327,8 @@ class OSDIRF(Detector):
         """Switch between one-step IRF scoring and InvAD's multi-step inversion (same network)."""
         if mode not in SCORING_MODES:
             raise ValueError(f"scoring must be one of {SCORING_MODES}, got {mode!r}")
+        if mode == "inversion" and self.config.irf_input == "context":
+            raise ValueError("scoring=inversion needs an epsilon-prediction network; this one is irf_input=context")
         self.config.scoring = mode
         if mode in self.calibration:
             self.threshold = self.calibration[mode]["threshold"]
