@@ -153,7 +153,7 @@ def budget_row(detector, features: dict[str, torch.Tensor], reference, labels, m
         detector.fit_irf_gaussian(detector.normalise(features["train"].to(detector.device)))
         detector.calibrate_features(features["calibration"])
         out = split_scores(detector, features["test"])
-        prefix = "" if irf_input == "mean_path" else "noisy_"
+        prefix = "noisy_" if irf_input == "noisy" else ""
         row[f"{prefix}image_auroc"] = auroc(out["scores"], labels)
         row[f"{prefix}pixel_auroc"] = pixel_auroc(out["maps"], masks)
         row[f"{prefix}r_image_auroc"] = auroc(out["r_scores"], labels)
