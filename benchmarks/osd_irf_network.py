@@ -1,7 +1,8 @@
 """What OSD-IRF's score network adds over its own Gaussian reference (issue 22).
 
-    .venv/bin/python benchmarks/osd_irf_network.py [--variants paper_t small_t paper_recipe] [--seeds 0 1 2]
-        [--budgets 300 600 1200] [--set key=value ...] [--toy-only] [--model BUNDLE] [--name osd_irf_network]
+    .venv/bin/python benchmarks/osd_irf_network.py [--variants paper_t small_t paper_recipe narrow_deep context]
+        [--seeds 0 1 2] [--budgets 300 600 1200] [--set key=value ...] [--toy-only | --no-toy] [--model BUNDLE]
+        [--name osd_irf_network]
 
 Every IRF is split into its Gaussian part, the exact noise prediction of N(0, I) data at the
 network's input, and the network's residual r (``OSDIRF.irf_split``). With the recipe's whitening and
@@ -11,7 +12,8 @@ Gaussian skip, r = 0 is the ``gaussian`` detector, so the split says what traini
    cells of ``ray_ad.data.toy_features``, which a Gaussian cannot describe; image AUROC of the Gaussian
    reference and of a small trained network at t = 500 (the paper's, trained on every t) and at t = 100
    (trained on t < 250); the same for REF's source network S1, read through the E_M of its reverse chain
-   alone (no head), untrained (N(0, I)'s denoiser) and trained on t < 250.
+   alone (no head), untrained (N(0, I)'s denoiser) and trained on t < 250; and the context variant's toy
+   (``consistent_tile_split``: odd cells that are N(0, I) per position but belong to another image).
 2. **magnetic_tile**: each variant (below, on top of ``configs/osd_irf_magnetic_tile.yaml`` with a
    CPU-sized DiT) is trained once per seed for the largest budget; at each budget the EMA network of
    that step scores the test split. Per budget: image / pixel AUROC of OSD-IRF as configured, of the
