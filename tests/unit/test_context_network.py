@@ -73,6 +73,8 @@ def test_context_configs_that_cannot_work_are_refused():
                                   "score_net": {"gaussian_skip": True}})
     with pytest.raises(ValueError, match="needs train.objective=masked_context"):
         method_config("osd_irf", tiny_osd_irf_config(irf_input="context"))
+    with pytest.raises(ValueError, match="context_block must be in .* got 3"):
+        context_detector(steps=0, block=3)  # a 4 x 4 grid holds two 2-cell blocks per side at most
     with pytest.raises(ValueError, match="train.objective must be one of"):
         TrainConfig(objective="contrast")
     with pytest.raises(ValueError, match="does not fit a DiT"):

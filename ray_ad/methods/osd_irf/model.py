@@ -83,6 +83,9 @@ class OSDIRFConfig(DetectorConfig):
             raise ValueError("irf_input=context predicts x_0 at t = 0: set score_net.gaussian_skip=false and "
                              f"scoring=one_step (got gaussian_skip={self.score_net.gaussian_skip}, "
                              f"scoring={self.scoring!r})")
+        grid, block = self.backbone.grid_size, self.train.context_block
+        if context and not 1 <= block <= grid // 2:
+            raise ValueError(f"train.context_block must be in [1, {grid // 2}] for a {grid}x{grid} grid, got {block}")
 
 
 def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
