@@ -218,7 +218,7 @@ def table(toy: dict[str, list[float]], rows: list[dict], reference: dict[str, fl
               f"r = 0 reference: image AUROC {reference['image_auroc']:.4f}, pixel AUROC "
               f"{reference['pixel_auroc']:.4f}.", "",
               "| variant | steps | seeds | image AUROC | pixel AUROC | gap image / pixel | ||r|| image / pixel "
-              "| Spearman vs r = 0 | noisy input: image / pixel | noisy ||r|| pixel | train s |",
+              "| Spearman vs r = 0 | noisy input: image / pixel | noisy ||r|| pixel | wall s to this budget |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["variant"], r["steps"]) for r in rows}, key=lambda k: (list(VARIANTS).index(k[0]), k[1]))
     for variant, steps in keys:

@@ -23,11 +23,16 @@ from torch import nn
 PATTERNS = 4
 
 
-def context_masks(grid_size: int, block: int) -> torch.Tensor:
-    """The four hiding patterns ``[4, 1, G, G]`` (1 = hidden); every cell is hidden by exactly one."""
+def check_block(grid_size: int, block: int) -> None:
+    """Two blocks per side at least, so that every pattern leaves context visible."""
     if not 1 <= block <= grid_size // 2:
         raise ValueError(f"train.context_block must be in [1, {grid_size // 2}] for a {grid_size}x{grid_size} "
                          f"grid (two blocks per side at least), got {block}")
+
+
+def context_masks(grid_size: int, block: int) -> torch.Tensor:
+    """The four hiding patterns ``[4, 1, G, G]`` (1 = hidden); every cell is hidden by exactly one."""
+    check_block(grid_size, block)
     index = torch.arange(grid_size) // block % 2
     rows, cols = index[:, None], index[None, :]
     return torch.stack([((rows == g // 2) & (cols == g % 2)).float() for g in range(PATTERNS)])[:, None]

@@ -19,7 +19,7 @@ import torch
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.diffusion import NoiseSchedule, ScoreNetConfig, build_score_net
-from ray_ad.diffusion.context import ContextNet, context_residual
+from ray_ad.diffusion.context import ContextNet, check_block, context_residual
 from ray_ad.methods.base import Detector, DetectorConfig, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.normalisation import FeatureNormaliser, NormalisationConfig
 from ray_ad.progress import progress as show_progress
@@ -83,9 +83,8 @@ class OSDIRFConfig(DetectorConfig):
             raise ValueError("irf_input=context predicts x_0 at t = 0: set score_net.gaussian_skip=false and "
                              f"scoring=one_step (got gaussian_skip={self.score_net.gaussian_skip}, "
                              f"scoring={self.scoring!r})")
-        grid, block = self.backbone.grid_size, self.train.context_block
-        if context and not 1 <= block <= grid // 2:
-            raise ValueError(f"train.context_block must be in [1, {grid // 2}] for a {grid}x{grid} grid, got {block}")
+        if context:
+            check_block(self.backbone.grid_size, self.train.context_block)
 
 
 def gaussian_scores(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
