@@ -14,7 +14,6 @@ each cell's nearest-template cost per layer, the coarse map that guides the filt
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def split_layers(features: torch.Tensor, channels: list[int]) -> list[torch.Tensor]:
@@ -39,13 +38,20 @@ def layer_costs(query: torch.Tensor, templates: torch.Tensor, depth: int) -> tor
     n = templates.shape[1]
     if not 1 <= depth <= n * h * w:
         raise ValueError(f"D = {depth} must be between 1 and N * H' * W' = {n * h * w}")
-    q = F.normalize(query.flatten(2), dim=1)  # [B, C, HW]: unit vectors, so a dot product is a cosine
-    t = F.normalize(templates.flatten(3), dim=2)  # [B, N, C, HW]
-    t = t.transpose(1, 2).reshape(b, c, n * h * w)  # merge templates and cells: the matching axis
-    similarity = torch.einsum("bci,bcj->bij", q, t)  # Eq. 1: V(j, n, l, i) for one layer l
-    cost = 1.0 - similarity  # Eq. 2: C = 1 - V
-    kept = cost.topk(depth, dim=2, largest=False, sorted=True).values  # [B, HW, D]
+    q = _unit(query.flatten(2))  # [B, C, HW]: unit vectors, so a dot product is a cosine
+    t = _unit(templates.transpose(1, 2).reshape(b, c, n * h * w))  # templates and cells merged: the matching axis
+    similarity = torch.bmm(q.transpose(1, 2), t)  # Eq. 1: V(j, n, l, i) for one layer l, [B, HW, N*HW]
+    # Eq. 2: C = 1 - V. The D smallest costs are the D largest similarities, so the costs are taken of
+    # those D only: on CPU the top-D search is most of the filter's time, and a full 1 - V adds a pass.
+    kept = 1.0 - similarity.topk(depth, dim=2, largest=True, sorted=True).values  # [B, HW, D], ascending cost
     return kept.transpose(1, 2).reshape(b, depth, h, w)
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    """``[B, C, M]`` scaled to unit length along C (``F.normalize``'s eps). A sum of squares over the
+    channel axis of this layout is a plain row reduction, several times faster on CPU than the strided
+    norm ``F.normalize`` runs over a middle axis."""
+    return vectors / vectors.square().sum(1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def cost_volume(query_layers: list[torch.Tensor], template_layers: list[torch.Tensor], depth: int) -> torch.Tensor:
