@@ -15,11 +15,21 @@ from ray_ad.data import load_samples
 from ray_ad.errors import DataError
 from ray_ad.methods import build_detector
 from ray_ad.methods.base import Runtime
-from ray_ad.methods.nagl.episodes import cell_mask
+from ray_ad.methods.nagl.config import EpisodeConfig
+from ray_ad.methods.nagl.episodes import DomainPool, cell_mask, sample_episodes
 from ray_ad.methods.nagl.model import NoReferences
-from ray_ad.methods.nagl.network import ResidualMining, abnormal_attention_mask
+from ray_ad.methods.nagl.network import NAGLNet, ResidualMining, abnormal_attention_mask, score_maps
 from ray_ad.methods.nagl.references import build_references
-from ray_ad.methods.nagl.scoring import cells, defect_region, nearest_normal, residual, top_mean
+from ray_ad.methods.nagl.scoring import (
+    cells,
+    defect_region,
+    nearest_normal,
+    normal_guided_score,
+    reference_statistics,
+    residual,
+    standardised,
+    top_mean,
+)
 from tests.conftest import tiny_nagl_config
 
 
@@ -82,6 +92,40 @@ def test_an_unmasked_reference_gets_its_cells_farthest_from_the_normals_and_a_gi
     assert region[0].nonzero().flatten().tolist() == [1, 4]  # the two cells (20%) with the largest S_n
     torch.testing.assert_close(region[1], given[1])  # a mask that marks a region is kept as given
     assert defect_region(given, S_n, fraction=0.01)[0].sum() == 1  # at least one cell
+
+
+def test_training_episodes_give_a_share_of_abnormal_references_without_their_mask() -> None:
+    torch.manual_seed(2)
+    masks = (torch.rand(6, 16) < 0.2).float()
+    masks[:, 0] = 1.0  # every defect marks at least one cell, none marks them all
+    pool = DomainPool("d", torch.randn(5, 16, 4), torch.randn(6, 16, 4), masks)
+
+    def references(share: float) -> torch.Tensor:
+        config = EpisodeConfig(batch_size=64, shots=(2,), maskless_references=share)
+        return sample_episodes([pool], config, torch.Generator().manual_seed(0)).M_a
+
+    assert not references(0.0).bool().all(-1).any()  # exact masks only
+    assert references(1.0).bool().all()  # every reference as a dataset without masks gives it
+    whole = references(0.5).bool().all(-1).float().mean()
+    assert 0.3 < whole < 0.7
+
+
+def test_training_estimates_the_region_of_a_maskless_reference_as_inference_does() -> None:
+    torch.manual_seed(3)
+    net = NAGLNet(dim=8, proxies=3, heads=2, alpha=-1e9).eval()
+    F_q, normal, F_a = torch.randn(2, 10, 8), torch.randn(2, 20, 8), torch.randn(2, 10, 8)
+    whole = torch.ones(2, 10)
+    with torch.no_grad():
+        S, s = score_maps(net, F_q, normal, F_a, whole, standardise=True, unmasked_region=0.2)
+        statistics = reference_statistics(normal)
+        normal_std, F_a_std = standardised(statistics, normal, F_a)
+        _, s_n_a = residual(F_a_std, normal_std)
+        region = defect_region(whole, normal_guided_score(s_n_a), 0.2)  # what set_references estimates
+        expected, _ = score_maps(net, F_q, normal, F_a, region, standardise=True)
+        unestimated, _ = score_maps(net, F_q, normal, F_a, whole, standardise=True)
+    assert region.sum(-1).tolist() == [2.0, 2.0]
+    torch.testing.assert_close(S, expected)
+    assert not torch.allclose(S, unestimated)  # the whole image would attend to every reference cell
 
 
 def test_image_score_is_the_mean_of_the_top_share() -> None:

@@ -23,6 +23,11 @@ class EpisodeConfig:
     lr_drops: tuple[float, ...] = (0.5, 0.75)
     shots: tuple[int, ...] = (1, 2, 4)  # K is drawn from these per episode (the authors' K_1 in [1, 2, 4])
     anomaly_probability: float = 0.5  # share of queries that are anomalous
+    # Share of episodes whose abnormal reference comes without its mask (the whole image marked), as a
+    # line of a dataset without pixel masks gives it (elpv): RM then trains on the region NAGL estimates
+    # for such a reference at inference (``unmasked_region``), not only on exact source masks. Ours; the
+    # paper always has masks. 0.5: half the episodes as each kind of line, no target figure read.
+    maskless_references: float = 0.5
     # Synthetic anomalies with their masks (data/synthetic.py): "auto" for domains that have no pixel
     # masks (elpv), "always" adds them to every domain (magnetic_tile + synthetic), "never" real only.
     synthetic: str = "always"
@@ -38,6 +43,8 @@ class EpisodeConfig:
             raise ValueError(f"train.shots must be positive reference counts, got {list(self.shots)}")
         if not 0 <= self.anomaly_probability <= 1:
             raise ValueError(f"train.anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
+        if not 0 <= self.maskless_references <= 1:
+            raise ValueError(f"train.maskless_references must be in [0, 1], got {self.maskless_references}")
         if self.synthetic not in SYNTHETIC_MODES:
             raise ValueError(f"train.synthetic must be one of {', '.join(SYNTHETIC_MODES)}, got {self.synthetic!r}")
         if self.synthetic_count < 0 or self.max_normals < 2:

@@ -66,8 +66,8 @@ class Episodes:
 
 def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: torch.Generator) -> Episodes:
     """One domain at random, K at random from ``config.shots``, then per item: K distinct normal
-    references, one abnormal reference, and a query that is neither (abnormal with
-    ``anomaly_probability``)."""
+    references, one abnormal reference (its mask replaced by the whole image with
+    ``maskless_references``), and a query that is neither (abnormal with ``anomaly_probability``)."""
     pool = pools[int(torch.randint(len(pools), (1,), generator=generator))]
     shots = config.shots[int(torch.randint(len(config.shots), (1,), generator=generator))]
     shots = min(shots, len(pool.normal) - 1)  # a normal query must remain outside the references
@@ -87,10 +87,12 @@ def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: t
             labels.append(0.0)
     ref_index = torch.stack(refs)
     abnormal_index = torch.stack(abnormal)
+    M_a = pool.masks[abnormal_index].clone()
+    maskless = torch.rand(config.batch_size, generator=generator) < config.maskless_references
+    M_a[maskless] = 1.0  # the whole image, as a reference without a pixel mask comes (score_maps estimates it)
     return Episodes(
         normal_refs=pool.normal[ref_index].flatten(1, 2), F_a=pool.abnormal[abnormal_index],
-        M_a=pool.masks[abnormal_index], F_q=torch.stack(queries), M_q=torch.stack(query_masks),
-        y_q=torch.tensor(labels))
+        M_a=M_a, F_q=torch.stack(queries), M_q=torch.stack(query_masks), y_q=torch.tensor(labels))
 
 
 def _square(image: Image.Image, size: int) -> np.ndarray:

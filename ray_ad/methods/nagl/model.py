@@ -61,7 +61,7 @@ class NAGL(Detector):
         self.references: ReferenceSet | None = None
         self.branch = "nagl"
         self.threshold = config.decision_threshold
-        self.scoring = MapScoring(config.top_fraction, config.standardise)
+        self.scoring = MapScoring(config.top_fraction, config.standardise, config.unmasked_region)
         self._normal_cells: torch.Tensor | None = None  # [1, K*N, C]
         self._abnormal_cells: torch.Tensor | None = None  # [1, A*N, C] and their masks [1, A*N]
         self._abnormal_masks: torch.Tensor | None = None

@@ -14,6 +14,7 @@ from torch import nn
 from ray_ad.errors import ConfigError
 from ray_ad.methods.nagl.scoring import (
     anomaly_guided_score,
+    defect_region,
     fused_map,
     normal_guided_score,
     reference_statistics,
@@ -110,22 +111,27 @@ class NAGLNet(nn.Module):
 
 @dataclass(frozen=True)
 class MapScoring:
-    """How maps and image scores are made from the features (the config's ``top_fraction``, ``standardise``)."""
+    """How maps and image scores are made from the features (the config's ``top_fraction``, ``standardise``,
+    ``unmasked_region``)."""
 
     top_fraction: float = 0.01
     standardise: bool = True
+    unmasked_region: float = 0.0  # region estimate for an abnormal reference whose mask is the whole image
 
 
 def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
                M_a: torch.Tensor | None = None, top_fraction: float = 0.01,
-               P_tilde: torch.Tensor | None = None, standardise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               P_tilde: torch.Tensor | None = None, standardise: bool = True,
+               unmasked_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``.
 
     ``normal_refs [B or 1, R, C]``: the normal-reference cells. With abnormal references (``F_a [B or 1,
     N_a, C]`` and their cell masks ``M_a``, or their residual proxies ``P_tilde`` mined once before),
     S = (S_n + S_a) / 2; without (``net`` None or no abnormal reference), S = S_n, the normal branch.
     With ``standardise`` every feature is first put in the normal references' per-channel standard units
-    (see the README: a CNN's non-negative features leave cosines little room otherwise).
+    (see the README: a CNN's non-negative features leave cosines little room otherwise). An abnormal
+    reference whose mask marks every cell gets its defect region estimated (``scoring.defect_region``,
+    ``unmasked_region`` > 0), as ``NAGL.set_references`` does for a line's references.
     """
     if standardise:
         statistics = reference_statistics(normal_refs)
@@ -140,7 +146,9 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
         res_a = None
         if P_tilde is None:
             with torch.no_grad():
-                res_a, _ = residual(F_a, normal_refs[: F_a.shape[0]])  # Res(F^a, F^n)
+                res_a, s_n_a = residual(F_a, normal_refs[: F_a.shape[0]])  # Res(F^a, F^n)
+                if unmasked_region > 0:
+                    M_a = defect_region(M_a, normal_guided_score(s_n_a), unmasked_region)
         P_hat = net(res_q, F_q, P_tilde, F_a, res_a, M_a)  # RM (unless mined before), then AFL
         S_a = anomaly_guided_score(F_q, P_hat)
     S = fused_map(normal_guided_score(s_n), S_a)

@@ -44,7 +44,7 @@ class EpisodeLoop:
     def train_step(self) -> float:
         batch = sample_episodes(self.pools, self.config, self.generator).to(self.device)
         S, s = score_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a, self.scoring.top_fraction,
-                          standardise=self.scoring.standardise)
+                          standardise=self.scoring.standardise, unmasked_region=self.scoring.unmasked_region)
         loss, _ = nagl_loss(S, s, batch.M_q, batch.y_q, self.weights)
         for group in self.optimiser.param_groups:
             group["lr"] = self.lr_at(self.step)
