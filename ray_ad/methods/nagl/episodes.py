@@ -88,8 +88,9 @@ def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: t
     ref_index = torch.stack(refs)
     abnormal_index = torch.stack(abnormal)
     M_a = pool.masks[abnormal_index].clone()
-    maskless = torch.rand(config.batch_size, generator=generator) < config.maskless_references
-    M_a[maskless] = 1.0  # the whole image, as a reference without a pixel mask comes (score_maps estimates it)
+    if config.maskless_references > 0:  # (no draw at 0, so the episodes stay those of earlier versions)
+        maskless = torch.rand(config.batch_size, generator=generator) < config.maskless_references
+        M_a[maskless] = 1.0  # the whole image, as a reference without a pixel mask comes (score_maps estimates it)
     return Episodes(
         normal_refs=pool.normal[ref_index].flatten(1, 2), F_a=pool.abnormal[abnormal_index],
         M_a=M_a, F_q=torch.stack(queries), M_q=torch.stack(query_masks), y_q=torch.tensor(labels))
