@@ -24,8 +24,8 @@ from ray_ad.methods.nagl.episodes import build_domain_pool, cell_mask
 from ray_ad.methods.nagl.network import MapScoring, NAGLNet, score_maps
 from ray_ad.methods.nagl.references import TENSOR_KEYS, ReferenceSet
 from ray_ad.methods.nagl.scoring import (
+    abnormal_residual,
     cells,
-    defect_region,
     nearest_normal,
     normal_guided_score,
     reference_statistics,
@@ -110,11 +110,9 @@ class NAGL(Detector):
             normal, F_a = self._normal_cells, self._abnormal_cells
             if self.config.standardise:
                 normal, F_a = standardised(reference_statistics(normal), normal, F_a)
-            s_n, nearest = nearest_normal(F_a, normal)
-            res_a = F_a - nearest  # Res(F^a, F^n)
             M_a = cell_mask(references.masks, grid).to(self.device)  # [A, N], as given
-            if self.config.unmasked_region > 0:  # 0: a whole-image mask stays the whole image
-                M_a = defect_region(M_a, normal_guided_score(s_n).view_as(M_a), self.config.unmasked_region)
+            # Res(F^a, F^n), and the region of a whole-image mask estimated (0: it stays the whole image)
+            res_a, M_a = abnormal_residual(F_a, normal, M_a, self.config.unmasked_region)
             self._abnormal_masks = M_a.flatten()[None]
             self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks)  # RM, once per reference set
 

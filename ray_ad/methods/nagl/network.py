@@ -13,8 +13,8 @@ from torch import nn
 
 from ray_ad.errors import ConfigError
 from ray_ad.methods.nagl.scoring import (
+    abnormal_residual,
     anomaly_guided_score,
-    defect_region,
     fused_map,
     normal_guided_score,
     reference_statistics,
@@ -130,7 +130,7 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
     S = (S_n + S_a) / 2; without (``net`` None or no abnormal reference), S = S_n, the normal branch.
     With ``standardise`` every feature is first put in the normal references' per-channel standard units
     (see the README: a CNN's non-negative features leave cosines little room otherwise). An abnormal
-    reference whose mask marks every cell gets its defect region estimated (``scoring.defect_region``,
+    reference whose mask marks every cell gets its defect region estimated (``scoring.abnormal_residual``,
     ``unmasked_region`` > 0), as ``NAGL.set_references`` does for a line's references.
     """
     if standardise:
@@ -146,9 +146,7 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
         res_a = None
         if P_tilde is None:
             with torch.no_grad():
-                res_a, s_n_a = residual(F_a, normal_refs[: F_a.shape[0]])  # Res(F^a, F^n)
-                if unmasked_region > 0:
-                    M_a = defect_region(M_a, normal_guided_score(s_n_a), unmasked_region)
+                res_a, M_a = abnormal_residual(F_a, normal_refs[: F_a.shape[0]], M_a, unmasked_region)
         P_hat = net(res_q, F_q, P_tilde, F_a, res_a, M_a)  # RM (unless mined before), then AFL
         S_a = anomaly_guided_score(F_q, P_hat)
     S = fused_map(normal_guided_score(s_n), S_a)

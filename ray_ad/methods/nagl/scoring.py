@@ -87,6 +87,18 @@ def defect_region(given: torch.Tensor, S_n: torch.Tensor, fraction: float) -> to
     return region
 
 
+def abnormal_residual(F_a: torch.Tensor, normal: torch.Tensor, M_a: torch.Tensor, unmasked_region: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RM's inputs from an abnormal reference: Res(F^a, F^n) ``[B, N_a, C]`` against ``normal [B, R, C]``, and
+    its region M^a in the shape of the given cell mask ``M_a`` (a mask that marks every cell estimated by
+    ``defect_region`` when ``unmasked_region`` > 0). Training (``score_maps``) and a line's reference set
+    (``NAGL.set_references``) both come here, so RM trains on the region it is given at inference."""
+    res_a, s_n = residual(F_a, normal)
+    if unmasked_region > 0:
+        M_a = defect_region(M_a, normal_guided_score(s_n).view_as(M_a), unmasked_region)
+    return res_a, M_a
+
+
 def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
     """s = T_fraction(S): the mean of the top ``fraction`` of cells of ``[B, N]`` (at least one cell)."""
     count = max(1, math.ceil(fraction * score_map.shape[-1]))
@@ -94,6 +106,6 @@ def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 __all__ = [
-    "anomaly_guided_score", "cells", "defect_region", "fused_map", "nearest_normal", "normal_guided_score",
-    "reference_statistics", "residual", "similarity", "standardised", "top_mean",
+    "abnormal_residual", "anomaly_guided_score", "cells", "defect_region", "fused_map", "nearest_normal",
+    "normal_guided_score", "reference_statistics", "residual", "similarity", "standardised", "top_mean",
 ]
