@@ -1,14 +1,16 @@
 """CostFilter-AD on magnetic_tile: each base detector beside base + filter, over filter seeds.
 
-    .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian] [--seeds 0 1 2] [--set key=value ...] \
-        [--fleet elpv:mono ...]
+    .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian osd_irf] [--seeds 0 1 2] \
+        [--set key=value ...] [--base-set key=value ...] [--fleet elpv:mono ...]
 
 Each base is fitted once (patchcore: ``configs/patchcore_magnetic_tile.yaml``; gaussian: the ``gaussian``
-detector with the OSD-IRF recipe's backbone and whitening, i.e. the r = 0 reference of ``magnetic_tile.py``) and
-saved; the filter is then trained over that base bundle once per seed (``base.model``), so the rows
-differ only by the filter. Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image
-(mean and spread over seeds), pixel AUROC per defect type, and overlay PNGs [image | base | base + CF |
-mask] for a few images of each defect type (seed 0) under ``results/<name>_overlays/``.
+detector with the OSD-IRF recipe's backbone and whitening, i.e. the r = 0 reference of ``magnetic_tile.py``;
+osd_irf: ``configs/osd_irf_magnetic_tile.yaml``, the base of ``--set template_source=reconstruction``;
+``--base-set`` overrides a base config value) and saved; the filter is then trained over that base bundle
+once per seed (``base.model``), so the rows differ only by the filter. Prints and saves image/pixel AUROC,
+AP, F1-max, AU-PRO, seconds per image (mean and spread over seeds), pixel AUROC per defect type, and
+overlay PNGs [image | base | base + CF | mask] for a few images of each defect type (seed 0) under
+``results/<name>_overlays/``.
 
 With ``--fleet DATA ...`` each seed also trains one fleet filter (``costfilter.fleet``) on magnetic_tile
 and the named datasets' normal images, each line with its own base of the same kind (fitted once on
@@ -52,7 +54,9 @@ def base_config(name: str) -> tuple[str, dict]:
     if name == "gaussian":  # the OSD-IRF recipe's per-position Gaussian (its backbone and whitening), no network
         recipe = load_file(str(CONFIGS / "osd_irf_magnetic_tile.yaml"))
         return "gaussian", {"backbone": recipe["backbone"], "normalisation": recipe["normalisation"]}
-    raise SystemExit(f"error: unknown base {name!r} (use patchcore or gaussian)")
+    if name == "osd_irf":  # the OSD-IRF recipe itself (its network: the reconstruction templates' source)
+        return "osd_irf", load_file(str(CONFIGS / "osd_irf_magnetic_tile.yaml"))
+    raise SystemExit(f"error: unknown base {name!r} (use patchcore, gaussian or osd_irf)")
 
 
 def overlays(base: Results, filtered: Results, out: Path, per_kind: int) -> int:
@@ -90,6 +94,8 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=["patchcore", "gaussian"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="override a CostFilter config value")
+    parser.add_argument("--base-set", action="append", default=[],
+                        help="override a base config value (e.g. train.steps=0 for an untrained osd_irf base)")
     parser.add_argument("--cache-dir", default=str(RESULTS / "cache"))
     parser.add_argument("--overlays", type=int, default=2, help="overlay PNGs per defect type (seed 0)")
     parser.add_argument("--fleet", nargs="*", default=[], help="other lines' data for a fleet filter (e.g. elpv:mono)")
@@ -100,11 +106,11 @@ def main() -> None:
     configure_logging()
     train, calibration, test = splits(args.data)
     runtime = Runtime(cache_dir=args.cache_dir)
-    report: dict = {"bases": {}, "machine": machine(), "overrides": args.set}
+    report: dict = {"bases": {}, "machine": machine(), "overrides": args.set, "base_overrides": args.base_set}
     lines = []
     for name in args.bases:
         method, values = base_config(name)
-        base = build_detector(method, method_config(method, values))
+        base = build_detector(method, method_config(method, apply_overrides(values, args.base_set)))
         base.fit(train, calibration, runtime)
         base_uri = str(RESULTS / "runs" / f"{args.name}_base_{name}")
         save_bundle(base, base_uri)

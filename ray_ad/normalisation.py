@@ -93,6 +93,15 @@ class FeatureNormaliser:
         centred = features.permute(0, 2, 3, 1) - self.mean
         return torch.einsum("bhwc,hwdc->bdhw", centred, self.scale).contiguous()
 
+    def invert(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Normalised features ``[B, C, G, G]`` back to backbone features (a reconstruction made in the
+        normalised space, e.g. OSD-IRF's Tweedie estimate, as features a cost volume can match)."""
+        if self.config.kind == "channel":
+            return normalised * self.scale[:, None, None] + self.mean[:, None, None]
+        # W_p is symmetric positive definite (ZCA), so solving against it undoes the whitening.
+        cells = torch.linalg.solve(self.scale, normalised.permute(2, 3, 1, 0))  # [G, G, C, B]
+        return (cells.permute(3, 0, 1, 2) + self.mean).permute(0, 3, 1, 2).contiguous()
+
     def to(self, device: torch.device | str) -> FeatureNormaliser:
         self.mean, self.scale = self.mean.to(device), self.scale.to(device)
         return self

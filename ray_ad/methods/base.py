@@ -127,6 +127,9 @@ class Detector(ABC):
     # True: predict_features(features) scores the extractor's features directly (a plug-in such as
     # CostFilter-AD that extracts the same features then hands them over instead of a second pass).
     scores_features: ClassVar[bool] = False
+    # True: reconstruct_features(features) is the detector's estimate of the clean features (OSD-IRF's
+    # Tweedie estimate), which CostFilter-AD's reconstruction-based variant takes as a template.
+    reconstructs: ClassVar[bool] = False
     # True: scores against a reference set given after training (NAGL's ``set_references``), so a line is
     # the trained generalist plus its own references and ``evaluate`` draws references per run.
     uses_references: ClassVar[bool] = False
@@ -180,6 +183,10 @@ class Detector(ABC):
     def predict_features(self, features: torch.Tensor) -> Prediction:
         """The prediction from this detector's own extractor features ``[B, C, G, G]`` (see ``scores_features``)."""
         raise NotImplementedError(f"{self.method} scores images, not features")
+
+    def reconstruct_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Clean features ``[B, C, G, G]`` estimated from extractor features (see ``reconstructs``)."""
+        raise NotImplementedError(f"{self.method} makes no reconstructions")
 
     # ---------------------------------------------------------------- what a bundle stores
     @abstractmethod

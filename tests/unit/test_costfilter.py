@@ -14,6 +14,7 @@ from ray_ad.errors import BundleError, ConfigError
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.costfilter.loss import LossWeights, costfilter_loss, soft_iou_loss, ssim_loss
+from ray_ad.methods.costfilter.model import pool_shares
 from ray_ad.methods.costfilter.network import CostFilterNet, FilterNetConfig
 from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.methods.costfilter.volume import cost_volume, initial_map, layer_costs, split_layers
@@ -293,19 +294,32 @@ def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images
     train, calibration = training_split(str(tiny_mvtec), 0.25)
     backbone = tiny_costfilter_config()["backbone"]
     base = {"method": "patchcore", "config": {"backbone": backbone, "bank_fraction": 1.0}}
-    normal_levels = {}
-    for pool_base in ("same", "held_out", "auto"):
+    normal_levels, lowest = {}, {}
+    for pool_base in ("same", "held_out", "auto", "cross_fit"):
         config = tiny_costfilter_config(base=base, train={"steps": 1, "batch_size": 4, "pool_size": 24,
-                                                          "loss_size": 32, "pool_base": pool_base})
+                                                          "loss_size": 32, "pool_base": pool_base, "pool_folds": 3})
         detector = build_detector("costfilter", method_config("costfilter", config))
         parts = detector.prepare(train, calibration, Runtime(False))
+        assert len(parts.pool) == 24
         normal = parts.pool.masks.flatten(1).amax(1) == 0
         normal_levels[pool_base] = float(parts.pool.base_maps[normal].mean())
-        # auto: a patchcore base is a memory of training patches, so its pool takes a held-out base
-        assert parts.pool_images == (len(train) if pool_base == "same" else len(train) - len(train) // 2)
+        lowest[pool_base] = float(parts.pool.base_maps[normal].flatten(1).mean(1).min())
+        # auto: a patchcore base is a memory of training patches, so its pool takes a held-out base;
+        # cross_fit makes the pool from every training image, each fold mapped by the other folds' base
+        held_out_images = len(train) - len(train) // 2
+        assert parts.pool_images == (held_out_images if pool_base in ("held_out", "auto") else len(train))
     # The line's own kNN base matches its training images exactly: 0 outside the pasted defects, a map no
     # test image ever gets. The held-out base scores them as the unseen images they are to it.
     assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"] == normal_levels["auto"]
+    # Cross-fitted: no normal pool item is mapped by a base that holds its image (that item would sit at 0).
+    assert lowest["same"] < 1e-3 < 0.05 < lowest["cross_fit"]
+
+
+def test_pool_shares_split_the_pool_over_its_parts_by_their_image_counts():
+    assert pool_shares(512, [761]) == [512]
+    assert pool_shares(10, [3, 3, 3]) == [4, 3, 3]
+    assert pool_shares(24, [5, 5, 4]) == [9, 8, 7]
+    assert sum(pool_shares(512, [153, 152, 152, 152, 152])) == 512
 
 
 @pytest.mark.slow
@@ -326,3 +340,53 @@ def test_a_base_with_the_filter_backbone_scores_the_filter_features_instead_of_a
     other = dict(backbone, local_pool=5)
     config = tiny_costfilter_config(backbone=backbone, base={"method": "patchcore", "config": {"backbone": other}})
     assert not build_detector("costfilter", method_config("costfilter", config)).shares_features
+
+
+# ---------------------------------------------------------------- reconstruction-based templates
+def reconstruction_config(**extra: object) -> dict:
+    """A CostFilter line whose templates include its OSD-IRF base's reconstructions (same backbone)."""
+    backbone = {"image_size": 64, "grid_size": 8, "layers": [1], "local_pool": 3}
+    base = {"backbone": backbone, "normalisation": {"kind": "position_whiten"}, "t": 250,
+            "score_net": {"hidden": 16, "depth": 1, "heads": 2, "gaussian_skip": True}, "train": {"steps": 0}}
+    return tiny_costfilter_config(backbone=backbone, base={"method": "osd_irf", "config": base},
+                                  template_source="reconstruction", **extra)
+
+
+@pytest.mark.slow
+def test_reconstruction_templates_are_the_osd_irf_base_tweedie_estimates_and_round_trip(tiny_mvtec: Path,
+                                                                                        tmp_path: Path):
+    from ray_ad.data import training_split
+
+    detector, _ = train_detector("costfilter", str(tiny_mvtec), reconstruction_config(), runtime=Runtime(False),
+                                 evaluate=False)
+    images = torch.stack([detector.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in sorted((tiny_mvtec / "test" / "spot").glob("*.png"))])
+    query = detector.extractor(images)
+    templates = detector.templates_for(query)
+    assert templates.shape == (len(images), 2, *query.shape[1:])
+    # An untrained network behind the Gaussian skip is N(0, I)'s exact denoiser, whose Tweedie estimate
+    # of whitened features z is alpha_bar_t z: in feature space each cell shrunk towards its position's mean.
+    mean = detector.base.normaliser.mean.permute(2, 0, 1)
+    alpha_bar = float(detector.base.schedule.alpha_bar(250, query.device))
+    assert torch.allclose(templates[:, -1], mean + alpha_bar * (query - mean), atol=1e-3)
+    assert torch.equal(templates[:, 0], detector.bank.gather(detector.bank.nearest(query, 1))[:, 0])
+    # The training pool carries the same base's reconstruction of each of its items.
+    train, calibration = training_split(str(tiny_mvtec), 0.25)
+    fresh = build_detector("costfilter", method_config("costfilter", reconstruction_config()))
+    pool = fresh.prepare(train, calibration, Runtime(False)).pool
+    assert torch.allclose(pool.reconstructions, fresh.base.reconstruct_features(pool.features), atol=1e-5)
+    save_bundle(detector, str(tmp_path / "bundle"))
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    assert torch.equal(loaded.predict(images).anomaly_map, detector.predict(images).anomaly_map)
+
+
+def test_reconstruction_templates_need_an_osd_irf_base_on_the_filter_backbone():
+    with pytest.raises(ConfigError, match="needs a base that reconstructs.*patchcore"):
+        build_detector("costfilter", method_config("costfilter", tiny_costfilter_config(
+            template_source="reconstruction")))
+    config = reconstruction_config()
+    config["base"]["config"]["backbone"] = {**config["base"]["config"]["backbone"], "grid_size": 4}
+    with pytest.raises(ConfigError, match="filter's backbone config"):
+        build_detector("costfilter", method_config("costfilter", config))
+    with pytest.raises(ConfigError, match="template_source"):
+        method_config("costfilter", tiny_costfilter_config(template_source="reconstructions"))

@@ -76,3 +76,13 @@ def test_bad_settings_are_named():
         FeatureNormaliser(NormalisationConfig("position_whiten"), 5, 3).fit(correlated_features(n=1))
     with pytest.raises(ValueError, match="augment"):
         OSDIRFConfig(normalisation=NormalisationConfig("position_whiten"), train=TrainConfig(augment=4))
+
+
+@pytest.mark.parametrize("kind", ["channel", "position_whiten"])
+def test_invert_gives_back_the_features_that_were_normalised(kind):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 6, 4, 4, generator=generator) * 3 + torch.arange(6.0)[:, None, None]
+    normaliser = FeatureNormaliser(NormalisationConfig(kind=kind), 6, 4).fit(features)
+    others = torch.randn(3, 6, 4, 4, generator=generator) * 5  # not the fitted ones: any features invert
+    assert torch.allclose(normaliser.invert(normaliser(others)), others, atol=1e-4)
+    assert not torch.allclose(normaliser(others), others, atol=1e-1)  # the normalisation did change them

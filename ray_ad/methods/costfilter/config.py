@@ -15,7 +15,8 @@ from ray_ad.methods.costfilter.network import FilterNetConfig
 # (ref_cfa needs labelled source data and an adaptation; a costfilter base would filter twice.)
 SUPPORTED_BASES = ("gaussian", "osd_irf", "patchcore")
 IMAGE_SCORES = ("fused", "map_top")
-POOL_BASES = ("auto", "held_out", "same")
+TEMPLATE_SOURCES = ("bank", "reconstruction")
+POOL_BASES = ("auto", "cross_fit", "held_out", "same")
 MEMORY_BASES = ("patchcore",)  # bases that store training patches and so match their own images exactly
 
 
@@ -43,13 +44,19 @@ class FilterTrainConfig:
     # Where a base-guided filter's pool gets the base's maps from. "held_out": a second base of the same
     # kind fitted on half of the training images, the pool made from the other half, so the maps look
     # like the base's maps of unseen images (a kNN base matches its own training images exactly: their
-    # maps are 0 outside the pasted defect, which no test image offers). "same": the line's base itself.
+    # maps are 0 outside the pasted defect, which no test image offers). "cross_fit": the training images
+    # split into pool_folds folds, each fold's pool items mapped by a base fitted on the other folds, so
+    # every image joins the pool and every base holds (folds - 1) / folds of the data, as near the line's
+    # own base as held-out maps allow (one base fit per fold). "same": the line's base itself.
     # "auto": held_out for a memory of training patches (patchcore), same for a fitted density.
     pool_base: str = "auto"
+    pool_folds: int = 5  # folds of cross_fit
 
     def __post_init__(self) -> None:
         if self.pool_base not in POOL_BASES:
             raise ValueError(f"train.pool_base must be one of {', '.join(POOL_BASES)}, got {self.pool_base!r}")
+        if self.pool_folds < 2:
+            raise ValueError(f"train.pool_folds must be >= 2, got {self.pool_folds}")
         if self.steps < 1 or self.batch_size < 1 or self.pool_size < 2 or self.lr <= 0:
             raise ValueError(f"train: steps >= 1, batch_size >= 1, pool_size >= 2, lr > 0; got {self}")
         if not 0 <= self.anomaly_probability <= 1:
@@ -74,6 +81,11 @@ class CostFilterConfig(DetectorConfig):
     templates: int = 4  # N: normal templates per query (the authors train with 4)
     matching_depth: int = 32  # D: the smallest costs kept per query cell and layer
     template_bank: int = 64  # normal training images kept (features) to draw templates from
+    # Where the N templates come from. "bank": the N normal bank images nearest to the query (the paper's
+    # embedding-based path). "reconstruction": the base's own reconstruction of the query (OSD-IRF's
+    # Tweedie estimate; the paper's reconstruction-based path) is one template, beside the N - 1 nearest
+    # bank images (N = 1: the reconstruction alone). Needs an osd_irf base on the filter's backbone.
+    template_source: str = "bank"
     filter: FilterNetConfig = field(default_factory=FilterNetConfig)
     train: FilterTrainConfig = field(default_factory=FilterTrainConfig)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -96,6 +108,9 @@ class CostFilterConfig(DetectorConfig):
                              f"got {self.matching_depth}")
         if self.template_bank < self.templates:
             raise ValueError(f"template_bank ({self.template_bank}) must hold at least N = {self.templates} images")
+        if self.template_source not in TEMPLATE_SOURCES:
+            raise ValueError(f"template_source must be one of {', '.join(TEMPLATE_SOURCES)}, "
+                             f"got {self.template_source!r}")
         if self.image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         if not 0 <= self.fusion <= 1:

@@ -28,7 +28,7 @@ from ray_ad.methods.costfilter.training import train_filter
 from ray_ad.training import loss_summary
 
 # What every line of one fleet filter must share: the filter reads their features and volumes alike.
-SHARED_KEYS = ("backbone", "templates", "matching_depth", "filter", "train", "loss", "device")
+SHARED_KEYS = ("backbone", "templates", "template_source", "matching_depth", "filter", "train", "loss", "device")
 
 
 def _check_compatible(detectors: list[CostFilter]) -> None:

@@ -9,6 +9,7 @@ authors' code does) and the image score is the mean of the map's top pixels (Sec
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.methods.costfilter.training import train_filter
 from ray_ad.training import loss_summary
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class FitParts:
@@ -39,6 +42,27 @@ class FitParts:
     calibration_images: list[torch.Tensor]
     calibration_base: list[Prediction]
     pool_images: int  # distinct normal images the pool was made from
+
+
+@dataclass
+class PoolPart:
+    """Images the synthetic pool is made from, and (for a base-guided filter) a call that returns the
+    ``images -> scaled base cell maps`` function for them, made only when their part of the pool is."""
+
+    samples: list[Sample]
+    base_maps: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None
+
+    def base_map(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return None if self.base_maps is None else self.base_maps()
+
+
+def pool_shares(total: int, sizes: list[int]) -> list[int]:
+    """``total`` pool items split over parts in proportion to their image counts (largest remainders)."""
+    exact = [total * size / sum(sizes) for size in sizes]
+    counts = [int(value) for value in exact]
+    for k in sorted(range(len(sizes)), key=lambda k: counts[k] - exact[k])[: total - sum(counts)]:
+        counts[k] += 1
+    return counts
 
 
 def normal_level(values: list[torch.Tensor], stride: int = 1) -> float:
@@ -86,6 +110,14 @@ class CostFilter(Detector):
                 f"std {theirs.std}; the filter's backbone {mine.size} px, mean {mine.mean}, std {mine.std}: "
                 "give both the same image_size and a backbone of the same normalisation"
             )
+        if self.config.template_source == "reconstruction":
+            if not base.reconstructs:
+                raise ConfigError(f"template_source=reconstruction needs a base that reconstructs its features "
+                                  f"(osd_irf); the base is a {base.method} model")
+            if not self._reads_filter_features(base):
+                raise ConfigError("template_source=reconstruction matches the base's reconstructions against the "
+                                  f"filter's features: give the base the filter's backbone config "
+                                  f"({to_dict(self.config.backbone)}), not {to_dict(base.config.backbone)}")
 
     # ---------------------------------------------------------------- the base
     def use_base_bundle(self, uri: str) -> None:
@@ -110,7 +142,21 @@ class CostFilter(Detector):
     @property
     def shares_features(self) -> bool:
         """Whether the base reads exactly the filter's features (then one backbone pass serves both)."""
-        return self.base.scores_features and to_dict(self.base.config.backbone) == to_dict(self.config.backbone)
+        return self._reads_filter_features(self.base)
+
+    def _reads_filter_features(self, base: Detector) -> bool:
+        return base.scores_features and to_dict(base.config.backbone) == to_dict(self.config.backbone)
+
+    def templates_for(self, query: torch.Tensor) -> torch.Tensor:
+        """A query's N templates ``[B, N, C, H', W']``: the N nearest bank images, or with reconstruction
+        templates the N - 1 nearest and the base's reconstruction of the query last."""
+        n = self.config.templates
+        if self.config.template_source == "bank":
+            return self.bank.gather(self.bank.nearest(query, n))
+        reconstruction = self.base.reconstruct_features(query)[:, None].to(query.dtype)
+        if n == 1:
+            return reconstruction
+        return torch.cat([self.bank.gather(self.bank.nearest(query, n - 1)), reconstruction], dim=1)
 
     @property
     def base_guided(self) -> bool:
@@ -157,35 +203,58 @@ class CostFilter(Detector):
         calibration_images = self._batches(calibration)
         calibration_base = self._fit_base_scale(calibration_images)  # first: a base-guided filter trains on scaled maps
         t = cfg.train
-        pool_samples, base_map = train, None
+        parts = [PoolPart(train, None)]
         if self.base_guided:
-            pool_samples, base_map = self._pool_base(train, calibration, calibration_images, rng, runtime)
-        pool = build_pool(self.extractor, [s.path for s in pool_samples],
-                          {s.path: k for k, s in enumerate(bank_samples)}, t.pool_size, t.anomaly_probability,
-                          t.opacity, list(t.fill_sources), t.loss_size, rng, self.device, runtime.progress, base_map)
-        return FitParts(base_info, pool, calibration_images, calibration_base, len(pool_samples))
+            parts = self._pool_parts(train, calibration, calibration_images, rng, runtime)
+        bank_index = {s.path: k for k, s in enumerate(bank_samples)}
+        # Reconstruction templates come from the line's own base (a fitted density, whose reconstructions of
+        # its training images are no closer than of unseen ones; unlike a memory of patches).
+        reconstruct = self.base.reconstruct_features if cfg.template_source == "reconstruction" else None
+        pools = [build_pool(self.extractor, [s.path for s in part.samples], bank_index, count, t.anomaly_probability,
+                            t.opacity, list(t.fill_sources), t.loss_size, rng, self.device, runtime.progress,
+                            part.base_map(), reconstruct)
+                 for part, count in zip(parts, pool_shares(t.pool_size, [len(part.samples) for part in parts]))]
+        return FitParts(base_info, SyntheticPool.concat(pools), calibration_images, calibration_base,
+                        sum(len(part.samples) for part in parts))
 
-    def _pool_base(self, train: list[Sample], calibration: list[Sample], calibration_images: list[torch.Tensor],
-                   rng: np.random.Generator, runtime: Runtime) -> tuple[list[Sample], Callable]:
-        """(the pool's source images, images -> the base's scaled cell maps) for a base-guided filter."""
+    def _pool_parts(self, train: list[Sample], calibration: list[Sample], calibration_images: list[torch.Tensor],
+                    rng: np.random.Generator, runtime: Runtime) -> list[PoolPart]:
+        """The pool's source images and, for each part of them, how the base's scaled cell maps are made."""
         pool_base = self.config.train.pool_base
         if pool_base == "auto":
             pool_base = "held_out" if self.base.method in MEMORY_BASES else "same"
         if pool_base == "same" or len(train) < 4:
-            return train, lambda images: self.base_cells(self.base.predict(images).anomaly_map)
+            return [PoolPart(train, lambda: lambda images: self.base_cells(self.base.predict(images).anomaly_map))]
         order = rng.permutation(len(train))
-        half = len(train) // 2
-        from ray_ad.methods import build_detector  # the registry lists this method too
+        if pool_base == "held_out":
+            half = len(train) // 2
+            fit_rows, pool_rows = [sorted(order[:half])], [sorted(order[half:])]
+        else:  # cross_fit: each fold's images are mapped by a base fitted on the other folds
+            folds = min(self.config.train.pool_folds, len(train) // 2)  # a fold must offer the pool 2 images
+            pool_rows = [sorted(fold) for fold in np.array_split(order, folds)]
+            fit_rows = [sorted(set(range(len(train))) - set(rows)) for rows in pool_rows]
+        return [PoolPart([train[i] for i in rows],
+                         self._other_base(rows_fit, train, calibration, calibration_images, runtime, k, len(pool_rows)))
+                for k, (rows, rows_fit) in enumerate(zip(pool_rows, fit_rows))]
 
-        held_out = build_detector(self.base.method, to_dict(self.base.config))
-        held_out.fit([train[i] for i in sorted(order[:half])], calibration, runtime.quiet())
-        with torch.no_grad():
-            scale = normal_level([held_out.predict(batch).anomaly_map for batch in calibration_images], stride=7)
+    def _other_base(self, rows: list[int], train: list[Sample], calibration: list[Sample],
+                    calibration_images: list[torch.Tensor], runtime: Runtime, part: int, parts: int
+                    ) -> Callable[[], Callable[[torch.Tensor], torch.Tensor]]:
+        """A deferred fit of a base of the line's kind on ``train[rows]``: called when its part of the pool is
+        made, so one such base is held at a time. Its maps come on its own normal level."""
 
-        def base_map(images: torch.Tensor) -> torch.Tensor:
-            return self.base_cells(held_out.predict(images).anomaly_map, scale)  # on its own normal level
+        def fitted() -> Callable[[torch.Tensor], torch.Tensor]:
+            from ray_ad.methods import build_detector  # the registry lists this method too
 
-        return [train[i] for i in sorted(order[half:])], base_map
+            log.info("pool base %d/%d: a %s base fitted on %d of %d training images", part + 1, parts,
+                     self.base.method, len(rows), len(train))
+            other = build_detector(self.base.method, to_dict(self.base.config))
+            other.fit([train[i] for i in rows], calibration, runtime.quiet())
+            with torch.no_grad():
+                scale = normal_level([other.predict(batch).anomaly_map for batch in calibration_images], stride=7)
+            return lambda images: self.base_cells(other.predict(images).anomaly_map, scale)
+
+        return fitted
 
     def finish(self, parts: FitParts, losses: list[float]) -> dict[str, Any]:
         """After the filter trained: the threshold, and what the fit reports."""
@@ -234,7 +303,7 @@ class CostFilter(Detector):
             # Same backbone config: the base scores these very features instead of extracting them again.
             base = self.base.predict_features(query) if self.shares_features else self.base.predict(images)
         base_cells = self.base_cells(base.anomaly_map) if self.base_guided else None
-        templates = self.bank.gather(self.bank.nearest(query, self.config.templates))
+        templates = self.templates_for(query)
         if self.device.type == "cpu" and query.shape[0] == 1:
             # PyTorch sends single-sample 3D convolutions of this size to a slow native CPU kernel
             # (5x slower than its oneDNN path, which it uses from two samples on): score a pair.

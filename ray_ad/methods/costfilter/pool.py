@@ -29,6 +29,8 @@ class SyntheticPool:
     sources: torch.Tensor  # [P] the template-bank index of the image each item was made from (-1: none)
     base_maps: torch.Tensor | None = None  # [P, H', W'] the base detector's cell map (base guidance only)
     classes: torch.Tensor | None = None  # [P] the line of each item (a fleet filter's pool only)
+    # [P, C, H', W'] the base's reconstruction of each item's features (reconstruction templates only)
+    reconstructions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -39,7 +41,20 @@ class SyntheticPool:
             return None if values is None else values[rank::world]
 
         return SyntheticPool(self.features[rank::world], self.masks[rank::world], self.sources[rank::world],
-                             part(self.base_maps), part(self.classes))
+                             part(self.base_maps), part(self.classes), part(self.reconstructions))
+
+    @staticmethod
+    def concat(pools: list[SyntheticPool]) -> SyntheticPool:
+        """One line's pool made in parts (cross-fitted base maps, one part per fold): the parts share one
+        template bank, so their source indices stand as they are."""
+        if not pools:
+            raise ValueError("no pools to concatenate")
+        if len(pools) == 1:
+            return pools[0]
+        return SyntheticPool(
+            torch.cat([pool.features for pool in pools]), torch.cat([pool.masks for pool in pools]),
+            torch.cat([pool.sources for pool in pools]), _joined(pools, "base_maps"), None,
+            _joined(pools, "reconstructions"))
 
     @staticmethod
     def fleet(pools: list[SyntheticPool], bank_sizes: list[int]) -> SyntheticPool:
@@ -47,16 +62,25 @@ class SyntheticPool:
         indices are shifted to its rows of the concatenated template bank (banks of ``bank_sizes``)."""
         if len(pools) != len(bank_sizes) or not pools:
             raise ValueError(f"{len(pools)} pools for {len(bank_sizes)} template banks")
-        guided = {pool.base_maps is not None for pool in pools}
-        if len(guided) > 1:
-            raise ValueError("the lines' pools disagree on base guidance: all or none must carry base maps")
         offsets = [sum(bank_sizes[:k]) for k in range(len(pools))]
         sources = [torch.where(pool.sources >= 0, pool.sources + offset, pool.sources)
                    for pool, offset in zip(pools, offsets)]
         return SyntheticPool(
             torch.cat([pool.features for pool in pools]), torch.cat([pool.masks for pool in pools]), torch.cat(sources),
-            torch.cat([pool.base_maps for pool in pools]) if guided == {True} else None,
-            torch.cat([torch.full((len(pool),), k, dtype=torch.long) for k, pool in enumerate(pools)]))
+            _joined(pools, "base_maps"),
+            torch.cat([torch.full((len(pool),), k, dtype=torch.long) for k, pool in enumerate(pools)]),
+            _joined(pools, "reconstructions"))
+
+
+def _joined(pools: list[SyntheticPool], name: str) -> torch.Tensor | None:
+    """The optional field ``name`` of several pools, concatenated; all or none of them must carry it."""
+    values = [getattr(pool, name) for pool in pools]
+    if all(value is None for value in values):
+        return None
+    if any(value is None for value in values):
+        what = {"base_maps": "base guidance (base maps)", "reconstructions": "reconstruction templates"}[name]
+        raise ValueError(f"the pools disagree on {what}: all or none must carry them")
+    return torch.cat(values)
 
 
 def _resized(path: str, size: int) -> np.ndarray:
@@ -68,21 +92,26 @@ def build_pool(
     extractor: FeatureExtractor, paths: list[str], bank_index: dict[str, int], count: int, anomaly_probability: float,
     opacity: tuple[float, float], fill_sources: list[str], loss_size: int, rng: np.random.Generator,
     device: torch.device, progress: bool, base_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SyntheticPool:
     """``count`` items cycling through ``paths`` (shuffled), each anomalous with ``anomaly_probability``
     (the donor for a shuffled fill is another image of ``paths``). ``base_map`` (preprocessed images ->
-    the base detector's cell maps) is run on every item when the filter is guided by the base."""
+    the base detector's cell maps) is run on every item when the filter is guided by the base, and
+    ``reconstruct`` (features -> the base's reconstruction of them) when it matches reconstructions."""
     if len(paths) < 2:
         raise ValueError(f"the synthetic pool needs at least 2 normal images, got {len(paths)}")
     size = extractor.preprocessor.size
     order = rng.permutation(len(paths))
-    features, masks, sources, base_maps = [], [], [], []
+    features, masks, sources, base_maps, reconstructions = [], [], [], [], []
     chunk: list[Image.Image] = []
 
     def flush() -> None:
         if chunk:
             images = extractor.preprocessor.batch(chunk).to(device)
-            features.append(extractor(images).float().cpu())
+            batch = extractor(images)
+            features.append(batch.float().cpu())
+            if reconstruct is not None:
+                reconstructions.append(reconstruct(batch).float().cpu())
             if base_map is not None:
                 base_maps.append(base_map(images).float().cpu())
             chunk.clear()
@@ -103,4 +132,5 @@ def build_pool(
             flush()
     flush()
     return SyntheticPool(torch.cat(features), torch.stack(masks), torch.tensor(sources, dtype=torch.long),
-                         torch.cat(base_maps) if base_maps else None)
+                         torch.cat(base_maps) if base_maps else None, None,
+                         torch.cat(reconstructions) if reconstructions else None)

@@ -53,7 +53,10 @@ class FilterLoop:
         chosen = self.bank.random(self.pool.sources[index], self.matching.templates, self.generator, classes)
         query = self.pool.features[index].to(self.device)
         base_map = None if self.pool.base_maps is None else self.pool.base_maps[index].to(self.device)
-        anomaly_map, class_logits = filter_forward(self.model, self.matching, query, self.bank.gather(chosen), base_map)
+        templates = self.bank.gather(chosen)
+        if self.pool.reconstructions is not None:  # the base's reconstruction of the query is its last template
+            templates[:, -1] = self.pool.reconstructions[index].to(templates.device)
+        anomaly_map, class_logits = filter_forward(self.model, self.matching, query, templates, base_map)
         # The map at loss resolution against the mask's share per pixel (pool.py).
         predicted = F.interpolate(anomaly_map[:, None], size=cfg.loss_size, mode="bilinear", align_corners=False)
         loss, _ = costfilter_loss(predicted[:, 0], self.pool.masks[index].to(self.device), self.weights,

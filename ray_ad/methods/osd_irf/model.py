@@ -121,6 +121,7 @@ class OSDIRF(Detector):
     method = "osd_irf"
     supports_inversion = True  # set_scoring("inversion"): InvAD's DDIM inversion on the same network
     scores_features = True
+    reconstructs = True  # reconstruct_features: its network's estimate of clean features
 
     def __init__(self, config: OSDIRFConfig) -> None:
         super().__init__(config)
@@ -207,6 +208,21 @@ class OSDIRF(Detector):
         alpha_bar_t = self.schedule.alpha_bar(t, x0.device)
         mu_x_t = alpha_bar_t.sqrt() * x0  # mean-path input, Eq. 7
         return self.score_net(mu_x_t, torch.full((x0.shape[0],), t, device=x0.device))
+
+    @torch.no_grad()
+    def reconstruct_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The network's estimate of the clean features ``[B, C, G, G]`` of backbone features, in backbone
+        feature space: Tweedie's x_0 estimate from the mean-path input of Eq. 7,
+        x^_0 = (mu(x_t) - sqrt(1 - alpha_bar_t) Delta x_t) / sqrt(alpha_bar_t) = x_0 - sqrt((1 - alpha_bar_t)
+        / alpha_bar_t) Delta x_t; with ``irf_input: context``, f(context) = x_0 - Delta. These are the
+        reconstruction-based templates of CostFilter-AD (Sec. 3.2). Under the Gaussian denoiser (r = 0)
+        x^_0 = alpha_bar_t x_0: the features shrunk towards each position's training mean."""
+        x0 = self.normalise(features.to(self.device))
+        delta = self.inverse_residual_field(x0)
+        if self.config.irf_input == "context":
+            return self.normaliser.invert(x0 - delta)
+        alpha_bar_t = self.schedule.alpha_bar(self.config.t, x0.device)
+        return self.normaliser.invert(x0 - ((1 - alpha_bar_t) / alpha_bar_t).sqrt() * delta)
 
     def irf_noise(self, like: torch.Tensor) -> torch.Tensor:
         """Eq. 6's eps: ``irf_draws`` fixed draws ``[K, C, G, G]`` from the config's seed, the same for
