@@ -207,8 +207,8 @@ class CostFilter(Detector):
         if self.base_guided:
             parts = self._pool_parts(train, calibration, calibration_images, rng, runtime)
         bank_index = {s.path: k for k, s in enumerate(bank_samples)}
-        # Reconstruction templates come from the line's own base (a fitted density, whose reconstructions of
-        # its training images are no closer than of unseen ones; unlike a memory of patches).
+        # Reconstruction templates come from the line's own base, the one that makes them at inference (an
+        # OSD-IRF base is a fitted density, whose maps pool_base "auto" also takes from the line's base).
         reconstruct = self.base.reconstruct_features if cfg.template_source == "reconstruction" else None
         pools = [build_pool(self.extractor, [s.path for s in part.samples], bank_index, count, t.anomaly_probability,
                             t.opacity, list(t.fill_sources), t.loss_size, rng, self.device, runtime.progress,
