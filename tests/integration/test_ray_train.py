@@ -59,7 +59,8 @@ def test_the_cost_filter_trains_on_one_ray_worker_exactly_like_the_local_loop(ra
     generator = torch.Generator().manual_seed(2)
     masks = (torch.rand(12, 16, 16, generator=generator) > 0.8).float()
     pool = SyntheticPool(torch.rand(12, 10, 4, 4, generator=generator), masks, torch.tensor([0, 1, 2, -1] * 3),
-                         base_maps=torch.rand(12, 4, 4, generator=generator))  # the filter is base-guided
+                         base_maps=torch.rand(12, 4, 4, generator=generator),  # the filter is base-guided
+                         reconstructions=torch.rand(12, 10, 4, 4, generator=generator))  # and one template each
     bank = TemplateBank(torch.rand(5, 10, 4, 4, generator=generator), [4, 6])
     matching = Matching((4, 6), templates=2, depth=6)
     config = FilterTrainConfig(steps=12, batch_size=4, loss_size=16)

@@ -390,3 +390,31 @@ def test_reconstruction_templates_need_an_osd_irf_base_on_the_filter_backbone():
         build_detector("costfilter", method_config("costfilter", config))
     with pytest.raises(ConfigError, match="template_source"):
         method_config("costfilter", tiny_costfilter_config(template_source="reconstructions"))
+
+
+def test_training_takes_each_pool_item_reconstruction_as_its_last_template(monkeypatch):
+    from ray_ad.methods.costfilter import training
+    from ray_ad.methods.costfilter.config import FilterTrainConfig
+    from ray_ad.methods.costfilter.network import Matching
+    from ray_ad.methods.costfilter.pool import SyntheticPool
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.rand(8, 10, 4, 4, generator=generator)
+    seen, forward = [], training.filter_forward
+
+    def recording(model, matching, query, templates, base_cells=None):
+        seen.append((query.clone(), templates.clone()))
+        return forward(model, matching, query, templates, base_cells)
+
+    monkeypatch.setattr(training, "filter_forward", recording)
+    bank = TemplateBank(torch.rand(5, 10, 4, 4, generator=generator), [4, 6])
+    net = CostFilterNet(6, [4, 6], FilterNetConfig(width=4, levels=2, guidance_width=2, base_guidance=False))
+    masks = torch.zeros(8, 16, 16)
+    for reconstructions in (features, None):  # a reconstruction equal to its item: the query itself
+        seen.clear()
+        pool = SyntheticPool(features, masks, torch.full((8,), -1), reconstructions=reconstructions)
+        loop = training.FilterLoop(net, pool, bank, Matching((4, 6), templates=2, depth=6),
+                                   FilterTrainConfig(steps=2, batch_size=3, loss_size=16), LossWeights(), "cpu", 0)
+        loop.run(progress=False)
+        matches = [torch.equal(templates[:, -1], query) for query, templates in seen]
+        assert len(seen) == 2 and all(matches) == (reconstructions is not None) and any(matches) == all(matches)
