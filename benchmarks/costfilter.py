@@ -1,16 +1,16 @@
 """CostFilter-AD on magnetic_tile: each base detector beside base + filter, over filter seeds.
 
     .venv/bin/python benchmarks/costfilter.py [--bases patchcore gaussian osd_irf] [--seeds 0 1 2] \
-        [--set key=value ...] [--base-set key=value ...] [--fleet elpv:mono ...]
+        [--set key=value ...] [--base-set key=value ... | --base-model BUNDLE] [--fleet elpv:mono ...]
 
 Each base is fitted once (patchcore: ``configs/patchcore_magnetic_tile.yaml``; gaussian: the ``gaussian``
 detector with the OSD-IRF recipe's backbone and whitening, i.e. the r = 0 reference of ``magnetic_tile.py``;
 osd_irf: ``configs/osd_irf_magnetic_tile.yaml``, the base of ``--set template_source=reconstruction``;
-``--base-set`` overrides a base config value) and saved; the filter is then trained over that base bundle
-once per seed (``base.model``), so the rows differ only by the filter. Prints and saves image/pixel AUROC,
-AP, F1-max, AU-PRO, seconds per image (mean and spread over seeds), pixel AUROC per defect type, and
-overlay PNGs [image | base | base + CF | mask] for a few images of each defect type (seed 0) under
-``results/<name>_overlays/``.
+``--base-set`` overrides a base config value; ``--base-model`` loads a saved one instead) and saved; the
+filter is then trained over that base bundle once per seed (``base.model``), so the rows differ only by the
+filter. Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image (mean and spread over
+seeds), pixel AUROC per defect type, and overlay PNGs [image | base | base + CF | mask] for a few images of
+each defect type (seed 0) under ``results/<name>_overlays/``.
 
 With ``--fleet DATA ...`` each seed also trains one fleet filter (``costfilter.fleet``) on magnetic_tile
 and the named datasets' normal images, each line with its own base of the same kind (fitted once on
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MAGNETIC_TILE, RESULTS, machine, save, splits  # noqa: E402
 from magnetic_tile import pixel_auroc_per_defect  # noqa: E402
 
-from ray_ad.bundle import save_bundle  # noqa: E402
+from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides, load_file, to_dict  # noqa: E402
 from ray_ad.data.images import load_image  # noqa: E402
 from ray_ad.evaluation import Results, compute_metrics, run_detector  # noqa: E402
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a CostFilter config value")
     parser.add_argument("--base-set", action="append", default=[],
                         help="override a base config value (e.g. train.steps=0 for an untrained osd_irf base)")
+    parser.add_argument("--base-model", default="",
+                        help="a saved base bundle of the one base named in --bases, used instead of fitting it")
     parser.add_argument("--cache-dir", default=str(RESULTS / "cache"))
     parser.add_argument("--overlays", type=int, default=2, help="overlay PNGs per defect type (seed 0)")
     parser.add_argument("--fleet", nargs="*", default=[], help="other lines' data for a fleet filter (e.g. elpv:mono)")
@@ -103,17 +105,23 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    if args.base_model and len(args.bases) != 1:
+        sys.exit(f"error: --base-model replaces one base, but --bases names {len(args.bases)}")
     configure_logging()
     train, calibration, test = splits(args.data)
     runtime = Runtime(cache_dir=args.cache_dir)
-    report: dict = {"bases": {}, "machine": machine(), "overrides": args.set, "base_overrides": args.base_set}
+    report: dict = {"bases": {}, "machine": machine(), "overrides": args.set, "base_overrides": args.base_set,
+                    "base_model": args.base_model}
     lines = []
     for name in args.bases:
-        method, values = base_config(name)
-        base = build_detector(method, method_config(method, apply_overrides(values, args.base_set)))
-        base.fit(train, calibration, runtime)
-        base_uri = str(RESULTS / "runs" / f"{args.name}_base_{name}")
-        save_bundle(base, base_uri)
+        if args.base_model:
+            base, base_uri = load_bundle(args.base_model), args.base_model
+        else:
+            method, values = base_config(name)
+            base = build_detector(method, method_config(method, apply_overrides(values, args.base_set)))
+            base.fit(train, calibration, runtime)
+            base_uri = str(RESULTS / "runs" / f"{args.name}_base_{name}")
+            save_bundle(base, base_uri)
         base_results = run_detector(base, test)
         entry = {"base": compute_metrics(base_results), "base_per_defect": pixel_auroc_per_defect(base_results),
                  "filtered": [], "filtered_per_defect": [], "fit": [], "fleet": [], "fleet_per_defect": [],
