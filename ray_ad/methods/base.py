@@ -188,6 +188,11 @@ class Detector(ABC):
         """Clean features ``[B, C, G, G]`` estimated from extractor features (see ``reconstructs``)."""
         raise NotImplementedError(f"{self.method} makes no reconstructions")
 
+    def predict_and_reconstruct(self, features: torch.Tensor) -> tuple[Prediction, torch.Tensor]:
+        """``predict_features`` and ``reconstruct_features`` of the same features (a detector whose two share
+        work overrides this to do it once)."""
+        return self.predict_features(features), self.reconstruct_features(features)
+
     # ---------------------------------------------------------------- what a bundle stores
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -370,6 +370,16 @@ def test_reconstruction_templates_are_the_osd_irf_base_tweedie_estimates_and_rou
     alpha_bar = float(detector.base.schedule.alpha_bar(250, query.device))
     assert torch.allclose(templates[:, -1], mean + alpha_bar * (query - mean), atol=1e-3)
     assert torch.equal(templates[:, 0], detector.bank.gather(detector.bank.nearest(query, 1))[:, 0])
+    # One network pass gives the base's prediction and its reconstruction, as the two separate calls do.
+    prediction, reconstruction = detector.base.predict_and_reconstruct(query)
+    assert torch.equal(reconstruction, detector.base.reconstruct_features(query))
+    alone = detector.base.predict_features(query)
+    assert torch.equal(prediction.pred_score, alone.pred_score) and torch.equal(prediction.anomaly_map,
+                                                                                alone.anomaly_map)
+    calls = []
+    detector.base.score_net.register_forward_hook(lambda *args: calls.append(1))
+    detector.predict(images)
+    assert len(calls) == 1  # the line's prediction runs the base's network once per batch
     # The training pool carries the same base's reconstruction of each of its items.
     train, calibration = training_split(str(tiny_mvtec), 0.25)
     fresh = build_detector("costfilter", method_config("costfilter", reconstruction_config()))

@@ -110,7 +110,7 @@ class CostFilter(Detector):
                 f"std {theirs.std}; the filter's backbone {mine.size} px, mean {mine.mean}, std {mine.std}: "
                 "give both the same image_size and a backbone of the same normalisation"
             )
-        if self.config.template_source == "reconstruction":
+        if self.uses_reconstructions:
             if not base.reconstructs:
                 raise ConfigError(f"template_source=reconstruction needs a base that reconstructs its features "
                                   f"(osd_irf); the base is a {base.method} model")
@@ -147,13 +147,20 @@ class CostFilter(Detector):
     def _reads_filter_features(self, base: Detector) -> bool:
         return base.scores_features and to_dict(base.config.backbone) == to_dict(self.config.backbone)
 
-    def templates_for(self, query: torch.Tensor) -> torch.Tensor:
+    @property
+    def uses_reconstructions(self) -> bool:
+        return self.config.template_source == "reconstruction"
+
+    def templates_for(self, query: torch.Tensor, reconstruction: torch.Tensor | None = None) -> torch.Tensor:
         """A query's N templates ``[B, N, C, H', W']``: the N nearest bank images, or with reconstruction
-        templates the N - 1 nearest and the base's reconstruction of the query last."""
+        templates the N - 1 nearest and the base's reconstruction of the query last (``reconstruction``
+        when the caller already has it)."""
         n = self.config.templates
-        if self.config.template_source == "bank":
+        if not self.uses_reconstructions:
             return self.bank.gather(self.bank.nearest(query, n))
-        reconstruction = self.base.reconstruct_features(query)[:, None].to(query.dtype)
+        if reconstruction is None:
+            reconstruction = self.base.reconstruct_features(query)
+        reconstruction = reconstruction[:, None].to(query.dtype)
         if n == 1:
             return reconstruction
         return torch.cat([self.bank.gather(self.bank.nearest(query, n - 1)), reconstruction], dim=1)
@@ -209,7 +216,7 @@ class CostFilter(Detector):
         bank_index = {s.path: k for k, s in enumerate(bank_samples)}
         # Reconstruction templates come from the line's own base, the one that makes them at inference (an
         # OSD-IRF base is a fitted density, whose maps pool_base "auto" also takes from the line's base).
-        reconstruct = self.base.reconstruct_features if cfg.template_source == "reconstruction" else None
+        reconstruct = self.base.reconstruct_features if self.uses_reconstructions else None
         pools = [build_pool(self.extractor, [s.path for s in part.samples], bank_index, count, t.anomaly_probability,
                             t.opacity, list(t.fill_sources), t.loss_size, rng, self.device, runtime.progress,
                             part.base_map(), reconstruct)
@@ -299,11 +306,14 @@ class CostFilter(Detector):
         cfg = self.config
         fusion = cfg.fusion
         query = self.extractor(images)
-        if base is None and (fusion > 0 or self.base_guided):
+        reconstruction = None
+        if base is None and self.uses_reconstructions:  # the base reads these features (checked at build)
+            base, reconstruction = self.base.predict_and_reconstruct(query)
+        elif base is None and (fusion > 0 or self.base_guided):
             # Same backbone config: the base scores these very features instead of extracting them again.
             base = self.base.predict_features(query) if self.shares_features else self.base.predict(images)
         base_cells = self.base_cells(base.anomaly_map) if self.base_guided else None
-        templates = self.templates_for(query)
+        templates = self.templates_for(query, reconstruction)
         if self.device.type == "cpu" and query.shape[0] == 1:
             # PyTorch sends single-sample 3D convolutions of this size to a slow native CPU kernel
             # (5x slower than its oneDNN path, which it uses from two samples on): score a pair.

@@ -218,11 +218,24 @@ class OSDIRF(Detector):
         reconstruction-based templates of CostFilter-AD (Sec. 3.2). Under the Gaussian denoiser (r = 0)
         x^_0 = alpha_bar_t x_0: the features shrunk towards each position's training mean."""
         x0 = self.normalise(features.to(self.device))
-        delta = self.inverse_residual_field(x0)
+        return self._reconstruction(x0, self.inverse_residual_field(x0))
+
+    def _reconstruction(self, x0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x^_0 from normalised features and their mean-path IRF, in backbone feature space."""
         if self.config.irf_input == "context":
             return self.normaliser.invert(x0 - delta)
         alpha_bar_t = self.schedule.alpha_bar(self.config.t, x0.device)
         return self.normaliser.invert(x0 - ((1 - alpha_bar_t) / alpha_bar_t).sqrt() * delta)
+
+    @torch.no_grad()
+    def predict_and_reconstruct(self, features: torch.Tensor) -> tuple[Prediction, torch.Tensor]:
+        """``predict_features`` and ``reconstruct_features`` of the same features. Where the score reads the
+        mean-path IRF itself (one-step scoring, ``irf_input`` mean_path or context) one network pass
+        serves both, so a CostFilter line with reconstruction templates does not run the network twice."""
+        x0 = self.normalise(features.to(self.device))
+        delta = self.inverse_residual_field(x0)
+        shared = self.config.scoring == "one_step" and self.config.irf_input in ("mean_path", "context")
+        return self._prediction(x0, delta[None] if shared else None), self._reconstruction(x0, delta)
 
     def irf_noise(self, like: torch.Tensor) -> torch.Tensor:
         """Eq. 6's eps: ``irf_draws`` fixed draws ``[K, C, G, G]`` from the config's seed, the same for
@@ -281,12 +294,14 @@ class OSDIRF(Detector):
             return (self.inverse_residual_field(x0) - self.irf_mean) / self.irf_std
         return self.ddim_inversion(x0)
 
-    def mode_scores(self, x0: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mode_scores(self, x0: torch.Tensor, mode: str, fields: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_hat, s_diff, s_nll) of normalised features in scoring ``mode``; with Eq. 6's noisy input,
-        each draw's IRF is scored under the Gaussian and the three terms are averaged over the draws."""
+        each draw's IRF is scored under the Gaussian and the three terms are averaged over the draws.
+        ``fields``: the one-step IRFs ``[K, B, C, G, G]`` when the caller already has them."""
         if mode != "one_step":
             return self.raw_scores(self.ddim_inversion(x0))
-        fields = self.inverse_residual_fields(x0)
+        fields = self.inverse_residual_fields(x0) if fields is None else fields
         per_draw = [self.raw_scores((delta - self.irf_mean) / self.irf_std) for delta in fields]
         return tuple(torch.stack(term).mean(0) for term in zip(*per_draw))  # type: ignore[return-value]
 
@@ -308,8 +323,10 @@ class OSDIRF(Detector):
 
     @torch.no_grad()
     def predict_features(self, features: torch.Tensor) -> Prediction:
-        x0 = self.normalise(features.to(self.device))
-        a_hat, s_diff, s_nll = self.mode_scores(x0, self.config.scoring)
+        return self._prediction(self.normalise(features.to(self.device)))
+
+    def _prediction(self, x0: torch.Tensor, fields: torch.Tensor | None = None) -> Prediction:
+        a_hat, s_diff, s_nll = self.mode_scores(x0, self.config.scoring, fields)
         score = self._combine(s_diff, s_nll, self.config.scoring)
         anomaly_map = upsample_map(a_hat, self.image_size, self.config.map_sigma)  # Eq. 8: A = Upsample(A_hat)
         return Prediction(score.cpu(), anomaly_map.cpu())
