@@ -6,6 +6,8 @@
 Tasks: ``mt-elpv`` trains on magnetic_tile (its pixel masks + synthetic anomalies) and scores elpv mono
 and elpv poly; ``elpv-mt`` trains on elpv mono + poly (synthetic anomalies with their masks: elpv has
 no pixel masks) and scores magnetic_tile. The generalist is trained once per seed (``--seeds``).
+``--procedural N`` adds N procedural texture domains (``ray_ad.data.procedural``: drawn textures with
+masked synthetic defects) to every task's sources, as the paper trains on many classes.
 
 For every target and every draw (``--draws``, seeded by the draw index, so every seed and every row
 sees the same references), K normal references come from the target's ``train`` split and one abnormal
@@ -43,6 +45,7 @@ from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
 from ray_ad.bundle import load_bundle, read_metrics, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import ImageDataset, load_samples  # noqa: E402
+from ray_ad.data.procedural import write_domains  # noqa: E402
 from ray_ad.fewshot import Shots, draw_references  # noqa: E402
 from ray_ad.methods.base import Runtime, upsample_map  # noqa: E402
 from ray_ad.methods.nagl.scoring import (  # noqa: E402
@@ -197,15 +200,21 @@ def main() -> None:
     parser.add_argument("--magnetic-tile", default=str(DEFAULT_MAGNETIC_TILE))
     parser.add_argument("--cache-dir", default="/tmp/ray_ad_nagl_cache")
     parser.add_argument("--name", default="nagl")
+    parser.add_argument("--procedural", type=int, default=0, metavar="COUNT",
+                        help="add COUNT procedural texture domains (ray_ad.data.procedural, written under the "
+                             "cache dir) to every task's training sources")
     parser.add_argument("--models", default=None, metavar="DIR",
                         help="save each trained generalist as DIR/<task>-seed<N>, and load it from there if present "
                              "(re-scores without retraining; training seconds: those of the run that trained it)")
     args = parser.parse_args()
     configure_logging()
     torch.manual_seed(0)
-    results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws, "tasks": {}}
+    results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws,
+                     "procedural_domains": args.procedural, "tasks": {}}
+    procedural = write_domains(str(Path(args.cache_dir) / "procedural"), args.procedural) if args.procedural else []
     for task in args.tasks:
         source, targets = TASKS[task]
+        sources = resolve(source, args.magnetic_tile) + procedural
         detectors, fits, seconds = [], [], []
         for seed in args.seeds:
             saved = Path(args.models) / f"{task}-seed{seed}" if args.models else None
@@ -220,7 +229,7 @@ def main() -> None:
                 overrides = apply_overrides({"seed": seed}, args.set)
                 print(f"[{task}] training NAGL on {source}, seed {seed}", flush=True)
                 started = time.perf_counter()
-                detector, metrics = train_detector("nagl", resolve(source, args.magnetic_tile), overrides,
+                detector, metrics = train_detector("nagl", sources, overrides,
                                                    runtime=Runtime(False, args.cache_dir), evaluate=False)
                 metrics["train_seconds"] = time.perf_counter() - started
                 if saved is not None:
@@ -231,6 +240,8 @@ def main() -> None:
                   flush=True)
             seconds.append(metrics["train_seconds"])
         train_seconds = float(np.mean(seconds))
+        if procedural:
+            source = f"{source} + {len(procedural)} procedural domains"
         entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "fits": fits, "targets": {}}
         for target_name in targets:
             uri = resolve(target_name, args.magnetic_tile)[0]

@@ -174,6 +174,18 @@ def cmd_landing_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_procedural(args: argparse.Namespace) -> int:
+    """Write procedural texture domains (extra source domains for a nagl generalist); print their URIs."""
+    from ray_ad.data.procedural import write_domains
+
+    try:
+        uris = write_domains(args.out, args.domains, args.normals, args.defects, args.size, args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print("\n".join(uris))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-ad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--line", help="the line to publish to (with --root)")
     add.add_argument("--device")
     add.set_defaults(func=cmd_references_add)
+
+    procedural = sub.add_parser("procedural", help="write procedural texture domains with masked defects (extra "
+                                "nagl source domains: --data each printed URI)")
+    procedural.add_argument("--out", required=True, help="folder URI to write the domains under")
+    procedural.add_argument("--domains", type=int, default=12, help="how many domains (default 12)")
+    procedural.add_argument("--normals", type=int, default=80, help="normal images per domain (default 80)")
+    procedural.add_argument("--defects", type=int, default=40, help="defective images per domain (default 40)")
+    procedural.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    procedural.add_argument("--seed", type=int, default=0)
+    procedural.set_defaults(func=cmd_procedural)
 
     key = sub.add_parser("landing-key", help="admin: the _READY key that lets a landing batch update an existing line")
     key.add_argument("--line", required=True)

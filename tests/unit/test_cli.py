@@ -149,3 +149,23 @@ def test_nagl_trains_on_two_domains_evaluates_by_draws_and_takes_a_line_s_refere
     assert main(["references", "add", "--model", model, "--normal", str(good / "000.png"),
                  "--abnormal", str(spot / "000.png"), "--root", str(root), "--line", "other"]) == 2
     assert registry.list_versions(str(root), "other") == []
+
+
+def test_procedural_domains_are_written_once_and_train_a_nagl_generalist(tmp_path, capsys):
+    from tests.conftest import tiny_nagl_config
+
+    out = str(tmp_path / "domains")
+    assert main(["procedural", "--out", out, "--domains", "2", "--normals", "6", "--defects", "3",
+                 "--size", "64"]) == 0
+    uris = capsys.readouterr().out.split()
+    assert [uri.rsplit("/", 1)[-1] for uri in uris] == ["procedural-00-perlin", "procedural-01-stripes"]
+    config = tmp_path / "nagl.yaml"
+    config.write_text(yaml.safe_dump(tiny_nagl_config(train={"steps": 2, "batch_size": 2, "synthetic_count": 2,
+                                                              "max_normals": 4})))
+    model = str(tmp_path / "generalist")
+    assert main(["train", "--method", "nagl", *[arg for uri in uris for arg in ("--data", uri)], "--out", model,
+                 "--config", str(config), "--quiet", "--no-eval"]) == 0
+    assert json.loads((tmp_path / "generalist" / "metrics.json").read_text())["fit"]["domains"] == [
+        "procedural-00-perlin", "procedural-01-stripes"]
+    assert main(["procedural", "--out", out, "--domains", "0"]) == 2
+    assert "count >= 1" in capsys.readouterr().err
