@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,9 @@ class GateConfig:
     holdout_fraction: float = 0.2  # of the landed batch: never fitted on, scored by the gate
     max_holdout: int = 160  # cap on held-out images (the gate's cost grows with them)
     defects_per_image: int = 2  # pasted copies of each held-out image
-    margin: float = 0.01  # gate AUROC by which a winner must beat the served version (an adaptation: the source)
+    # Gate AUROC by which a winner must beat the served version, and a candidate every candidate listed
+    # before it (an adaptation the source as is; the memory of every image the one without flagged images).
+    margin: float = 0.01
     threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
@@ -198,22 +201,30 @@ def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[st
 
 
 def choose(
-    scores: dict[str, dict[str, Any]], served: str | None, margin: float, baseline: str | None = "source"
+    scores: dict[str, dict[str, Any]], served: str | None, margin: float, order: Sequence[str] | None = None
 ) -> tuple[str, str]:
     """(winner among the new candidates, "published" | "kept") by gate AUROC.
 
+    The new candidates are taken in ``order`` (default: the order of ``scores``, which is the configured
+    candidate order: the source as is first, then the memory without the flagged images, then the
+    memory of every image, then REF+CFA). A candidate wins over the ones before it only when it beats
+    the best of them by ``margin``: the gate is a noisy proxy, and a difference inside its noise is no
+    evidence for the candidate that assumes more (an adaptation over the source as is; a memory that
+    also keeps the images its mutual scores flag, defects likely among them, over one without them).
     ``served`` names the entry of ``scores`` that is the line's current version, if it has one: the
-    winner replaces it only when it scores at least ``margin`` higher. ``baseline`` (the source as
-    is, the do-nothing candidate) is held to the same rule: an adaptation that does not beat it by
-    ``margin`` loses to it.
+    winner replaces it only when it scores at least ``margin`` higher.
     """
-    new = {name: s["gate_auroc"] for name, s in scores.items() if name != served and np.isfinite(s["gate_auroc"])}
-    if not new:
+    names = [name for name in (order if order is not None else scores)
+             if name != served and name in scores and np.isfinite(scores[name]["gate_auroc"])]
+    if not names:
         raise DataError("no candidate produced finite gate scores")
-    winner = max(new, key=lambda name: new[name])
-    if baseline in new and new[winner] < new[baseline] + margin:
-        winner = baseline
+    winner, best = names[0], scores[names[0]]["gate_auroc"]
+    for name in names[1:]:
+        value = scores[name]["gate_auroc"]
+        if value >= best + margin:
+            winner = name
+        best = max(best, value)
     if served is not None and np.isfinite(scores[served]["gate_auroc"]):
-        if new[winner] < scores[served]["gate_auroc"] + margin:
+        if scores[winner]["gate_auroc"] < scores[served]["gate_auroc"] + margin:
             return winner, "kept"
     return winner, "published"

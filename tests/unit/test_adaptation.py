@@ -179,7 +179,19 @@ def test_choose_keeps_the_served_version_unless_beaten_by_the_margin():
     assert choose(scores, None, 0.2) == ("source", "published")
     close = {"source": {"gate_auroc": 0.626}, "target_memory_all": {"gate_auroc": 0.631}}
     assert choose(close, None, 0.01) == ("source", "published")
-    assert choose(close, None, 0.01, baseline=None) == ("target_memory_all", "published")
+    assert choose(close, None, 0.01, order=["target_memory_all", "source"]) == ("target_memory_all", "published")
+
+
+def test_choose_prefers_the_earlier_candidate_unless_a_later_one_beats_every_earlier_one_by_the_margin():
+    memories = {"source": {"gate_auroc": 0.51}, "target_memory": {"gate_auroc": 0.637},
+                "target_memory_all": {"gate_auroc": 0.645}}
+    assert choose(memories, None, 0.01) == ("target_memory", "published")  # 0.008 apart: inside the margin
+    memories["target_memory_all"]["gate_auroc"] = 0.648
+    assert choose(memories, None, 0.01) == ("target_memory_all", "published")
+    # A later candidate must clear the best earlier score, not only the current winner's.
+    steps = {"a": {"gate_auroc": 0.60}, "b": {"gate_auroc": 0.605}, "c": {"gate_auroc": 0.612}}
+    assert choose(steps, None, 0.01) == ("a", "published")
+    assert choose(steps, None, 0.005) == ("c", "published")
     assert choose({"a": {"gate_auroc": float("nan")}, "b": {"gate_auroc": 0.6}}, None, 0.0) == ("b", "published")
 
 
