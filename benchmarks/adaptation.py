@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, save  # noqa: E402
 
 from ray_ad.adaptation.gate import choose, gate_score, split_landing  # noqa: E402
-from ray_ad.adaptation.promote import adapt_candidates, build_gate_set, split_overrides  # noqa: E402
+from ray_ad.adaptation.promote import CANDIDATES, adapt_candidates, build_gate_set, split_overrides  # noqa: E402
 from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
 from ray_ad.config import apply_overrides  # noqa: E402
 from ray_ad.data import load_samples  # noqa: E402
@@ -189,7 +189,7 @@ def gate_variants(source, target: str, images: list[str], config, outcome, rows:
         # The job's own gate: its scores are in the outcome already (the set is rebuilt for its counts).
         scores = outcome.gate if variant_config.gate == config.gate else {
             name: gate_score(detector, gate_set, variant_config.gate) for name, detector in outcome.candidates.items()}
-        winner, _ = choose(scores, None, variant_config.gate.margin)
+        winner, _ = choose(scores, None, variant_config.gate.margin, order=CANDIDATES)
         best = max(scores, key=lambda n: rows[n]["image_auroc"])
         out[variant] = {"gate_auroc": {n: s["gate_auroc"] for n, s in scores.items()}, "winner": winner,
                         "pick_minus_best": rows[winner]["image_auroc"] - rows[best]["image_auroc"],

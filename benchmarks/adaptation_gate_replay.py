@@ -6,7 +6,7 @@ A gate score depends on the held-out images and the candidates, not on the rule 
 scores, so a change to ``gate.choose`` can be measured on the gate scores that ``benchmarks/adaptation.py``
 saved, without rebuilding a candidate. For every run (task x seed) and every gate treatment recorded
 (the job's own gate, and each ``--gate-variants`` treatment), this applies today's ``choose`` (margin
-0.01, candidates in the configured order) and reads, from the test labels saved beside the scores, the
+0.01, candidates in the fixed preference order) and reads, from the test labels saved beside the scores, the
 pick's distance to the best candidate and to the source as is. Runs that appear in several files
 (same task, seed and treatment) are listed once, from the last file given.
 Figures go to benchmarks/results/<name>.{json,md}.

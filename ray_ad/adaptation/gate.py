@@ -205,8 +205,8 @@ def choose(
 ) -> tuple[str, str]:
     """(winner among the new candidates, "published" | "kept") by gate AUROC.
 
-    The new candidates are taken in ``order`` (default: the order of ``scores``, which is the configured
-    candidate order: the source as is first, then the memory without the flagged images, then the
+    The new candidates are taken in ``order`` (default: the order of ``scores``; the adaptation job passes
+    ``promote.CANDIDATES``: the source as is first, then the memory without the flagged images, then the
     memory of every image, then REF+CFA). A candidate wins over the ones before it only when it beats
     the best of them by ``margin``: the gate is a noisy proxy, and a difference inside its noise is no
     evidence for the candidate that assumes more (an adaptation over the source as is; a memory that

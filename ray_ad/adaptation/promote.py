@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # target_memory drops the landed images its mutual scores flag (memory.drop_image_z); target_memory_all
 # keeps every landed image. Which is better depends on the batch (rare normal structures get dropped
-# with the defects), so the gate decides, per batch, without labels.
+# with the defects), so the gate decides, per batch, without labels. The order is the gate's order of
+# preference (gate.choose): a candidate must beat every one before it by gate.margin.
 CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
 # Fewer held-out images than this give no normal mode to stand out from: no suspects.
 MIN_IMAGES_FOR_SUSPECTS = 20
@@ -112,7 +113,8 @@ def adapt_candidates(
         candidates[SERVED] = served
         scores[SERVED] = gate_score(served, gate_set, config.gate)
         log.info(f"served version: gate AUROC {scores[SERVED]['gate_auroc']:.3f}")
-    winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin)
+    # The preference order is CANDIDATES' whatever order --set lists them in: the source as is always first.
+    winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin, order=CANDIDATES)
     candidates[winner].threshold = scores[winner]["threshold"]
     return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out))
 

@@ -14,7 +14,7 @@ from PIL import Image
 from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
-from ray_ad.adaptation.promote import AdaptConfig, adapt_candidates, split_overrides
+from ray_ad.adaptation.promote import CANDIDATES, AdaptConfig, adapt_candidates, split_overrides
 from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
 from ray_ad.data import Sample, load_samples, write_manifest
 from ray_ad.data.images import load_image
@@ -188,6 +188,9 @@ def test_choose_prefers_the_earlier_candidate_unless_a_later_one_beats_every_ear
     assert choose(memories, None, 0.01) == ("target_memory", "published")  # 0.008 apart: inside the margin
     memories["target_memory_all"]["gate_auroc"] = 0.648
     assert choose(memories, None, 0.01) == ("target_memory_all", "published")
+    # The job's order is fixed: listing the memory of every image first does not put it before the source.
+    listed = {"target_memory_all": {"gate_auroc": 0.635}, "source": {"gate_auroc": 0.63}}
+    assert choose(listed, None, 0.01, order=CANDIDATES) == ("source", "published")
     # A later candidate must clear the best earlier score, not only the current winner's.
     steps = {"a": {"gate_auroc": 0.60}, "b": {"gate_auroc": 0.605}, "c": {"gate_auroc": 0.612}}
     assert choose(steps, None, 0.01) == ("a", "published")
