@@ -179,7 +179,8 @@ def cmd_procedural(args: argparse.Namespace) -> int:
     from ray_ad.data.procedural import write_domains
 
     try:
-        uris = write_domains(args.out, args.domains, args.normals, args.defects, args.size, args.seed)
+        uris = write_domains(args.out, args.domains, args.normals, args.defects, args.size, args.seed,
+                             args.test_normals)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     print("\n".join(uris))
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     procedural.add_argument("--normals", type=int, default=80, help="normal images per domain (default 80)")
     procedural.add_argument("--defects", type=int, default=40, help="defective images per domain (default 40)")
     procedural.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    procedural.add_argument("--test-normals", type=int, default=0,
+                            help="normal images per domain under test/good, to evaluate on (default 0)")
     procedural.add_argument("--seed", type=int, default=0)
     procedural.set_defaults(func=cmd_procedural)
 

@@ -100,12 +100,16 @@ def _save_png(array: np.ndarray, uri: str) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def write_domain(root: str, style: DomainStyle, normals: int, defects: int, size: int, seed: int) -> None:
-    """One domain at ``root`` (MVTec layout): ``normals`` images under ``train/good`` and ``defects``
-    defective ones under ``test/<kind>`` with their masks, the kinds taken in turn."""
+def write_domain(root: str, style: DomainStyle, normals: int, defects: int, size: int, seed: int,
+                 test_normals: int = 0) -> None:
+    """One domain at ``root`` (MVTec layout): ``normals`` images under ``train/good``, ``test_normals``
+    under ``test/good`` (a domain to evaluate on needs them) and ``defects`` defective ones under
+    ``test/<kind>`` with their masks, the kinds taken in turn."""
     rng = np.random.default_rng(seed)
     for i in range(normals):
         _save_png(render(style, size, rng), storage.join(root, "train", "good", f"{i:04d}.png"))
+    for i in range(test_normals):
+        _save_png(render(style, size, rng), storage.join(root, "test", "good", f"{i:04d}.png"))
     for i in range(defects):
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
         image, donor = render(style, size, rng), render(style, size, rng)
@@ -114,26 +118,28 @@ def write_domain(root: str, style: DomainStyle, normals: int, defects: int, size
             continue  # a defect that changed no pixel is no defect
         _save_png(defective, storage.join(root, "test", kind, f"{i:04d}.png"))
         _save_png(mask.astype(np.uint8) * 255, storage.join(root, "ground_truth", kind, f"{i:04d}_mask.png"))
-    settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed}
+    settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed,
+                "test_normals": test_normals}
     storage.write_text(storage.join(root, DONE_MARKER), json.dumps(settings))
 
 
 def write_domains(root: str, count: int, normals: int = 80, defects: int = 40, size: int = 256,
-                  seed: int = 0) -> list[str]:
+                  seed: int = 0, test_normals: int = 0) -> list[str]:
     """``count`` procedural domains under ``root`` (``root/procedural-<i>-<family>``); their URIs.
     A domain already written with the same settings is kept, so a second call costs nothing."""
-    if count < 1 or normals < 2 or defects < 2 or size < 32:
-        raise ValueError(f"procedural domains: count >= 1, normals >= 2, defects >= 2, size >= 32; "
-                         f"got {count}, {normals}, {defects}, {size}")
+    if count < 1 or normals < 2 or defects < 2 or size < 32 or test_normals < 0:
+        raise ValueError(f"procedural domains: count >= 1, normals >= 2, defects >= 2, size >= 32, "
+                         f"test_normals >= 0; got {count}, {normals}, {defects}, {size}, {test_normals}")
     style_rng = np.random.default_rng(seed)
     uris = []
     for index in range(count):
         style = DomainStyle.draw(index, style_rng)
         uri = storage.join(root, f"procedural-{index:02d}-{style.family}")
-        settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed + index}
+        settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed + index,
+                    "test_normals": test_normals}
         marker = storage.join(uri, DONE_MARKER)
         if not storage.exists(marker) or json.loads(storage.read_text(marker)) != json.loads(json.dumps(settings)):
-            write_domain(uri, style, normals, defects, size, seed + index)
+            write_domain(uri, style, normals, defects, size, seed + index, test_normals)
         uris.append(uri)
     return uris
 

@@ -24,12 +24,12 @@ def test_every_family_renders_a_varied_image_that_changes_between_parts() -> Non
 
 
 def test_domains_are_mvtec_datasets_with_masks_on_the_changed_pixels(tmp_path) -> None:
-    uris = write_domains(str(tmp_path), count=2, normals=3, defects=5, size=64)
+    uris = write_domains(str(tmp_path), count=2, normals=3, defects=5, size=64, test_normals=2)
     assert [os.path.basename(u) for u in uris] == ["procedural-00-perlin", "procedural-01-stripes"]
     samples = load_samples(uris[1])
     normals = [s for s in samples if s.label == 0]
     defects = [s for s in samples if s.label == 1]
-    assert len(normals) == 3 and all(s.split == "train" for s in normals)
+    assert sorted(s.split for s in normals) == ["test", "test", "train", "train", "train"]
     assert 1 <= len(defects) <= 5 and all(s.mask_path for s in defects)
     assert {s.domain for s in samples} == {"procedural-01-stripes"}
     for sample in defects:
@@ -48,5 +48,5 @@ def test_a_written_domain_is_kept_and_a_changed_one_rewritten(tmp_path) -> None:
 
 
 def test_bad_settings_are_named() -> None:
-    with pytest.raises(ValueError, match="got 0, 80"):
+    with pytest.raises(ValueError, match="got 0, 80, 40, 256, 0"):
         write_domains("/nonexistent", count=0)
