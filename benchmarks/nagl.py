@@ -150,6 +150,22 @@ def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[
     }
 
 
+def score_target(target: Target, detectors: list, draws: int, label: str) -> dict:
+    """Every row's figures on one target, N1, N1+A1, N4 and N4+A1 over ``draws`` reference draws:
+    {row: {setting: {metric: summary}}}; a line per setting is printed, prefixed with ``label``."""
+    rows: dict = {}
+    for normal in (1, 4):
+        per_draw = [score_draw(target, detectors, normal, draw) for draw in range(draws)]
+        for setting, names in per_draw[0].items():
+            for name in names:
+                values = [draw[setting][name] for draw in per_draw]
+                rows.setdefault(name, {})[setting] = {
+                    key: summary(values, key) for key in ("image_auroc", "pixel_auroc") if summary(values, key)}
+            print(f"{label} {setting}: " + ", ".join(
+                f"{name} {rows[name][setting]['image_auroc']['mean']:.4f}" for name in names), flush=True)
+    return rows
+
+
 def seconds_per_image(detector, target: Target, shots: Shots) -> float:
     """NAGL end to end on 64 decoded test images (backbone, search, attention), after one warm-up batch."""
     references, _ = draw_references(target.uri, shots, np.random.default_rng(0), detector.image_size)
@@ -246,16 +262,7 @@ def main() -> None:
         for target_name in targets:
             uri = resolve(target_name, args.magnetic_tile)[0]
             target = Target(uri, detectors[0], args.cache_dir)
-            rows: dict = {}
-            for normal in (1, 4):
-                per_draw = [score_draw(target, detectors, normal, draw) for draw in range(args.draws)]
-                for setting, names in per_draw[0].items():
-                    for name in names:
-                        values = [draw[setting][name] for draw in per_draw]
-                        rows.setdefault(name, {})[setting] = {
-                            key: summary(values, key) for key in ("image_auroc", "pixel_auroc") if summary(values, key)}
-                    print(f"[{task}] {target_name} {setting}: " + ", ".join(
-                        f"{name} {rows[name][setting]['image_auroc']['mean']:.4f}" for name in names), flush=True)
+            rows = score_target(target, detectors, args.draws, f"[{task}] {target_name}")
             entry["targets"][target_name] = {"rows": rows,
                                              "seconds_per_image": seconds_per_image(detectors[0], target, Shots(4, 1))}
         results["tasks"][task] = entry

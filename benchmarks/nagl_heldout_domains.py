@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save  # noqa: E402
-from nagl import ROWS, Target, score_draw, summary  # noqa: E402
+from nagl import ROWS, Target, score_target  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.data.procedural import write_domains  # noqa: E402
@@ -51,22 +51,13 @@ def main() -> None:
              f"{args.draws} draws; image / pixel AUROC, mean over draws and seeds", "",
              "| domain | row | setting | image AUROC | pixel AUROC |", "|---|---|---|---:|---:|"]
     for uri in uris:
-        target = Target(uri, detectors[0], args.cache_dir)
-        rows: dict = {}
-        for normal in (1, 4):
-            per_draw = [score_draw(target, detectors, normal, draw) for draw in range(args.draws)]
-            for setting, names in per_draw[0].items():
-                for name in names:
-                    values = [draw[setting][name] for draw in per_draw]
-                    rows.setdefault(name, {})[setting] = {key: summary(values, key)
-                                                          for key in ("image_auroc", "pixel_auroc")}
         domain = Path(uri).name
+        rows = score_target(Target(uri, detectors[0], args.cache_dir), detectors, args.draws, domain)
         results["targets"][domain] = rows
         for name in ROWS:
             for setting, figs in rows.get(name, {}).items():
                 lines.append(f"| {domain} | {name} | {setting} | {figs['image_auroc']['mean']:.3f} | "
                              f"{figs['pixel_auroc']['mean']:.3f} |")
-        print("\n".join(lines[-10:]), flush=True)
     lines.append("")
     for setting, name in (("N4", "kNN"), ("N4", "normal branch"), ("N4+A1", "S_a alone"), ("N4+A1", "NAGL")):
         means = [rows[name][setting]["image_auroc"]["mean"] for rows in results["targets"].values()]
