@@ -14,7 +14,6 @@ Figures go to benchmarks/results/target_memory_scoring[_all].{json,md}.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ray_ad.adaptation.mutual import cells, nearest_distance  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
 from ray_ad.methods.base import Runtime  # noqa: E402
+from ray_ad.methods.nagl.scoring import top_mean  # noqa: E402
 from ray_ad.metrics import auroc, f1_max  # noqa: E402
 
 
@@ -43,11 +43,6 @@ def standardised_cosine_distance(queries: torch.Tensor, bank: torch.Tensor, mean
         q = F.normalize((chunk - mean) / spread, dim=-1)
         out.append(1 - (q @ b.T).amax(1))
     return torch.cat(out)
-
-
-def top_mean(cell_scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    count = max(1, math.ceil(fraction * cell_scores.shape[1]))
-    return cell_scores.topk(count, dim=1).values.mean(1)
 
 
 def main() -> None:

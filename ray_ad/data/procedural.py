@@ -15,7 +15,6 @@ their exact masks. Nothing here is read from, or tuned on, any evaluation datase
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 
@@ -24,6 +23,7 @@ from PIL import Image
 
 from ray_ad import storage
 from ray_ad.data.synthetic import DEFECT_KINDS, perlin_noise, subtle_defect
+from ray_ad.heatmaps import png_bytes
 
 FAMILIES = ("perlin", "stripes", "grid", "worley", "dots")
 DONE_MARKER = "_procedural.json"  # written last: a folder without it is an interrupted write, redone
@@ -95,16 +95,24 @@ def render(style: DomainStyle, size: int, rng: np.random.Generator) -> np.ndarra
 
 
 def _save_png(array: np.ndarray, uri: str) -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_bytes(uri, png_bytes(Image.fromarray(array)))
+
+
+def _settings(style: DomainStyle, normals: int, defects: int, size: int, seed: int, test_normals: int) -> dict:
+    """What the done marker records: a domain is rewritten when any of it changes."""
+    return {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed,
+            "test_normals": test_normals}
 
 
 def write_domain(root: str, style: DomainStyle, normals: int, defects: int, size: int, seed: int,
                  test_normals: int = 0) -> None:
     """One domain at ``root`` (MVTec layout): ``normals`` images under ``train/good``, ``test_normals``
     under ``test/good`` (a domain to evaluate on needs them) and ``defects`` defective ones under
-    ``test/<kind>`` with their masks, the kinds taken in turn."""
+    ``test/<kind>`` with their masks, the kinds taken in turn. Whatever ``root`` held is removed first, so
+    a rewrite with fewer images leaves none of the earlier ones behind."""
+    fs, path = storage.filesystem(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
     rng = np.random.default_rng(seed)
     for i in range(normals):
         _save_png(render(style, size, rng), storage.join(root, "train", "good", f"{i:04d}.png"))
@@ -118,8 +126,7 @@ def write_domain(root: str, style: DomainStyle, normals: int, defects: int, size
             continue  # a defect that changed no pixel is no defect
         _save_png(defective, storage.join(root, "test", kind, f"{i:04d}.png"))
         _save_png(mask.astype(np.uint8) * 255, storage.join(root, "ground_truth", kind, f"{i:04d}_mask.png"))
-    settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed,
-                "test_normals": test_normals}
+    settings = _settings(style, normals, defects, size, seed, test_normals)
     storage.write_text(storage.join(root, DONE_MARKER), json.dumps(settings))
 
 
@@ -135,8 +142,7 @@ def write_domains(root: str, count: int, normals: int = 80, defects: int = 40, s
     for index in range(count):
         style = DomainStyle.draw(index, style_rng)
         uri = storage.join(root, f"procedural-{index:02d}-{style.family}")
-        settings = {**asdict(style), "normals": normals, "defects": defects, "size": size, "seed": seed + index,
-                    "test_normals": test_normals}
+        settings = _settings(style, normals, defects, size, seed + index, test_normals)
         marker = storage.join(uri, DONE_MARKER)
         if not storage.exists(marker) or json.loads(storage.read_text(marker)) != json.loads(json.dumps(settings)):
             write_domain(uri, style, normals, defects, size, seed + index, test_normals)

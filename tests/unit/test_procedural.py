@@ -45,6 +45,10 @@ def test_a_written_domain_is_kept_and_a_changed_one_rewritten(tmp_path) -> None:
     assert os.stat(image).st_mtime_ns == stamp
     write_domains(str(tmp_path), count=1, normals=2, defects=2, size=64)
     assert Image.open(image).size == (64, 64)
+    # A rewrite with fewer images leaves none of the earlier ones behind.
+    write_domains(str(tmp_path), count=1, normals=3, defects=2, size=32)
+    write_domains(str(tmp_path), count=1, normals=2, defects=2, size=32)
+    assert sorted(os.listdir(os.path.join(first, "train", "good"))) == ["0000.png", "0001.png"]
 
 
 def test_bad_settings_are_named() -> None:
