@@ -8,7 +8,8 @@ given seeds, each saved as ``results/costfilter_ablation_<name>[_seeds<S>].{json
 every saved run of each ablation (seeds from several runs pooled: one row per ablation, mean ± std over
 all its seeds) beside the defaults' row (``results/costfilter.json``), and saves
 ``results/costfilter_ablations.{json,md}``. Runs made with the same seed twice would be counted twice:
-give each run its own seeds.
+give each run its own seeds. Every row says the matching depth D it ran at (the default changed from 32
+to 16 after most ablations were run), and seeds run at different D are never pooled.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ABLATIONS = {
     "no_sg": ["filter.spatial_guidance=false"],  # the query features' guidance stream off
     "no_mg": ["filter.matching_guidance=false"],  # M-bar's guidance off (the base's map still guides)
     "one_template": ["templates=1"],  # N = 1
-    "depth16": ["matching_depth=16"],  # D = 16
+    "depth16": ["matching_depth=16"],  # D = 16 (run while 32 was the default; 16 is the default now)
+    "depth32": ["matching_depth=32"],  # D = 32, our first default
     "eq5_loss": ["loss.mse=0"],  # Eq. 5 alone: without the MSE term the authors' code adds
     "paper_filter": ["filter.base_guidance=false"],  # the paper's filter: no base guidance
 }
@@ -57,25 +59,38 @@ def runs_of(name: str) -> list[dict]:
         report = json.loads(path.read_text())
         if report.get("overrides") != ABLATIONS[name]:
             raise SystemExit(f"error: {path} ran {report.get('overrides')}, not {name}'s {ABLATIONS[name]}")
-        rows += report["bases"]["gaussian"]["filtered"]
+        depth = depth_of(report)
+        if rows and depth != rows[0]["matching_depth"]:
+            raise SystemExit(f"error: {path} ran at D = {depth}, other runs of {name} at {rows[0]['matching_depth']}:"
+                             " re-run them at one D")
+        rows += [{**seed, "matching_depth": depth} for seed in report["bases"]["gaussian"]["filtered"]]
     return rows
 
 
+def depth_of(report: dict) -> int:
+    """The matching depth D a saved run used (every run saved its CostFilter config)."""
+    return int(report["bases"]["gaussian"]["config"]["matching_depth"])
+
+
 def table() -> None:
-    defaults = json.loads((RESULTS / "costfilter.json").read_text())["bases"]["gaussian"]
-    rows = {"defaults": defaults["filtered"], **{name: runs_of(name) for name in ABLATIONS}}
+    saved_defaults = json.loads((RESULTS / "costfilter.json").read_text())
+    defaults = saved_defaults["bases"]["gaussian"]
+    default_rows = [{**seed, "matching_depth": depth_of(saved_defaults)} for seed in defaults["filtered"]]
+    rows = {"defaults (costfilter.json)": default_rows, **{name: runs_of(name) for name in ABLATIONS}}
     lines = ["# CostFilter-AD ablations, Gaussian base, magnetic_tile (mean ± std over the filter seeds run)", "",
-             "| filter | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS),
-             "| gaussian base (no filter) | - | " + " | ".join(f"{defaults['base'][k]:.4f}" for k in KEYS) + " |"]
+             "| filter | D | seeds | " + " | ".join(KEYS) + " |", "|---|---:|---:|" + "---:|" * len(KEYS),
+             "| gaussian base (no filter) | - | - | " + " | ".join(f"{defaults['base'][k]:.4f}" for k in KEYS) + " |"]
     report = {}
     for name, seeds in rows.items():
         if not seeds:
-            lines.append(f"| {name} | 0 | " + " | ".join("-" for _ in KEYS) + " |")
+            lines.append(f"| {name} | - | 0 | " + " | ".join("-" for _ in KEYS) + " |")
             continue
         summary = {k: (float(np.mean([s[k] for s in seeds])), float(np.std([s[k] for s in seeds]))) for k in KEYS}
-        report[name] = {"seeds": len(seeds), "overrides": ABLATIONS.get(name, []), "summary": summary}
-        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in summary.values())
-                     + " |")
+        depth = seeds[0]["matching_depth"]
+        report[name] = {"seeds": len(seeds), "matching_depth": depth, "overrides": ABLATIONS.get(name, []),
+                        "summary": summary}
+        lines.append(f"| {name} | {depth} | {len(seeds)} | "
+                     + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in summary.values()) + " |")
     text = "\n".join(lines)
     print(text)
     save("costfilter_ablations", report, text)
