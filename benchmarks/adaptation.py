@@ -93,17 +93,18 @@ def shifted_magnetic_tile(cache_dir: str) -> str:
     return str(manifest)
 
 
-def source_model(method: str, domain: str, seed: int, cache_dir: str):
+def source_model(method: str, domain: str, seed: int, cache_dir: str, overrides: list[str] | None = None):
     """The source line's model, trained once per (method, domain, seed, config) and kept as a bundle
     under ``runs/adaptation_sources/``: re-running the benchmark after an adaptation change then costs
-    the adaptation only (a ref_cfa source is about 17 CPU-minutes on 2 cores)."""
+    the adaptation only (a ref_cfa source is about 17 CPU-minutes on 2 cores). ``overrides``
+    (``key=value``) change the source's config, and so its cache key."""
     if domain == "tile":
         method, data, config = "patchcore", str(MAGNETIC_TILE), yaml.safe_load(PATCHCORE_TILE.read_text())
     elif method == "ref_cfa":
         data, config = f"elpv:{domain}", yaml.safe_load(CONFIG.read_text())
     else:
         data, config = f"elpv:{domain}", {}
-    config = {**config, "seed": seed}
+    config = apply_overrides({**config, "seed": seed}, overrides or [])
     key = hashlib.sha256(json.dumps([method, data, config], sort_keys=True).encode()).hexdigest()[:16]
     bundle = SOURCES / f"{method}-{domain}-seed{seed}-{key}"
     if (bundle / "config.json").exists():

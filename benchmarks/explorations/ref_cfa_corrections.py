@@ -1,7 +1,7 @@
 """REF+CFA as the paper has it, and with each correction a review against the paper asked for.
 
     .venv/bin/python benchmarks/explorations/ref_cfa_corrections.py [--tasks mono-poly poly-mono] [--seeds 0]
-        [--target-nets scratch robust oracle] [--name NAME]
+        [--target-nets scratch robust oracle] [--source-set KEY=VALUE ...] [--name NAME]
 
 For each elpv task and seed, on the landing layout of ``benchmarks/adaptation.py`` (the same cached
 source model, the same fit part of the landed batch, the same gate set held out of it):
@@ -19,6 +19,11 @@ source model, the same fit part of the landed batch, the same gate set held out 
   (the source model as is) and through each T1 (adapted, before SFA), against its direction on the
   source's own held-out images. Under 0.5: the statistic is lower on defective cells.
 
+``--source-set`` changes the source model's config (and so T1's, which starts from it), e.g.
+``normalisation.kind=position_whiten score_net.gaussian_skip=true`` for score networks that start from
+the Gaussian answer in whitened units and learn only what lies beyond it; such a source is trained
+once and cached like the default one.
+
 Figures go to benchmarks/results/ref_cfa_corrections[_NAME].{json,md}, rewritten after every T1.
 About 15 CPU-minutes per T1 on 2 cores (twice that for ``robust``), with the sources cached.
 """
@@ -32,7 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from scipy.stats import spearmanr
+from torch import nn
 
 # benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
@@ -43,9 +50,11 @@ from ref_cfa_statistics import statistic_aurocs  # noqa: E402
 from ray_ad.adaptation.gate import gate_score, split_landing  # noqa: E402
 from ray_ad.adaptation.promote import build_gate_set, split_overrides  # noqa: E402
 from ray_ad.data import load_samples, split_calibration  # noqa: E402
+from ray_ad.diffusion import GaussianSkip  # noqa: E402
 from ray_ad.evaluation import compute_metrics, run_detector  # noqa: E402
 from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.ref_cfa.model import REFCFA  # noqa: E402
+from ray_ad.training import per_sample_epsilon_loss  # noqa: E402
 
 ROBUST_TRIM = 0.2
 VARIANTS: dict[str, dict[str, object]] = {
@@ -74,10 +83,13 @@ def target_net(source: REFCFA, kind: str, fit_part: list[str], labelled_normals:
     return detector, info
 
 
-def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, name: str) -> None:
+def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, name: str,
+        source_overrides: list[str]) -> None:
     source_domain, target_domain = TASKS[task]
     target = landing(target_domain, cache_dir)
-    source: REFCFA = source_model("ref_cfa", source_domain, seed, cache_dir)
+    tick = time.perf_counter()
+    source: REFCFA = source_model("ref_cfa", source_domain, seed, cache_dir, source_overrides)
+    source_seconds = time.perf_counter() - tick
     labelled = [s for s in load_samples(f"elpv:{source_domain}") if s.label in (0, 1)]
     source_train, source_held_out = split_calibration(labelled, 0.1)  # as train_detector held it out
     if source.input_center is None:  # a cached source older than the input alignment
@@ -89,9 +101,13 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
     fit_part, held_out = split_landing([s.path for s in landed], gate_config)
     fit_set = set(fit_part)
     labelled_normals = [s.path for s in landed if s.path in fit_set and s.label == 0]  # oracle T1 only
-    gate_set = build_gate_set(source, target, held_out, adapt_config, progress=False, cache_dir=cache_dir)
+    gate_set = build_gate_set(source, target, held_out, adapt_config, Runtime(progress=False, cache_dir=cache_dir))
     test = [s for s in load_samples(target, "test") if s.label in (0, 1)]
     out = results.setdefault(task, {}).setdefault(str(seed), {"rows": {}, "target_nets": {}, "flips": {}})
+    held_out_normals = [s for s in source_held_out if s.label == 0]
+    out["source"] = {"overrides": source_overrides, "seconds_to_load_or_train": source_seconds,
+                     "held_out_denoising_loss": denoising_loss(source, held_out_normals, cache_dir)}
+    print(f"{task} seed {seed} | source: {out['source']}", flush=True)
     out["flips"]["source model on its held-out images"] = statistic_aurocs(source, source_held_out, cache_dir)
     out["flips"]["S1 on the target (w/o CFA)"] = statistic_aurocs(source, test, cache_dir)
     source_row = {**_scores(source, test), "gate_auroc": gate_score(source, gate_set, gate_config)["gate_auroc"]}
@@ -123,6 +139,24 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
         save(f"ref_cfa_corrections{name}", {"machine": machine(), "results": results}, table(results))
 
 
+class _Zero(nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def denoising_loss(detector: REFCFA, normals: list, cache_dir: str) -> dict[str, float]:
+    """S1's mean denoising loss on ``normals`` (the source's held-out normals) at the field timesteps,
+    beside the loss of the N(0, I) denoiser (eps = sqrt(1 - alpha_bar_t) x_t) on the same noise draws.
+    An S1 at that reference's loss is in the "Gaussian regime": what it predicts is the Gaussian's
+    answer in its domain's standardisation, and every REF statistic a quadratic form of x0."""
+    features = detector.extract_features(normals, Runtime(progress=False, cache_dir=cache_dir), desc="features")
+    x0 = detector.source.normalise(features.to(detector.device))
+    steps = detector.timesteps.tolist()
+    gaussian = GaussianSkip(_Zero(), detector.schedule).to(detector.device)
+    return {"s1": float(per_sample_epsilon_loss(detector.source.net, detector.schedule, x0, steps).mean()),
+            "gaussian_n01": float(per_sample_epsilon_loss(gaussian, detector.schedule, x0, steps).mean())}
+
+
 def _scores(detector, test) -> dict[str, float]:
     metrics = compute_metrics(run_detector(detector, test, progress=False))
     return {k: metrics[k] for k in ("image_auroc", "image_f1max")}
@@ -132,7 +166,13 @@ def table(results: dict) -> str:
     lines = []
     for task, seeds in results.items():
         for seed, out in seeds.items():
+            source = out.get("source", {})
+            loss = source.get("held_out_denoising_loss")
             lines += [f"### {task.replace('-', ' -> ')}, seed {seed}", "",
+                      f"Source config overrides: {source.get('overrides') or 'none'}. "
+                      + (f"S1's denoising loss on the source's held-out normals at the field timesteps: "
+                         f"{loss['s1']:.3f} (the N(0, I) denoiser's: {loss['gaussian_n01']:.3f})." if loss else ""),
+                      "",
                       "| model | image AUROC | F1-max | gate AUROC (label-free) |", "|---|---:|---:|---:|"]
             for row_name, row in out["rows"].items():
                 lines.append(f"| {row_name} | {row['image_auroc']:.3f} | {row['image_f1max']:.2f} | "
@@ -176,6 +216,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--target-nets", nargs="+", default=["scratch", "robust", "oracle"],
                         choices=["scratch", "robust", "oracle"])
+    parser.add_argument("--source-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the source model's config (trained and cached per config)")
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="")
     args = parser.parse_args()
@@ -183,7 +225,7 @@ def main() -> None:
     results: dict = {}
     for task in args.tasks:
         for seed in args.seeds:
-            run(task, seed, args.target_nets, args.cache_dir, results, name)
+            run(task, seed, args.target_nets, args.cache_dir, results, name, args.source_set)
     print(table(results))
     print(f"figures in {RESULTS}/ref_cfa_corrections{name}.md")
 
