@@ -62,14 +62,18 @@ from ray_ad.metrics import auroc  # noqa: E402
 from ray_ad.pipeline import train_detector  # noqa: E402
 from ray_ad.progress import configure_logging  # noqa: E402
 
-TASKS = {"mt-elpv": ("magnetic_tile", ["elpv:mono", "elpv:poly"]), "elpv-mt": ("elpv", ["magnetic_tile"])}
+# "procedural-mt" trains on the procedural domains alone (--procedural N) and scores magnetic_tile: a real
+# domain of another family than any source, and no elpv target, so NAGL's variants can be chosen on it
+# before elpv is read.
+TASKS = {"mt-elpv": ("magnetic_tile", ["elpv:mono", "elpv:poly"]), "elpv-mt": ("elpv", ["magnetic_tile"]),
+         "procedural-mt": ("procedural", ["magnetic_tile"])}
 TRAINED_ROWS = ("S_a alone", "NAGL")  # rows that depend on the trained RM and AFL: spread over seeds too
 SCORING_KEYS = ("unmasked_region",)  # config keys that apply to a loaded bundle (--models) too
 ROWS = ("kNN", "normal branch", "naive N+A NN", "S_a alone", "NAGL")
 
 
 def resolve(name: str, magnetic_tile: str) -> list[str]:
-    return {"magnetic_tile": [magnetic_tile], "elpv": ["elpv:mono", "elpv:poly"]}.get(name, [name])
+    return {"magnetic_tile": [magnetic_tile], "elpv": ["elpv:mono", "elpv:poly"], "procedural": []}.get(name, [name])
 
 
 class Target:
@@ -222,7 +226,14 @@ def main() -> None:
     parser.add_argument("--models", default=None, metavar="DIR",
                         help="save each trained generalist as DIR/<task>-seed<N>, and load it from there if present "
                              "(re-scores without retraining; training seconds: those of the run that trained it)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (and save, with --models) the generalists, score no target: for choosing a "
+                             "variant on held-out domains (nagl_heldout_domains.py) before any target is read")
     args = parser.parse_args()
+    if args.train_only and not args.models:
+        parser.error("--train-only keeps nothing without --models DIR")
+    if "procedural-mt" in args.tasks and not args.procedural:
+        parser.error("task procedural-mt trains on the procedural domains alone: give --procedural N")
     configure_logging()
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "overrides": args.set, "draws": args.draws,
@@ -256,6 +267,8 @@ def main() -> None:
                   flush=True)
             seconds.append(metrics["train_seconds"])
         train_seconds = float(np.mean(seconds))
+        if args.train_only:
+            continue
         if procedural:
             source = f"{source} + {len(procedural)} procedural domains"
         entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "fits": fits, "targets": {}}
@@ -266,6 +279,9 @@ def main() -> None:
             entry["targets"][target_name] = {"rows": rows,
                                              "seconds_per_image": seconds_per_image(detectors[0], target, Shots(4, 1))}
         results["tasks"][task] = entry
+    if args.train_only:
+        print(f"trained generalists saved under {args.models}; no target scored")
+        return
     text = table(results)
     print(text)
     save(args.name, results, text)

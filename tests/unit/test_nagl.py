@@ -245,3 +245,33 @@ def test_a_reference_sweep_fits_on_the_source_and_validates_on_the_held_out_doma
     assert not {s.path for s in data.calibration} & {s.path for s in data.validation}
     with pytest.raises(ConfigError, match="held-out domain"):
         reference_sweep_data(str(source), str(source), str(tmp_path / "again"))
+
+
+def test_the_anomaly_branch_loss_supervises_s_a_on_its_own() -> None:
+    """With loss.anomaly_branch > 0 (the authors' per-branch supervision) S_a must match the mask by itself:
+    an S_a that is right where the fused map is not costs less than one that is wrong, and without
+    the weight S_a does not enter the loss except through S."""
+    from ray_ad.methods.nagl.config import NAGLLossWeights
+    from ray_ad.methods.nagl.loss import nagl_loss
+
+    M_q = torch.zeros(2, 16)
+    M_q[:, :3] = 1
+    y_q = torch.ones(2)
+    S = torch.full((2, 16), 0.5)
+    s = S.max(-1).values
+    right, wrong = M_q * 0.9 + 0.05, (1 - M_q) * 0.9 + 0.05
+    paper, authors = NAGLLossWeights(), NAGLLossWeights(anomaly_branch=1.0)
+    assert nagl_loss(S, s, M_q, y_q, paper, right)[0] == nagl_loss(S, s, M_q, y_q, paper, wrong)[0]
+    assert nagl_loss(S, s, M_q, y_q, authors, right)[0] < nagl_loss(S, s, M_q, y_q, authors, wrong)[0] - 0.5
+    with pytest.raises(ValueError, match="S_a"):
+        nagl_loss(S, s, M_q, y_q, authors)
+    with pytest.raises(ValueError, match="anomaly_branch"):
+        NAGLLossWeights(anomaly_branch=-1.0)
+
+
+def test_proxies_start_at_the_configured_scale() -> None:
+    torch.manual_seed(0)
+    small = NAGLNet(dim=64, proxies=50, heads=2, alpha=-1e9).rm.P
+    unit = NAGLNet(dim=64, proxies=50, heads=2, alpha=-1e9, proxy_std=1.0).rm.P
+    assert abs(float(small.std()) - 0.02) < 0.002
+    assert abs(float(unit.std()) - 1.0) < 0.05

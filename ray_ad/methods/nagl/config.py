@@ -60,6 +60,15 @@ class NAGLLossWeights:
     cls: float = 1.0
     seg: float = 1.0  # lambda
     focal_gamma: float = 2.0
+    # Weight of Focal + Dice on S_a alone, added to L_seg. 0: the paper's text (L_seg on the fused S only).
+    # The authors' code puts its focal loss on each branch's map separately (``pixel_level_logits =
+    # cat([s_n, s_a])``); S_n has no parameter, so what that adds to training is S_a learning the mask on
+    # its own rather than only what corrects S_n on the source.
+    anomaly_branch: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.anomaly_branch < 0:
+            raise ValueError(f"loss.anomaly_branch must be >= 0, got {self.anomaly_branch}")
 
 
 @dataclass
@@ -68,6 +77,10 @@ class NAGLConfig(DetectorConfig):
     # kNN with the same normal references is NAGL's normal branch S_n exactly.
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=(2, 3), grid_size=32))
     proxies: int = 25  # M, the learnable proxies P (the authors' M = 25)
+    # Scale of the proxies' random start. The authors' proxies are an ``nn.Embedding``: N(0, 1), which is
+    # also the scale of features in the references' standard units. 0.02 (our first version) starts them
+    # near zero, where every proxy attends alike.
+    proxy_init_std: float = 0.02
     heads: int = 4  # attention heads of every layer (the authors': 4; d_model is the feature dimension C)
     mask_value: float = -1e9  # alpha in M' = alpha (1 - M^a)
     top_fraction: float = 0.01  # T_0.01: the image score is the mean of the top 1% of cells
@@ -84,6 +97,8 @@ class NAGLConfig(DetectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.proxy_init_std > 0:
+            raise ValueError(f"proxy_init_std must be > 0, got {self.proxy_init_std}")
         if self.proxies < 1 or self.heads < 1:
             raise ValueError(f"proxies and heads must be >= 1, got {self.proxies}, {self.heads}")
         if not 0 <= self.unmasked_region <= 1:

@@ -56,7 +56,8 @@ class NAGL(Detector):
         self.config: NAGLConfig = config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.net = NAGLNet(self.extractor.out_channels, config.proxies, config.heads, config.mask_value)
+            self.net = NAGLNet(self.extractor.out_channels, config.proxies, config.heads, config.mask_value,
+                               config.proxy_init_std)
         self.net = self.net.to(self.device).eval()
         self.references: ReferenceSet | None = None
         self.branch = "nagl"

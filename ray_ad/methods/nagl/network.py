@@ -54,9 +54,9 @@ class ResidualMining(nn.Module):
     """RM: P~ = SA_1(Softmax(Q_1 K_1^T / sqrt(d) + M') V_1), with Q_1 from the M learnable proxies P,
     K_1 from the abnormal-reference features F^a and V_1 from their residuals Res(F^a, F^n)."""
 
-    def __init__(self, dim: int, proxies: int, heads: int, alpha: float) -> None:
+    def __init__(self, dim: int, proxies: int, heads: int, alpha: float, proxy_std: float = 0.02) -> None:
         super().__init__()
-        self.P = nn.Parameter(torch.randn(proxies, dim) * 0.02)  # the learnable proxies, M x C
+        self.P = nn.Parameter(torch.randn(proxies, dim) * proxy_std)  # the learnable proxies, M x C
         self.cross_attention = AttentionLayer(dim, heads)
         self.self_attention = AttentionLayer(dim, heads)  # SA_1
         self.heads, self.alpha = heads, alpha
@@ -87,12 +87,12 @@ class AnomalyFeatureLearning(nn.Module):
 class NAGLNet(nn.Module):
     """RM followed by AFL: the only trained parameters of NAGL."""
 
-    def __init__(self, dim: int, proxies: int, heads: int, alpha: float) -> None:
+    def __init__(self, dim: int, proxies: int, heads: int, alpha: float, proxy_std: float = 0.02) -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"the feature dimension {dim} is not divisible by heads={heads}; "
                               "pick a head count that divides it")
-        self.rm = ResidualMining(dim, proxies, heads, alpha)
+        self.rm = ResidualMining(dim, proxies, heads, alpha, proxy_std)
         self.afl = AnomalyFeatureLearning(dim, heads)
 
     def mine(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor) -> torch.Tensor:
@@ -123,11 +123,21 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
                M_a: torch.Tensor | None = None, top_fraction: float = 0.01,
                P_tilde: torch.Tensor | None = None, standardise: bool = True,
                unmasked_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``.
+    """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``
+    (``branch_maps`` for the arguments)."""
+    S = fused_map(*branch_maps(net, F_q, normal_refs, F_a, M_a, P_tilde, standardise, unmasked_region))
+    return S, top_mean(S, top_fraction)
+
+
+def branch_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
+                M_a: torch.Tensor | None = None, P_tilde: torch.Tensor | None = None, standardise: bool = True,
+                unmasked_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two branches of queries ``F_q [B, N, C]``: S_n ``[B, N]`` and S_a ``[B, N]`` (None without an
+    abnormal reference or network).
 
     ``normal_refs [B or 1, R, C]``: the normal-reference cells. With abnormal references (``F_a [B or 1,
     N_a, C]`` and their cell masks ``M_a``, or their residual proxies ``P_tilde`` mined once before),
-    S = (S_n + S_a) / 2; without (``net`` None or no abnormal reference), S = S_n, the normal branch.
+    S_a comes from RM and AFL; without (``net`` None or no abnormal reference), only S_n.
     With ``standardise`` every feature is first put in the normal references' per-channel standard units
     (see the README: a CNN's non-negative features leave cosines little room otherwise). An abnormal
     reference whose mask marks every cell gets its defect region estimated (``scoring.abnormal_residual``,
@@ -149,11 +159,10 @@ def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tens
                 res_a, M_a = abnormal_residual(F_a, normal_refs[: F_a.shape[0]], M_a, unmasked_region)
         P_hat = net(res_q, F_q, P_tilde, F_a, res_a, M_a)  # RM (unless mined before), then AFL
         S_a = anomaly_guided_score(F_q, P_hat)
-    S = fused_map(normal_guided_score(s_n), S_a)
-    return S, top_mean(S, top_fraction)
+    return normal_guided_score(s_n), S_a
 
 
 __all__ = [
     "AnomalyFeatureLearning", "AttentionLayer", "MapScoring", "NAGLNet", "ResidualMining", "abnormal_attention_mask",
-    "score_maps",
+    "branch_maps", "score_maps",
 ]

@@ -16,7 +16,8 @@ from torch import nn
 from ray_ad.methods.nagl.config import EpisodeConfig, NAGLLossWeights
 from ray_ad.methods.nagl.episodes import DomainPool, sample_episodes
 from ray_ad.methods.nagl.loss import nagl_loss
-from ray_ad.methods.nagl.network import MapScoring, NAGLNet, score_maps
+from ray_ad.methods.nagl.network import MapScoring, NAGLNet, branch_maps
+from ray_ad.methods.nagl.scoring import fused_map, top_mean
 from ray_ad.progress import progress as progress_bar
 
 
@@ -43,9 +44,10 @@ class EpisodeLoop:
 
     def train_step(self) -> float:
         batch = sample_episodes(self.pools, self.config, self.generator).to(self.device)
-        S, s = score_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a, self.scoring.top_fraction,
-                          standardise=self.scoring.standardise, unmasked_region=self.scoring.unmasked_region)
-        loss, _ = nagl_loss(S, s, batch.M_q, batch.y_q, self.weights)
+        S_n, S_a = branch_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a,
+                               standardise=self.scoring.standardise, unmasked_region=self.scoring.unmasked_region)
+        S = fused_map(S_n, S_a)
+        loss, _ = nagl_loss(S, top_mean(S, self.scoring.top_fraction), batch.M_q, batch.y_q, self.weights, S_a)
         for group in self.optimiser.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimiser.zero_grad(set_to_none=True)
