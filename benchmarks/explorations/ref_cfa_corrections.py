@@ -84,7 +84,7 @@ def target_net(source: REFCFA, kind: str, fit_part: list[str], labelled_normals:
 
 
 def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, name: str,
-        source_overrides: list[str]) -> None:
+        source_overrides: list[str], variants: list[str]) -> None:
     source_domain, target_domain = TASKS[task]
     target = landing(target_domain, cache_dir)
     tick = time.perf_counter()
@@ -119,7 +119,8 @@ def run(task: str, seed: int, kinds: list[str], cache_dir: str, results: dict, n
         out["target_nets"][kind] = info
         print(f"{task} seed {seed} | T1 {kind}: {info}", flush=True)
         paper = adapted.config.cfa
-        for variant, overrides in VARIANTS.items():
+        for variant in variants:
+            overrides = VARIANTS[variant]
             adapted.config.cfa = dataclasses.replace(paper, **overrides)
             tick = time.perf_counter()
             alignment = adapted.fit_alignment(fit_part, Runtime(progress=False, cache_dir=cache_dir), cache=cache)
@@ -218,6 +219,8 @@ def main() -> None:
                         choices=["scratch", "robust", "oracle"])
     parser.add_argument("--source-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the source model's config (trained and cached per config)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                        help="alignment variants to run (default: all; 'w/o SFA' also gives T1's flip column)")
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="")
     args = parser.parse_args()
@@ -225,7 +228,7 @@ def main() -> None:
     results: dict = {}
     for task in args.tasks:
         for seed in args.seeds:
-            run(task, seed, args.target_nets, args.cache_dir, results, name, args.source_set)
+            run(task, seed, args.target_nets, args.cache_dir, results, name, args.source_set, args.variants)
     print(table(results))
     print(f"figures in {RESULTS}/ref_cfa_corrections{name}.md")
 
