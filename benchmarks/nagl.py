@@ -270,7 +270,8 @@ def main() -> None:
         if args.train_only:
             continue
         if procedural:
-            source = f"{source} + {len(procedural)} procedural domains"
+            source = (f"{len(procedural)} procedural domains" if source == "procedural"
+                      else f"{source} + {len(procedural)} procedural domains")
         entry = {"source": source, "seeds": args.seeds, "train_seconds": train_seconds, "fits": fits, "targets": {}}
         for target_name in targets:
             uri = resolve(target_name, args.magnetic_tile)[0]
