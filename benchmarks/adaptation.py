@@ -2,12 +2,14 @@
 reference, on elpv mono -> poly and poly -> mono, and on magnetic_tile seen by a new camera.
 
     .venv/bin/python benchmarks/adaptation.py [--tasks mono-poly poly-mono magnetic_tile-shift]
-        [--seeds 0 1 2] [--source-method ref_cfa|patchcore] [--set key=value ...] [--name NAME] [--resume]
+        [--seeds 0 1 2] [--source-method ref_cfa|patchcore] [--set key=value ...]
+        [--source-set key=value ...] [--name NAME] [--resume]
 
 Each domain is laid out as a camera delivers it (``elpv:<d>?layout=landing``): a fixed 40% of its cells
 is the labelled test split and never lands; every other cell lands, defective and ambiguous ones too.
 For each task and seed: train the source model on the source domain (``configs/ref_cfa_cpu.yaml`` with
-``seed=N`` for ref_cfa, or a PatchCore kNN on its train normals), run ``adapt_candidates`` exactly as
+``seed=N`` for ref_cfa, or a PatchCore kNN on its train normals; ``--source-set`` changes that config,
+e.g. ``normalisation.kind=position_whiten``), run ``adapt_candidates`` exactly as
 ``jobs/adapt_target.py`` does (gate seed = N), then, with the decision made, read the target's test
 labels and score every candidate: image AUROC, F1-max, and precision / recall / F1 at the threshold the
 candidate would ship with. Rows: the source as is, the target memory, REF+CFA (ref_cfa sources), the
@@ -136,11 +138,11 @@ def score(detector, test, threshold: float) -> dict[str, float]:
 
 
 def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
-        variant_names: list[str] | None = None) -> dict:
+        variant_names: list[str] | None = None, source_overrides: list[str] | None = None) -> dict:
     source_domain, target_domain = TASKS[task]
     target = landing(target_domain, cache_dir)
     tick = time.perf_counter()
-    source = source_model(method, source_domain, seed, cache_dir)
+    source = source_model(method, source_domain, seed, cache_dir, source_overrides)
     source_seconds = time.perf_counter() - tick
     config, ref_overrides = split_overrides([*overrides, f"gate.seed={seed}"])
     images = [s.path for s in load_samples(target, "landing")]
@@ -243,6 +245,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--source-method", default="ref_cfa", choices=["ref_cfa", "patchcore", "osd_irf"])
     parser.add_argument("--set", action="append", default=[], help="adaptation overrides (gate.*, memory.*, cfa.*)")
+    parser.add_argument("--source-set", action="append", default=[],
+                        help="source model config overrides (e.g. normalisation.kind=position_whiten)")
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
@@ -250,12 +254,14 @@ def main() -> None:
                         help="treatments of the held-out suspects to re-rank each run's candidates by (none: skip)")
     args = parser.parse_args()
     apply_overrides({}, args.set)  # fail fast on a malformed --set
+    apply_overrides({}, args.source_set)
     name = "adaptation" + (f"_{args.name}" if args.name else "")
     results: dict[str, dict[int, dict]] = {}
     saved = RESULTS / f"{name}.json"
     if args.resume and saved.exists():  # runs already measured with these settings are kept, not re-run
         payload = json.loads(saved.read_text())
-        if payload["source_method"] == args.source_method and payload["overrides"] == args.set:
+        if (payload["source_method"], payload["overrides"], payload.get("source_overrides", [])) == (
+                args.source_method, args.set, args.source_set):
             results = {task: {int(seed): run_ for seed, run_ in runs.items()}
                        for task, runs in payload["results"].items()}
     for seed in args.seeds:  # seed-major: a partial run still covers every task
@@ -264,11 +270,13 @@ def main() -> None:
                 continue
             tick = time.perf_counter()
             results.setdefault(task, {})[seed] = run(task, seed, args.source_method, args.set, args.cache_dir,
-                                                      args.gate_variants)
+                                                      args.gate_variants, args.source_set)
             results[task][seed]["seconds"] = time.perf_counter() - tick
-            payload = {"source_method": args.source_method, "overrides": args.set, "machine": machine(),
-                       "results": results}
-            save(name, payload, f"Source: {args.source_method} (magnetic_tile-shift: patchcore).\n\n" + table(results))
+            payload = {"source_method": args.source_method, "overrides": args.set, "source_overrides": args.source_set,
+                       "machine": machine(), "results": results}
+            changed = f" with {' '.join(args.source_set)}" if args.source_set else ""
+            described = f"Source: {args.source_method}{changed}"
+            save(name, payload, f"{described} (magnetic_tile-shift: patchcore).\n\n" + table(results))
     print(table(results))
 
 

@@ -8,7 +8,10 @@ detector with the OSD-IRF recipe's backbone and whitening, i.e. the r = 0 refere
 osd_irf: ``configs/osd_irf_magnetic_tile.yaml``, the base of ``--set template_source=reconstruction``;
 ``--base-set`` overrides a base config value; ``--base-model`` loads a saved one instead) and saved; the
 filter is then trained over that base bundle once per seed (``base.model``), so the rows differ only by the
-filter. Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image (mean and spread over
+filter. With ``--set train.pool_base=leave_one_out`` (which reads the memory's record of each cell's
+training image, kept only by a base fitted in the same call) the base is refitted inside each seed's fit
+from the same config instead: the same memory, since patchcore's full bank does not depend on the seed.
+Prints and saves image/pixel AUROC, AP, F1-max, AU-PRO, seconds per image (mean and spread over
 seeds), pixel AUROC per defect type, and overlay PNGs [image | base | base + CF | mask] for a few images of
 each defect type (seed 0) under ``results/<name>_overlays/``.
 
@@ -129,6 +132,8 @@ def main() -> None:
         others = [fleet_line(name, data, args.name, runtime) for data in args.fleet]
         for seed in args.seeds:
             overrides = apply_overrides({"base": {"model": base_uri}, "seed": seed}, args.set)
+            if overrides.get("train", {}).get("pool_base") == "leave_one_out":  # the base is fitted in the call
+                overrides["base"] = {"method": base.method, "config": to_dict(base.config)}
             detector = build_detector("costfilter", method_config("costfilter", overrides))
             start = time.perf_counter()
             fit = detector.fit(train, calibration, runtime)

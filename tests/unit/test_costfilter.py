@@ -295,7 +295,7 @@ def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images
     backbone = tiny_costfilter_config()["backbone"]
     base = {"method": "patchcore", "config": {"backbone": backbone, "bank_fraction": 1.0}}
     normal_levels, lowest = {}, {}
-    for pool_base in ("same", "held_out", "auto", "cross_fit"):
+    for pool_base in ("same", "held_out", "auto", "cross_fit", "leave_one_out"):
         config = tiny_costfilter_config(base=base, train={"steps": 1, "batch_size": 4, "pool_size": 24,
                                                           "loss_size": 32, "pool_base": pool_base, "pool_folds": 3})
         detector = build_detector("costfilter", method_config("costfilter", config))
@@ -313,6 +313,25 @@ def test_the_pool_takes_its_base_maps_from_a_base_that_never_saw_the_pool_images
     assert normal_levels["same"] < 1e-3 < 0.1 < normal_levels["held_out"] == normal_levels["auto"]
     # Cross-fitted: no normal pool item is mapped by a base that holds its image (that item would sit at 0).
     assert lowest["same"] < 1e-3 < 0.05 < lowest["cross_fit"]
+    # Leave-one-out: every training image joins the pool and no normal item is matched with its own cells.
+    assert lowest["same"] < 1e-3 < 0.05 < lowest["leave_one_out"]
+
+
+def test_leave_one_out_pool_maps_need_a_memory_base_fitted_in_the_same_call(tiny_mvtec: Path, tmp_path: Path):
+    from ray_ad.data import training_split
+
+    train, calibration = training_split(str(tiny_mvtec), 0.25)
+    backbone = tiny_costfilter_config()["backbone"]
+    pool = {"steps": 1, "batch_size": 4, "pool_size": 8, "loss_size": 32, "pool_base": "leave_one_out"}
+    gaussian = tiny_costfilter_config(base={"method": "gaussian", "config": {"backbone": backbone}}, train=pool)
+    with pytest.raises(ValueError, match="needs a memory base.*'gaussian'"):
+        build_detector("costfilter", method_config("costfilter", gaussian)).prepare(train, calibration, Runtime(False))
+    base = build_detector("patchcore", method_config("patchcore", {"backbone": backbone, "device": "cpu"}))
+    base.fit(train, calibration, Runtime(False))
+    save_bundle(base, str(tmp_path / "base"))
+    saved = tiny_costfilter_config(base={"method": "patchcore", "model": str(tmp_path / "base")}, train=pool)
+    with pytest.raises(ValueError, match="base.model .*base'.* is a saved bundle"):
+        build_detector("costfilter", method_config("costfilter", saved)).prepare(train, calibration, Runtime(False))
 
 
 def test_pool_shares_split_the_pool_over_its_parts_by_their_image_counts():

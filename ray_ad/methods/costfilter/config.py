@@ -16,7 +16,7 @@ from ray_ad.methods.costfilter.network import FilterNetConfig
 SUPPORTED_BASES = ("gaussian", "osd_irf", "patchcore")
 IMAGE_SCORES = ("fused", "map_top")
 TEMPLATE_SOURCES = ("bank", "reconstruction")
-POOL_BASES = ("auto", "cross_fit", "held_out", "same")
+POOL_BASES = ("auto", "cross_fit", "held_out", "leave_one_out", "same")
 MEMORY_BASES = ("patchcore",)  # bases that store training patches and so match their own images exactly
 
 
@@ -47,7 +47,9 @@ class FilterTrainConfig:
     # maps are 0 outside the pasted defect, which no test image offers). "cross_fit": the training images
     # split into pool_folds folds, each fold's pool items mapped by a base fitted on the other folds, so
     # every image joins the pool and every base holds (folds - 1) / folds of the data, as near the line's
-    # own base as held-out maps allow (one base fit per fold). "same": the line's base itself.
+    # own base as held-out maps allow (one base fit per fold). "leave_one_out" (memory bases): the line's
+    # own base, each pool item scored against its memory less the cells of the images it was made from
+    # (source and donor): every other training image in the memory, no second fit. "same": the line's base.
     # "auto": held_out for a memory of training patches (patchcore), same for a fitted density.
     pool_base: str = "auto"
     pool_folds: int = 5  # folds of cross_fit

@@ -25,7 +25,7 @@ from ray_ad.errors import ConfigError
 from ray_ad.methods.base import Detector, Prediction, Runtime, check_tensor_keys, upsample_map
 from ray_ad.methods.costfilter.config import MEMORY_BASES, SUPPORTED_BASES, CostFilterConfig
 from ray_ad.methods.costfilter.network import CostFilterNet, Matching, filter_forward
-from ray_ad.methods.costfilter.pool import SyntheticPool, build_pool
+from ray_ad.methods.costfilter.pool import BaseMap, SyntheticPool, build_pool
 from ray_ad.methods.costfilter.templates import TemplateBank
 from ray_ad.methods.costfilter.training import train_filter
 from ray_ad.training import loss_summary
@@ -50,9 +50,9 @@ class PoolPart:
     ``images -> scaled base cell maps`` function for them, made only when their part of the pool is."""
 
     samples: list[Sample]
-    base_maps: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None
+    base_maps: Callable[[], BaseMap] | None
 
-    def base_map(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def base_map(self) -> BaseMap | None:
         return None if self.base_maps is None else self.base_maps()
 
 
@@ -231,7 +231,11 @@ class CostFilter(Detector):
         if pool_base == "auto":
             pool_base = "held_out" if self.base.method in MEMORY_BASES else "same"
         if pool_base == "same" or len(train) < 4:
-            return [PoolPart(train, lambda: lambda images: self.base_cells(self.base.predict(images).anomaly_map))]
+            return [PoolPart(train, lambda: lambda images, _: self.base_cells(self.base.predict(images).anomaly_map))]
+        if pool_base == "leave_one_out":
+            self._check_leave_one_out()
+            return [PoolPart(train, lambda: lambda images, made_from: self.base_cells(
+                self.base.predict_without(images, made_from).anomaly_map))]
         order = rng.permutation(len(train))
         if pool_base == "held_out":
             half = len(train) // 2
@@ -243,6 +247,15 @@ class CostFilter(Detector):
         return [PoolPart([train[i] for i in rows],
                          self._other_base(rows_fit, train, calibration, calibration_images, runtime, k, len(pool_rows)))
                 for k, (rows, rows_fit) in enumerate(zip(pool_rows, fit_rows))]
+
+    def _check_leave_one_out(self) -> None:
+        if self.base.method not in MEMORY_BASES:
+            raise ValueError(f"train.pool_base 'leave_one_out' needs a memory base ({', '.join(MEMORY_BASES)}), "
+                             f"got base.method {self.base.method!r}")
+        if self.config.base.model:
+            raise ValueError(f"train.pool_base 'leave_one_out' needs the base fitted in this call (it reads which "
+                             f"training image each memory cell came from); base.model {self.config.base.model!r} "
+                             "is a saved bundle, so use held_out or cross_fit with it")
 
     def _other_base(self, rows: list[int], train: list[Sample], calibration: list[Sample],
                     calibration_images: list[torch.Tensor], runtime: Runtime, part: int, parts: int
@@ -259,7 +272,7 @@ class CostFilter(Detector):
             other.fit([train[i] for i in rows], calibration, runtime.quiet())
             with torch.no_grad():
                 scale = normal_level([other.predict(batch).anomaly_map for batch in calibration_images], stride=7)
-            return lambda images: self.base_cells(other.predict(images).anomaly_map, scale)
+            return lambda images, _: self.base_cells(other.predict(images).anomaly_map, scale)
 
         return fitted
 

@@ -21,6 +21,11 @@ from ray_ad.data.images import load_image
 from ray_ad.data.synthetic import pasted_anomaly
 from ray_ad.progress import progress as show_progress
 
+# The base detector's scaled cell maps ``[B, H', W']`` of preprocessed pool images ``[B, 3, S, S]``, given the
+# paths each item was made from (its source image, then its donor when it has a pasted anomaly; a donor is
+# drawn whatever the fill, so a texture fill names one too): a memory base can leave those out of its bank.
+BaseMap = Callable[[torch.Tensor, list[tuple[str, ...]]], torch.Tensor]
+
 
 @dataclass
 class SyntheticPool:
@@ -91,19 +96,21 @@ def _resized(path: str, size: int) -> np.ndarray:
 def build_pool(
     extractor: FeatureExtractor, paths: list[str], bank_index: dict[str, int], count: int, anomaly_probability: float,
     opacity: tuple[float, float], fill_sources: list[str], loss_size: int, rng: np.random.Generator,
-    device: torch.device, progress: bool, base_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device, progress: bool, base_map: BaseMap | None = None,
     reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SyntheticPool:
     """``count`` items cycling through ``paths`` (shuffled), each anomalous with ``anomaly_probability``
-    (the donor for a shuffled fill is another image of ``paths``). ``base_map`` (preprocessed images ->
-    the base detector's cell maps) is run on every item when the filter is guided by the base, and
-    ``reconstruct`` (features -> the base's reconstruction of them) when it matches reconstructions."""
+    (the donor for a shuffled fill is another image of ``paths``). ``base_map`` (preprocessed images and
+    the paths of the images each item was made from, its source and any donor -> the base detector's cell
+    maps) is run on every item when the filter is guided by the base, and ``reconstruct`` (features -> the
+    base's reconstruction of them) when it matches reconstructions."""
     if len(paths) < 2:
         raise ValueError(f"the synthetic pool needs at least 2 normal images, got {len(paths)}")
     size = extractor.preprocessor.size
     order = rng.permutation(len(paths))
     features, masks, sources, base_maps, reconstructions = [], [], [], [], []
     chunk: list[Image.Image] = []
+    made_from: list[tuple[str, ...]] = []  # per chunk item: its source image, and its donor if any
 
     def flush() -> None:
         if chunk:
@@ -113,18 +120,22 @@ def build_pool(
             if reconstruct is not None:
                 reconstructions.append(reconstruct(batch).float().cpu())
             if base_map is not None:
-                base_maps.append(base_map(images).float().cpu())
+                base_maps.append(base_map(images, list(made_from)).float().cpu())
             chunk.clear()
+            made_from.clear()
 
     for k in show_progress(range(count), desc="synthetic anomalies", enabled=progress, leave=False):
         i = int(order[k % len(paths)])
         image = _resized(paths[i], size)
         mask = np.zeros(image.shape[:2], dtype=bool)
+        sources_of_item: tuple[str, ...] = (paths[i],)
         if rng.uniform() < anomaly_probability:
             donor = int(rng.integers(0, len(paths) - 1))
             donor += donor >= i  # any image but the source itself
             image, mask, _ = pasted_anomaly(image, _resized(paths[donor], size), rng, opacity, fill_sources)
+            sources_of_item = (paths[i], paths[donor])
         chunk.append(Image.fromarray(image))
+        made_from.append(sources_of_item)
         # The loss compares maps at loss_size: the mask's share per loss pixel (area average).
         masks.append(F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], loss_size)[0, 0])
         sources.append(bank_index.get(paths[i], -1))
