@@ -106,6 +106,7 @@ class PatchCore(Detector):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         check_tensor_keys({"bank"}, tensors)
         self.bank = tensors["bank"].to(self.device)
+        self.bank_owners, self.bank_paths = None, []  # a loaded bank carries no record of its images
 
 
 __all__ = ["PatchCore", "PatchCoreConfig"]
