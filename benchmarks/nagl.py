@@ -5,7 +5,9 @@
 
 Tasks: ``mt-elpv`` trains on magnetic_tile (its pixel masks + synthetic anomalies) and scores elpv mono
 and elpv poly; ``elpv-mt`` trains on elpv mono + poly (synthetic anomalies with their masks: elpv has
-no pixel masks) and scores magnetic_tile. The generalist is trained once per seed (``--seeds``).
+no pixel masks) and scores magnetic_tile; ``mt+mono-poly`` and ``mt+poly-mono`` train on magnetic_tile
+and the other elpv domain (its train normals with synthetic anomalies) and score the held-out one.
+The generalist is trained once per seed (``--seeds``).
 ``--procedural N`` adds N procedural texture domains (``ray_ad.data.procedural``: drawn textures with
 masked synthetic defects) to every task's sources, as the paper trains on many classes.
 
@@ -65,15 +67,21 @@ from ray_ad.progress import configure_logging  # noqa: E402
 # "procedural-mt" trains on the procedural domains alone (--procedural N) and scores magnetic_tile: a real
 # domain of another family than any source, and no elpv target, so NAGL's variants can be chosen on it
 # before elpv is read.
+# "mt+mono-poly" / "mt+poly-mono" train on every real domain but the target (the fleet's case: a new line
+# joins lines the generalist was trained on, one of them of the same product in another make).
 TASKS = {"mt-elpv": ("magnetic_tile", ["elpv:mono", "elpv:poly"]), "elpv-mt": ("elpv", ["magnetic_tile"]),
-         "procedural-mt": ("procedural", ["magnetic_tile"])}
+         "procedural-mt": ("procedural", ["magnetic_tile"]),
+         "mt+mono-poly": ("magnetic_tile+elpv:mono", ["elpv:poly"]),
+         "mt+poly-mono": ("magnetic_tile+elpv:poly", ["elpv:mono"])}
 TRAINED_ROWS = ("S_a alone", "NAGL")  # rows that depend on the trained RM and AFL: spread over seeds too
 SCORING_KEYS = ("unmasked_region",)  # config keys that apply to a loaded bundle (--models) too
 ROWS = ("kNN", "normal branch", "naive N+A NN", "S_a alone", "NAGL")
 
 
 def resolve(name: str, magnetic_tile: str) -> list[str]:
-    return {"magnetic_tile": [magnetic_tile], "elpv": ["elpv:mono", "elpv:poly"], "procedural": []}.get(name, [name])
+    """Dataset URIs of a task's source or target name (``a+b``: both)."""
+    known = {"magnetic_tile": [magnetic_tile], "elpv": ["elpv:mono", "elpv:poly"], "procedural": []}
+    return [uri for part in name.split("+") for uri in known.get(part, [part])]
 
 
 class Target:

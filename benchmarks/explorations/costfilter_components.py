@@ -1,9 +1,10 @@
 """Where CostFilter-AD's signal sits: each component map of one fitted filter, scored on its own.
 
-    .venv/bin/python benchmarks/explorations/costfilter_components.py [--seed 0] [--set key=value ...] \
-        [--name NAME]
+    .venv/bin/python benchmarks/explorations/costfilter_components.py [--base gaussian|patchcore] \
+        [--seed 0] [--set key=value ...] [--name NAME]
 
-Fits the Gaussian reference base (as ``benchmarks/costfilter.py`` does) and one filter over it, then
+Fits the base (the Gaussian reference by default; the bases of ``benchmarks/costfilter.py``) and one
+filter over it, then
 scores, from one pass, the base's map, the filter's map alone (Eq. 4, fusion 0), M-bar alone (the
 layers' mean nearest-template cost, no network) and the blends (1 - w) * filter + w * base for
 w in {0.25, 0.5, 0.75}: pixel AUROC, AU-PRO and the image AUROC of each map's top-250 mean. Two
@@ -102,6 +103,7 @@ def test_set(samples: list, size: int) -> tuple[list[Image.Image], np.ndarray, n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
+    parser.add_argument("--base", default="gaussian", choices=("gaussian", "patchcore"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], help="override a CostFilter config value")
     parser.add_argument("--name", default="costfilter_components")
@@ -110,19 +112,23 @@ def main() -> None:
         sys.exit(f"error: dataset not found at {args.data} (pass --data)")
     train, calibration, test = splits(args.data)
     runtime = Runtime(cache_dir=str(RESULTS / "cache"))
-    base_uri = RESULTS / "runs" / "costfilter_components_base_gaussian"
-    method, values = base_config("gaussian")
-    base = build_detector(method, method_config(method, values))
-    base.fit(train, calibration, runtime)
-    save_bundle(base, str(base_uri))
-    overrides = apply_overrides({"base": {"model": str(base_uri)}, "seed": args.seed}, args.set)
+    method, values = base_config(args.base)
+    overrides = apply_overrides({"seed": args.seed}, args.set)
+    if overrides.get("train", {}).get("pool_base") == "leave_one_out":  # the base is fitted in the call
+        overrides["base"] = {"method": method, "config": values}
+    else:
+        base_uri = RESULTS / "runs" / f"costfilter_components_base_{args.base}"
+        base = build_detector(method, method_config(method, values))
+        base.fit(train, calibration, runtime)
+        save_bundle(base, str(base_uri))
+        overrides["base"] = {"model": str(base_uri)}
     detector = build_detector("costfilter", method_config("costfilter", overrides))
     detector.fit(train, calibration, runtime)
     size = detector.image_size
-    report = {"overrides": args.set, "seed": args.seed,
+    report = {"base": args.base, "overrides": args.set, "seed": args.seed,
               "synthetic": score_set(detector, *synthetic_set(calibration, size, 123)),
               "test": score_set(detector, *test_set(test, size))}
-    lines = [f"CostFilter-AD components, Gaussian base, seed {args.seed}, overrides {args.set or 'none'}", "",
+    lines = [f"CostFilter-AD components, {args.base} base, seed {args.seed}, overrides {args.set or 'none'}", "",
              "| set | map | pixel AUROC | AU-PRO | image AUROC (top-250 mean) |", "|---|---|---:|---:|---:|"]
     for part in ("synthetic", "test"):
         for name, row in report[part].items():

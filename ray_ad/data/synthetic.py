@@ -91,7 +91,10 @@ def procedural_texture(size: int, rng: np.random.Generator, octaves: int = 4) ->
     return (low + noise[..., None] * (high - low)).clip(0, 255).astype(np.uint8)
 
 
-FILL_SOURCES = ("texture", "shuffle")
+FILL_SOURCES = ("texture", "shuffle")  # the paper's sources, every method's default
+# Every source ``pasted_anomaly`` knows: "subtle" is one of ``subtle_defect``'s small, low-contrast
+# kinds (stain, scratch, smear, misplaced or foreign texture), nearer to real defects than a blob.
+ANOMALY_SOURCES = (*FILL_SOURCES, "subtle")
 
 
 def pasted_anomaly(
@@ -101,14 +104,18 @@ def pasted_anomaly(
     """(anomalous image uint8 [S, S, 3], mask bool [S, S], fill source) for filter training (CostFilter-AD
     Sec. 3, after GLAD/DRAEM): a Perlin mask filled with a procedural texture or with ``donor`` cut
     into shuffled blocks, blended at an opacity drawn from ``opacity``. The authors' blend weight of
-    the original, U[0, 0.8), is an opacity of the fill in (0.2, 1]. The mask holds exactly the pixels
-    that changed (a fill that happens to equal the image there is no defect)."""
+    the original, U[0, 0.8), is an opacity of the fill in (0.2, 1]. Source ``subtle`` (ours, not among
+    the defaults) draws one of ``subtle_defect``'s kinds instead, at its own contrast. The mask holds
+    exactly the pixels that changed (a fill that happens to equal the image there is no defect)."""
     if image.shape != donor.shape or image.shape[0] != image.shape[1]:
         raise ValueError(f"image {image.shape} and donor {donor.shape} must be square arrays of one size")
-    unknown = sorted(set(sources) - set(FILL_SOURCES))
+    unknown = sorted(set(sources) - set(ANOMALY_SOURCES))
     if not sources or unknown:
-        raise ValueError(f"fill sources must be among {', '.join(FILL_SOURCES)}; got {list(sources)}")
+        raise ValueError(f"fill sources must be among {', '.join(ANOMALY_SOURCES)}; got {list(sources)}")
     source = str(rng.choice(list(sources)))
+    if source == "subtle":
+        out, mask, _ = subtle_defect(image, donor, rng)
+        return out, mask, source
     size = image.shape[0]
     mask = perlin_mask(size, rng)
     fill = procedural_texture(size, rng) if source == "texture" else self_shuffled(donor, rng)

@@ -151,6 +151,17 @@ def test_the_synthetic_masks_are_exactly_the_pasted_pixels():
         pasted_anomaly(image, donor, rng, sources=["dtd"])
 
 
+def test_the_subtle_source_pastes_small_defects_whose_mask_is_the_changed_pixels():
+    rng = np.random.default_rng(5)
+    image = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    donor = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for _ in range(20):
+        anomalous, mask, source = pasted_anomaly(image, donor, rng, sources=["subtle"])
+        assert source == "subtle"
+        assert mask.any() and mask.mean() < 0.1  # a small defect, where a Perlin blob covers up to half
+        assert np.array_equal(mask, (anomalous != image).any(-1))
+
+
 def test_templates_are_the_nearest_bank_images_and_training_never_draws_the_query_itself():
     generator = torch.Generator().manual_seed(4)
     bank = TemplateBank(torch.rand(6, 5, 3, 3, generator=generator), [2, 3])

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_ad.backbones import BackboneConfig
-from ray_ad.data.synthetic import FILL_SOURCES
+from ray_ad.data.synthetic import ANOMALY_SOURCES, FILL_SOURCES
 from ray_ad.methods.base import DetectorConfig
 from ray_ad.methods.costfilter.loss import LossWeights
 from ray_ad.methods.costfilter.network import FilterNetConfig
@@ -66,8 +66,8 @@ class FilterTrainConfig:
         low, high = self.opacity
         if not 0 < low <= high <= 1:
             raise ValueError(f"train.opacity must be 0 < low <= high <= 1, got {list(self.opacity)}")
-        if not set(self.fill_sources) <= set(FILL_SOURCES) or not self.fill_sources:
-            raise ValueError(f"train.fill_sources must be among {list(FILL_SOURCES)}, got {list(self.fill_sources)}")
+        if not set(self.fill_sources) <= set(ANOMALY_SOURCES) or not self.fill_sources:
+            raise ValueError(f"train.fill_sources must be among {list(ANOMALY_SOURCES)}, got {list(self.fill_sources)}")
         if self.loss_size < 4:
             raise ValueError(f"train.loss_size must be >= 4, got {self.loss_size}")
 

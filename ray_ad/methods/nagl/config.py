@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ray_ad.backbones import BackboneConfig
-from ray_ad.data.synthetic import FILL_SOURCES
+from ray_ad.data.synthetic import ANOMALY_SOURCES, FILL_SOURCES
 from ray_ad.methods.base import DetectorConfig
 
 SYNTHETIC_MODES = ("auto", "always", "never")
@@ -51,6 +51,8 @@ class EpisodeConfig:
             raise ValueError(f"train: synthetic_count >= 0 and max_normals >= 2; got {self}")
         if any(not 0 < share < 1 for share in self.lr_drops):
             raise ValueError(f"train.lr_drops must be shares of the budget in (0, 1), got {list(self.lr_drops)}")
+        if not self.fill_sources or not set(self.fill_sources) <= set(ANOMALY_SOURCES):
+            raise ValueError(f"train.fill_sources must be among {list(ANOMALY_SOURCES)}, got {list(self.fill_sources)}")
 
 
 @dataclass
