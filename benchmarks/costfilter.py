@@ -140,6 +140,9 @@ def main() -> None:
             fit["seconds"] = time.perf_counter() - start
             results = run_detector(detector, test)
             entry["filtered"].append(compute_metrics(results))
+            print(f"[{name}] seed {seed}: " + ", ".join(  # a long run's figures in its log as they come
+                f"{key} {entry['filtered'][-1][key]:.4f}" for key in ("image_auroc", "pixel_auroc", "pixel_aupro")),
+                flush=True)
             entry["filtered_per_defect"].append(pixel_auroc_per_defect(results))
             entry["fit"].append(fit)
             entry["config"] = to_dict(detector.config)
