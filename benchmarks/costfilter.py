@@ -51,6 +51,12 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 KEYS = METRIC_KEYS + ("model_seconds_per_image",)
 
 
+def fits_base_in_call(overrides: dict) -> bool:
+    """Leave-one-out pool maps read the memory's record of each cell's image, which a saved base bundle
+    does not keep: the filter's config must then name the base's method and config, not a bundle."""
+    return overrides.get("train", {}).get("pool_base") == "leave_one_out"
+
+
 def base_config(name: str) -> tuple[str, dict]:
     if name == "patchcore":
         return "patchcore", load_file(str(CONFIGS / "patchcore_magnetic_tile.yaml"))
@@ -132,7 +138,7 @@ def main() -> None:
         others = [fleet_line(name, data, args.name, runtime) for data in args.fleet]
         for seed in args.seeds:
             overrides = apply_overrides({"base": {"model": base_uri}, "seed": seed}, args.set)
-            if overrides.get("train", {}).get("pool_base") == "leave_one_out":  # the base is fitted in the call
+            if fits_base_in_call(overrides):
                 overrides["base"] = {"method": base.method, "config": to_dict(base.config)}
             detector = build_detector("costfilter", method_config("costfilter", overrides))
             start = time.perf_counter()

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
-from costfilter import base_config  # noqa: E402
+from costfilter import base_config, fits_base_in_call  # noqa: E402
 
 from ray_ad import metrics  # noqa: E402
 from ray_ad.bundle import save_bundle  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
     runtime = Runtime(cache_dir=str(RESULTS / "cache"))
     method, values = base_config(args.base)
     overrides = apply_overrides({"seed": args.seed}, args.set)
-    if overrides.get("train", {}).get("pool_base") == "leave_one_out":  # the base is fitted in the call
+    if fits_base_in_call(overrides):
         overrides["base"] = {"method": method, "config": values}
     else:
         base_uri = RESULTS / "runs" / f"costfilter_components_base_{args.base}"
