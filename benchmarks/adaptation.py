@@ -183,12 +183,12 @@ GATE_VARIANTS = {"suspects rank as negatives": {"suspect_z": None},
 
 def gate_variants(source, target: str, images: list[str], config, outcome, rows: dict, cache_dir: str,
                   names: list[str]) -> dict:
-    _, held_out = split_landing(images, config.gate)
+    fit_part, held_out = split_landing(images, config.gate)
     out = {}
     for variant in names:
         changes = GATE_VARIANTS[variant]
         variant_config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, **changes))
-        gate_set = build_gate_set(source, target, held_out, variant_config, Runtime(False, cache_dir))
+        gate_set = build_gate_set(source, target, held_out, variant_config, Runtime(False, cache_dir), fit_part)
         # The job's own gate: its scores are in the outcome already (the set is rebuilt for its counts).
         scores = outcome.gate if variant_config.gate == config.gate else {
             name: gate_score(detector, gate_set, variant_config.gate) for name, detector in outcome.candidates.items()}

@@ -53,7 +53,12 @@ class GateConfig:
     # Gate AUROC by which a winner must beat the served version, and a candidate every candidate listed
     # before it (an adaptation the source as is; the memory of every image the one without flagged images).
     margin: float = 0.01
-    threshold_rule: str = "f1"  # threshold.py: "f1" (expected F1 of the fitted mixture) or "false_alarm"
+    # threshold.py: "share" (flag the landing's defect share, fitted to the mutual scores of every landed
+    # image fitted on: promote.build_gate_set), "f1" (expected F1 of the fitted mixture) or "false_alarm".
+    # "share" was chosen on magnetic_tile (benchmarks/explorations/unlabeled_thresholds.py): F1 0.54
+    # where "f1" shipped 0.16, because 160 held-out scores are too few for two Gaussians, and every
+    # landed image is enough to estimate one number, the share.
+    threshold_rule: str = "share"
     false_alarm_rate: float = 0.01  # of the normal mode, for "false_alarm" (and f1's fallback)
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
     # Held-out images whose mutual score stands this many robust spreads above the held-out images'
@@ -130,6 +135,9 @@ class GateSet:
     source: str  # "synthetic" or "acceptance"
     size: int
     counts: dict[str, int] = field(default_factory=dict)
+    # The landing's defect share (estimated without labels from every landed image), for threshold rule
+    # "share"; None: the rule estimates it from each candidate's held-out scores.
+    landing_share: float | None = None
 
     @classmethod
     def build(cls, held_out: list[str], size: int, config: GateConfig,
@@ -191,7 +199,7 @@ def gate_score(detector: Detector, gate: GateSet, config: GateConfig) -> dict[st
         "gate_auroc": against(positives),
         "per_kind": {kind: against(positives[kinds == kind]) for kind in sorted(set(gate.positive_kinds))},
         "threshold": unlabeled_threshold(untouched, config.false_alarm_rate, config.threshold_rule,
-                                         shape=config.threshold_shape),
+                                         shape=config.threshold_shape, share=gate.landing_share),
         "flagged_held_out": None,
         "seconds": 0.0,
     }

@@ -69,11 +69,13 @@ class Outcome:
     gate_source: str  # "synthetic" | "acceptance"
     landed: int
     held_out: int
+    landing_share: float | None = None  # estimated defect share of the landing (threshold rule "share")
 
     def evidence(self) -> dict[str, Any]:
         """JSON-able record for the job status and the bundle's metrics."""
         return {"winner": self.winner, "decision": self.decision, "gate_source": self.gate_source,
-                "landed_images": self.landed, "held_out_images": self.held_out, "candidates": self.gate}
+                "landed_images": self.landed, "held_out_images": self.held_out,
+                "landing_defect_share": self.landing_share, "candidates": self.gate}
 
 
 def adapt_candidates(
@@ -86,7 +88,7 @@ def adapt_candidates(
     """
     runtime = runtime or Runtime()
     fit_part, held_out = split_landing(images, config.gate)
-    gate_set = build_gate_set(source, target, held_out, config, runtime)
+    gate_set = build_gate_set(source, target, held_out, config, runtime, fit_part)
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
     log.info(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
           f"({gate_set.source} ranking: {gate_set.counts})")
@@ -116,14 +118,17 @@ def adapt_candidates(
     # The preference order is CANDIDATES' whatever order --set lists them in: the source as is always first.
     winner, decision = choose(scores, SERVED if served is not None else None, config.gate.margin, order=CANDIDATES)
     candidates[winner].threshold = scores[winner]["threshold"]
-    return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out))
+    return Outcome(candidates, scores, winner, decision, gate_set.source, len(images), len(held_out),
+                   gate_set.landing_share)
 
 
 def build_gate_set(
     source: Detector, target: str, held_out: list[str], config: AdaptConfig, runtime: Runtime | None = None,
+    fit_part: list[str] | None = None,
 ) -> GateSet:
     """What the gate ranks on: the batch's ``_acceptance/`` images if it has them, else synthetic defects
-    pasted into the held-out images that are no suspects (``gate.suspect_z``)."""
+    pasted into the held-out images that are no suspects (``gate.suspect_z``). With threshold rule
+    ``share``, the landing's defect share comes from the mutual scores of ``fit_part``."""
     acceptance = acceptance_images(target)
     suspects = None
     if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
@@ -133,7 +138,15 @@ def build_gate_set(
         if suspects.mean() > 0.5:  # a "mode" that half the images stand out from is no normal mode
             log.warning("gate: %s of %s held-out images stand out; no suspects", suspects.sum(), len(held_out))
             suspects = None
-    return GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
+    gate_set = GateSet.build(held_out, source.image_size, config.gate, acceptance, suspects)
+    if config.gate.threshold_rule == "share" and fit_part:
+        # A property of the landing, not of any candidate: every candidate's threshold flags that share
+        # of its held-out scores. The referee is mutual scoring again (on the source's backbone).
+        referee = TargetMemory.from_source(source, config.memory)
+        gate_set.landing_share = referee.landing_share(_samples(fit_part), runtime)
+        log.info("gate: the landing's defect share is %.3f (mutual scores of %s images)",
+                 gate_set.landing_share, len(fit_part))
+    return gate_set
 
 
 def _samples(paths: list[str]) -> list[Sample]:

@@ -11,7 +11,12 @@ Two rules turn the fitted mode into a threshold:
 
 - ``false_alarm``: the mode's ``1 - false_alarm_rate`` quantile. It ignores how many defects there
   are, so on a line with many defects it flags only the clearest.
-- ``f1`` (default): the fitted mode also says how many images are defective (the share of scores
+- ``share``: flag as many images as the domain's defect share says are defective (the scores'
+  ``1 - pi`` quantile), where expected precision equals expected recall. It needs no shape for the
+  normals or the defects, only ``pi``, and that can come from far more images than the held-out
+  scores: the adaptation job fits two Gaussians to the mutual scores of every landed image
+  (``TargetMemory.landing_share``). Below ``min_share`` it falls back to ``false_alarm``.
+- ``f1``: the fitted mode also says how many images are defective (the share of scores
   the mode does not explain: ``pi = 1 - 2 * P(score <= centre)``, since the mode holds half of its
   own mass below its centre) and how many normals any threshold would flag, so the expected
   precision and recall of every candidate threshold follow from the scores alone; the threshold is
@@ -99,19 +104,31 @@ def _lower_spread(scores: np.ndarray, centre: float, shape: str) -> float:
     return spread
 
 
-RULES = ("f1", "false_alarm")
+RULES = ("f1", "false_alarm", "share")
 
 
 def unlabeled_threshold(
     scores: np.ndarray, false_alarm_rate: float = 0.01, rule: str = "f1", min_share: float = 0.05,
-    shape: str = "gaussian",
+    shape: str = "gaussian", share: float | None = None,
 ) -> float:
-    """Score above which an image is called anomalous (see the module docstring for the rules)."""
+    """Score above which an image is called anomalous (see the module docstring for the rules).
+
+    ``share``: the defect share of the domain for rule ``share``, estimated elsewhere (from the whole
+    landing); None estimates it from ``scores`` by two Gaussians.
+    """
     if not 0 < false_alarm_rate < 0.5:
         raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {false_alarm_rate}")
     if rule not in RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if share is not None and not 0 <= share < 1:
+        raise ValueError(f"defect share must be in [0, 1), got {share}")
     scores = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
+    if rule == "share":
+        pi = fit_two_gaussians(scores).share if share is None else share
+        if pi >= min_share:
+            # As many flagged as the share says are defective: where precision equals recall.
+            return float(np.quantile(scores, 1 - pi))
+        rule = "false_alarm"  # a clean batch: the normal mode's false-alarm quantile
     if shape == "mixture":
         return _mixture_threshold(scores, false_alarm_rate, rule, min_share)
     law = _law(shape)
@@ -169,6 +186,20 @@ def fit_two_gaussians(scores: np.ndarray, seed: int = 0) -> TwoGaussians:
     low, high = int(np.argmin(means)), int(np.argmax(means))
     return TwoGaussians(float(means[low]), float(stds[low]), float(means[high]), float(stds[high]),
                         float(two.weights_[high]))
+
+
+def upper_component(scores: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Which ``scores`` are more likely under the upper of two Gaussians fitted by EM (``fit_two_gaussians``,
+    weights included) than under the lower one; none when one Gaussian explains them as well."""
+    x = np.asarray(scores, dtype=np.float64)
+    fit = fit_two_gaussians(x, seed)
+    if fit.share == 0:
+        return np.zeros(len(x), dtype=bool)
+    upper = fit.share * norm.pdf(x, fit.defect_mean, fit.defect_std)
+    lower = (1 - fit.share) * norm.pdf(x, fit.normal_mean, fit.normal_std)
+    # A wide upper component also has more density than a narrow lower one far *below* the normals;
+    # those low scores are not defects.
+    return (upper > lower) & (x > fit.normal_mean)
 
 
 def _mixture_threshold(scores: np.ndarray, false_alarm_rate: float, rule: str, min_share: float) -> float:

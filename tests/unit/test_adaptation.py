@@ -22,6 +22,7 @@ from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
+from ray_ad.methods.target_memory.model import drop_mask
 from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import target_image_uris
 from tests.conftest import texture
@@ -119,6 +120,34 @@ def test_a_two_gaussian_fit_reads_defects_that_overlap_the_normals():
     assert 2.1 < unlabeled_threshold(clean, shape="mixture") < 2.6
 
 
+def test_the_share_rule_flags_as_many_images_as_the_defect_share():
+    """Rule "share": the (1 - pi) quantile, so with pi given exactly, precision equals recall; with pi
+    fitted from the scores, F1 within 0.03 of the best threshold's; a clean sample falls back."""
+    rng = np.random.default_rng(3)
+    grid = np.linspace(-1, 6, 141)
+    for defective in (0.1, 0.3, 0.45):
+        scores, labels = _mixture(rng, defective, lambda n: rng.normal(0, 1, n), lambda n: rng.normal(3, 1, n))
+        given = decision_metrics(scores, labels, unlabeled_threshold(scores, rule="share", share=defective))
+        assert given["precision"] == pytest.approx(given["recall"], abs=0.01), (defective, given)
+        fitted = decision_metrics(scores, labels, unlabeled_threshold(scores, rule="share"))["f1"]
+        best = max(decision_metrics(scores, labels, t)["f1"] for t in grid)
+        assert fitted > best - 0.03, (defective, fitted, best)
+    clean = rng.normal(0, 1, 4000)
+    assert unlabeled_threshold(clean, rule="share", share=0.01) == unlabeled_threshold(clean, rule="false_alarm")
+    with pytest.raises(ValueError, match="defect share"):
+        unlabeled_threshold(clean, rule="share", share=1.2)
+
+
+def test_the_mixture_drop_rule_drops_the_upper_component_only():
+    rng = np.random.default_rng(4)
+    scores, labels = _mixture(rng, 0.2, lambda n: rng.normal(0, 1, n), lambda n: rng.normal(5, 1, n))
+    dropped = drop_mask(torch.from_numpy(scores), "mixture").numpy()
+    assert dropped[labels == 1].mean() > 0.97 and dropped[labels == 0].mean() < 0.01
+    assert not drop_mask(torch.from_numpy(rng.normal(0, 1, 500)), "mixture").any()  # one Gaussian: none
+    with pytest.raises(ValueError, match="drop rule"):
+        drop_mask(torch.from_numpy(scores), "median")
+
+
 def _textures(folder: Path, count: int, seed: int, defective: tuple[int, ...] = (), size: int = 64) -> list[str]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,13 +171,27 @@ def test_target_memory_drops_the_landed_defects_and_keeps_the_rest(tmp_path):
     info = memory.fit([Sample(p, -1) for p in landed], [], QUIET)
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
     assert info["bank_size"] <= (24 - 3) * 64
+    # The landing's defect share comes from the landed images' mutual scores (3 of 24 here); held-out
+    # images drawn like the landing (2 of 16 defective) then set the threshold that flags that share.
+    assert info["defect_share"] == pytest.approx(3 / 24, abs=0.05)
+    held_out = _textures(tmp_path / "held_out", 16, seed=3, defective=(4, 12))
+    threshold = memory.calibrate_unlabeled([Sample(p, -1) for p in held_out], QUIET)
     fresh = _textures(tmp_path / "fresh", 16, seed=2, defective=tuple(range(8, 16)))
-    samples = [Sample(p, -1) for p in fresh]
-    threshold = memory.calibrate_unlabeled(samples[:12], QUIET)
     images = memory.preprocessor.batch([load_image(p) for p in fresh])
     scores = memory.predict(images).pred_score
     assert scores[8:].min() > scores[:8].max()  # the defects the memory dropped are not its normals
     assert (scores[:8] <= threshold).all() and (scores[8:] > threshold).all()
+
+
+@pytest.mark.slow  # extracts features
+def test_the_landing_share_is_the_share_of_images_that_stand_out(tmp_path):
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu"})
+    memory = build_detector("target_memory", config)
+    defective = (2, 5, 9, 14, 20, 27, 33, 38)  # 8 of 40
+    landed = [Sample(p, -1) for p in _textures(tmp_path / "landed", 40, seed=5, defective=defective)]
+    assert memory.landing_share(landed, QUIET) == pytest.approx(0.2, abs=0.06)
+    clean = [Sample(p, -1) for p in _textures(tmp_path / "clean", 40, seed=6)]
+    assert memory.landing_share(clean, QUIET) < 0.05
 
 
 def test_target_memory_takes_the_source_backbone_network_and_input_size():

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from ray_ad.adaptation.mutual import cells, greedy_coreset, mutual_scores, nearest_distance, score_against
-from ray_ad.adaptation.threshold import RULES, SHAPES, normal_mode, unlabeled_threshold
+from ray_ad.adaptation.threshold import (
+    RULES,
+    SHAPES,
+    fit_two_gaussians,
+    normal_mode,
+    unlabeled_threshold,
+    upper_component,
+)
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
@@ -30,6 +37,7 @@ from ray_ad.methods.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
 MIN_IMAGES_TO_DROP = 8
+DROP_RULES = ("z", "mixture")
 
 
 def _default_backbone() -> BackboneConfig:
@@ -53,6 +61,10 @@ class TargetMemoryConfig(DetectorConfig):
     # drop images at all is the gate's call per batch: ``adaptation/promote.py`` also builds the
     # memory of every landed image (candidate ``target_memory_all``).
     drop_image_z: float | None = 3.0
+    # How an image "stands out": "z" (more than ``drop_image_z`` robust spreads above the normal mode of
+    # the images' largest mutual cell scores), or "mixture" (two Gaussians fitted to those scores by EM,
+    # as the threshold's mixture shape; the images more likely under the upper one are dropped).
+    drop_image_rule: str = "z"
     drop_cell_z: float | None = None
     # None: every kept cell is in the bank (PatchCore at 100%). A number: greedy k-centre coreset to
     # that many cells, for a faster scorer. On a contaminated batch the k-centre picks the cells far
@@ -64,7 +76,9 @@ class TargetMemoryConfig(DetectorConfig):
     # images then no longer vouches for itself.
     scoring: str = "nearest"
     reference_images: int = 128
-    threshold_rule: str = "f1"  # how held-out landed scores become a threshold (adaptation/threshold.py)
+    # How held-out landed scores become a threshold (adaptation/threshold.py); "share" takes the defect
+    # share from the landed images' mutual scores (as the adaptation gate does).
+    threshold_rule: str = "share"
     false_alarm_rate: float = 0.01
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
 
@@ -82,6 +96,8 @@ class TargetMemoryConfig(DetectorConfig):
             raise ValueError(f"threshold_shape must be one of {', '.join(SHAPES)}, got {self.threshold_shape!r}")
         if self.reference_images < 1:
             raise ValueError(f"reference_images must be positive, got {self.reference_images}")
+        if self.drop_image_rule not in DROP_RULES:
+            raise ValueError(f"drop_image_rule must be one of {', '.join(DROP_RULES)}, got {self.drop_image_rule!r}")
         if self.scoring not in ("nearest", "mutual"):
             raise ValueError(f"scoring must be nearest or mutual, got {self.scoring!r}")
         if not 0 < self.false_alarm_rate < 0.5:
@@ -92,6 +108,10 @@ class TargetMemory(PatchCore):
     """PatchCore's bank, map and bundle format; its own fit (from unlabeled landed images) and scoring."""
 
     method = "target_memory"
+
+    def __init__(self, config: TargetMemoryConfig) -> None:
+        super().__init__(config)
+        self.defect_share: float | None = None  # of the landing it was fitted on (rule "share")
 
     @classmethod
     def from_source(cls, source: Detector, config: TargetMemoryConfig | None = None) -> TargetMemory:
@@ -114,8 +134,15 @@ class TargetMemory(PatchCore):
         cfg = self.config
         keep_image = torch.ones(len(features), dtype=torch.bool)
         keep_cell = keep_image[:, None].expand(features.shape[:2])
-        if cfg.drop_image_z is not None or cfg.drop_cell_z is not None:
-            keep_image, keep_cell = self._mutual_keep(features)
+        dropping = cfg.drop_image_z is not None or cfg.drop_cell_z is not None
+        mutual = None
+        if dropping or cfg.threshold_rule == "share":
+            mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+        if dropping:
+            keep_image, keep_cell = self._mutual_keep(mutual)
+        # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled).
+        self.defect_share = (fit_two_gaussians(mutual.amax(1).numpy()).share
+                             if mutual is not None and len(mutual) >= MIN_IMAGES_TO_DROP else None)
         if cfg.scoring == "mutual":
             kept = torch.nonzero(keep_image).flatten()
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -132,19 +159,19 @@ class TargetMemory(PatchCore):
             "dropped_paths": [sample.path for sample, keep in zip(train, keep_image.tolist()) if not keep],
             "dropped_cells": int(keep_image.sum() * features.shape[1] - keep_cell.sum()),
             "bank_size": len(self.bank),
+            "defect_share": self.defect_share,
         }
         log.info("target memory: %s", info)
         if calibration:
             info["threshold"] = self.calibrate_unlabeled(calibration, runtime)
         return info
 
-    def _mutual_keep(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which landed images ``[N]`` and cells ``[N, L]`` stay, by their mutual scores."""
+    def _mutual_keep(self, mutual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which landed images ``[N]`` and cells ``[N, L]`` stay, by their mutual scores ``[N, L]``."""
         cfg = self.config
-        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         keep_image = torch.ones(len(mutual), dtype=torch.bool)
         if cfg.drop_image_z is not None:
-            keep_image = ~_standing_out(mutual.amax(1), cfg.drop_image_z)
+            keep_image = ~drop_mask(mutual.amax(1), cfg.drop_image_rule, cfg.drop_image_z)
         keep_cell = keep_image[:, None].expand_as(mutual)
         if cfg.drop_cell_z is not None:
             centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
@@ -159,6 +186,17 @@ class TargetMemory(PatchCore):
         mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         return _standing_out(mutual.amax(1), z).numpy()
 
+    def landing_share(self, images: list[Sample], runtime: Runtime | None = None) -> float:
+        """Share of ``images`` (unlabeled) that are defective, by two Gaussians fitted to their largest
+        mutual cell scores (0 when one Gaussian explains them as well): a property of the landing, the
+        same for every candidate model, from every landed image rather than the gate's held-out few."""
+        if len(images) < MIN_IMAGES_TO_DROP:
+            return 0.0
+        features = cells(self.extract_features(images, runtime or Runtime(), desc="landed images (defect share)"))
+        cfg = self.config
+        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+        return fit_two_gaussians(mutual.amax(1).numpy()).share
+
     def calibrate_unlabeled(self, images: list[Sample], runtime: Runtime | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain."""
         features = self.extract_features(images, runtime or Runtime(), desc="held-out landed images")
@@ -166,7 +204,7 @@ class TargetMemory(PatchCore):
                             for chunk in features.split(16)])
         cfg = self.config
         self.threshold = unlabeled_threshold(scores.numpy(), cfg.false_alarm_rate, cfg.threshold_rule,
-                                             shape=cfg.threshold_shape)
+                                             shape=cfg.threshold_shape, share=self.defect_share)
         return self.threshold
 
     def _cell_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -182,9 +220,22 @@ class TargetMemory(PatchCore):
 __all__ = ["TargetMemory", "TargetMemoryConfig"]
 
 
+def drop_mask(image_scores: torch.Tensor, rule: str = "z", z: float = 3.0) -> torch.Tensor:
+    """Which images stand out by their (mutual) scores ``[N]``: by ``rule`` "z", more than ``z`` spreads
+    above the normal mode; by "mixture", more likely under the upper of two Gaussians fitted by EM (none
+    when one Gaussian explains the scores as well, by BIC). None of a handful of images, which has no
+    mode to stand out from."""
+    if rule not in DROP_RULES:
+        raise ValueError(f"drop rule must be one of {', '.join(DROP_RULES)}, got {rule!r}")
+    if len(image_scores) < MIN_IMAGES_TO_DROP:
+        return torch.zeros(len(image_scores), dtype=torch.bool)
+    if rule == "mixture":
+        return torch.from_numpy(upper_component(image_scores.numpy()))
+    return _standing_out(image_scores, z)
+
+
 def _standing_out(image_scores: torch.Tensor, z: float) -> torch.Tensor:
-    """Images whose score is more than ``z`` spreads above the normal mode; none of a handful of images,
-    which has no mode to stand out from."""
+    """Images whose score is more than ``z`` spreads above the normal mode; none of a handful of images."""
     if len(image_scores) < MIN_IMAGES_TO_DROP:
         return torch.zeros(len(image_scores), dtype=torch.bool)
     centre, spread = normal_mode(image_scores.numpy())
