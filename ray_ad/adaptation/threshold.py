@@ -7,7 +7,8 @@ normal mode is fitted from the side the defects do not reach: its centre is the 
 scores (their half-sample mode), its spread comes from the scores below that centre only (defects
 score high, so they widen the upper side but barely the lower).
 
-Two rules turn the fitted mode into a threshold:
+Three rules turn the scores into a threshold (``share`` is the default of the gate and the target
+memory, chosen on magnetic_tile by benchmarks/explorations/unlabeled_thresholds.py):
 
 - ``false_alarm``: the mode's ``1 - false_alarm_rate`` quantile. It ignores how many defects there
   are, so on a line with many defects it flags only the clearest.

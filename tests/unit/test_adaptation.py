@@ -341,6 +341,13 @@ def test_the_gate_reads_no_label_of_the_landed_images(tmp_path):
 
     assert untimed(outcomes[0].gate) == untimed(outcomes[1].gate)
     assert outcomes[0].winner == outcomes[1].winner
+    # The landing's defect share (the threshold rule's) is read from the images, and each candidate's
+    # threshold flags that share of its held-out images.
+    share = outcomes[0].landing_share
+    assert share == outcomes[1].landing_share and outcomes[0].evidence()["landing_defect_share"] == share
+    assert 0.05 < share < 0.4  # 4 of 30 landed images are defective
+    for figures in outcomes[0].gate.values():
+        assert abs(figures["flagged_held_out"] - share) <= 1 / outcomes[0].held_out + 1e-9
 
 
 @pytest.mark.slow  # fits detectors
