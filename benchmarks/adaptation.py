@@ -166,6 +166,7 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
     best = max(names, key=lambda n: rows[n]["image_auroc"])
     return {
         "rows": rows, "winner": outcome.winner, "decision": outcome.decision, "best_by_test_labels": best,
+        "landing_share": outcome.landing_share,
         "pick_minus_best": rows[outcome.winner]["image_auroc"] - rows[best]["image_auroc"],
         "pick_minus_source": rows[outcome.winner]["image_auroc"] - rows["source"]["image_auroc"],
         "gate_spearman": float(spearmanr(gate_values, test_values).statistic) if len(names) > 2 else None,
