@@ -136,7 +136,9 @@ class TargetMemory(PatchCore):
         keep_cell = keep_image[:, None].expand(features.shape[:2])
         dropping = cfg.drop_image_z is not None or cfg.drop_cell_z is not None
         mutual = None
-        if dropping or cfg.threshold_rule == "share":
+        # The landing's share is needed here only to calibrate now (the adaptation job computes it once
+        # for every candidate); it comes free with the mutual scores the drop rule computes anyway.
+        if dropping or (calibration and cfg.threshold_rule == "share"):
             mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         if dropping:
             keep_image, keep_cell = self._mutual_keep(mutual)
@@ -198,7 +200,8 @@ class TargetMemory(PatchCore):
         return fit_two_gaussians(mutual.amax(1).numpy()).share
 
     def calibrate_unlabeled(self, images: list[Sample], runtime: Runtime | None = None) -> float:
-        """Threshold from unlabeled, possibly contaminated held-out images of the domain."""
+        """Threshold from unlabeled, possibly contaminated held-out images of the domain (rule "share": the
+        landing's share from ``fit`` when it computed one, else two Gaussians fitted to these scores)."""
         features = self.extract_features(images, runtime or Runtime(), desc="held-out landed images")
         scores = torch.cat([self._cell_scores(chunk.to(self.device)).flatten(1).amax(1).cpu()
                             for chunk in features.split(16)])
