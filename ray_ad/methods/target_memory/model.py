@@ -143,8 +143,8 @@ class TargetMemory(PatchCore):
         if dropping:
             keep_image, keep_cell = self._mutual_keep(mutual)
         # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled).
-        self.defect_share = (fit_two_gaussians(mutual.amax(1).numpy()).share
-                             if mutual is not None and len(mutual) >= MIN_IMAGES_TO_DROP else None)
+        few = mutual is None or len(mutual) < MIN_IMAGES_TO_DROP  # no share: calibrate fits the scores' own
+        self.defect_share = None if few else _share_standing_out(mutual)
         if cfg.scoring == "mutual":
             kept = torch.nonzero(keep_image).flatten()
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -196,8 +196,7 @@ class TargetMemory(PatchCore):
             return 0.0
         features = cells(self.extract_features(images, runtime or Runtime(), desc="landed images (defect share)"))
         cfg = self.config
-        mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
-        return fit_two_gaussians(mutual.amax(1).numpy()).share
+        return _share_standing_out(mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed))
 
     def calibrate_unlabeled(self, images: list[Sample], runtime: Runtime | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain (rule "share": the
@@ -235,6 +234,12 @@ def drop_mask(image_scores: torch.Tensor, rule: str = "z", z: float = 3.0) -> to
     if rule == "mixture":
         return torch.from_numpy(upper_component(image_scores.numpy()))
     return _standing_out(image_scores, z)
+
+
+def _share_standing_out(mutual: torch.Tensor) -> float:
+    """Defect share of images with mutual cell scores ``[N, L]``: the weight of the upper of two Gaussians
+    fitted to their largest cell scores (0 for a handful of images, or when one Gaussian does as well)."""
+    return fit_two_gaussians(mutual.amax(1).numpy()).share if len(mutual) >= MIN_IMAGES_TO_DROP else 0.0
 
 
 def _standing_out(image_scores: torch.Tensor, z: float) -> torch.Tensor:
