@@ -104,3 +104,46 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 327
         exact = (query[:, None, :] - bank[best_index]).pow(2).sum(-1).sqrt()  # [q, shortlist]
         out.append(exact.amin(1))
     return torch.cat(out) if out else torch.empty(0, device=queries.device)
+
+
+@torch.no_grad()
+def kth_image_distance(queries: torch.Tensor, bank: torch.Tensor, owners: torch.Tensor, k: int,
+                       chunk: int = 32768, query_chunk: int = 4096) -> torch.Tensor:
+    """Distance ``[Q]`` from each query cell ``[Q, C]`` to the nearest ``bank`` cell ``[M, C]`` of the
+    ``k``-th distinct image that matches it (``owners`` ``[M]``: the image each bank cell came from;
+    images ranked by their nearest cell).
+
+    ``k = 1`` is the nearest cell of all (PatchCore). A larger k asks that what looks normal recur in k
+    landed images: a defect kept in a contaminated memory then vouches for a test defect only if k
+    landed images share it. The k nearest images are found among a shortlist of the ``8 k`` (at least
+    32) nearest cells; a cell whose shortlist holds fewer than k images takes the shortlist's farthest
+    distance, a lower bound of the true one. Distances are recomputed from the difference vectors, as
+    in ``nearest_distance``, so an image's score does not depend on its batch.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if len(owners) != len(bank):
+        raise ValueError(f"{len(owners)} owners for {len(bank)} bank cells")
+    images = len(torch.unique(owners))
+    if k > images:
+        raise ValueError(f"k={k} needs a bank of at least {k} images, got {images}")
+    shortlist = min(len(bank), max(32, 8 * k))
+    out = []
+    for query in queries.split(query_chunk):
+        best = torch.empty(len(query), 0, device=query.device)
+        best_index = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+        for start in range(0, len(bank), chunk):
+            approx = torch.cdist(query, bank[start : start + chunk])
+            values, index = approx.topk(min(shortlist, approx.shape[1]), dim=1, largest=False)
+            best, order = torch.cat([best, values], 1).topk(min(shortlist, best.shape[1] + values.shape[1]),
+                                                           dim=1, largest=False)
+            best_index = torch.cat([best_index, index + start], 1).gather(1, order)
+        exact, order = (query[:, None, :] - bank[best_index]).pow(2).sum(-1).sqrt().sort(1)
+        image = owners[best_index].gather(1, order)
+        # A shortlisted cell opens a new image when no nearer cell of the list came from that image.
+        opens = ~(image[:, :, None] == image[:, None, :]).tril(-1).any(2)
+        hit = (opens.cumsum(1) == k) & opens
+        last = torch.full((len(query),), exact.shape[1] - 1, dtype=torch.long, device=query.device)
+        position = torch.where(hit.any(1), hit.long().argmax(1), last)
+        out.append(exact.gather(1, position[:, None])[:, 0])
+    return torch.cat(out) if out else torch.empty(0, device=queries.device)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
-from ray_ad.adaptation.mutual import greedy_coreset, mutual_scores
+from ray_ad.adaptation.mutual import greedy_coreset, kth_image_distance, mutual_scores, nearest_distance
 from ray_ad.adaptation.promote import CANDIDATES, AdaptConfig, adapt_candidates, split_overrides
 from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
+from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import Sample, load_samples, write_manifest
 from ray_ad.data.images import load_image
 from ray_ad.errors import ConfigError, DataError
@@ -52,6 +53,27 @@ def test_greedy_coreset_covers_every_cluster():
     points = points + 0.01 * torch.randn(len(points), 2, generator=torch.Generator().manual_seed(0))
     chosen = points[greedy_coreset(points, 3)]
     assert torch.cdist(centres, chosen).amin(1).max() < 0.1  # a random 3 of 210 would miss a small cluster
+
+
+def test_kth_image_distance_counts_distinct_images_not_cells():
+    # Image 0 holds two cells at 0 and 0.1, image 1 one at 1, image 2 one at 3 (one channel).
+    bank = torch.tensor([[0.0], [0.1], [1.0], [3.0]])
+    owners = torch.tensor([0, 0, 1, 2])
+    query = torch.tensor([[0.0]])
+    # The second-nearest *cell* is image 0's other one (0.1); the second-nearest *image* is image 1.
+    assert kth_image_distance(query, bank, owners, 1).tolist() == pytest.approx([0.0])
+    assert kth_image_distance(query, bank, owners, 2).tolist() == pytest.approx([1.0])
+    assert kth_image_distance(query, bank, owners, 3).tolist() == pytest.approx([3.0])
+    with pytest.raises(ValueError, match="k=4"):
+        kth_image_distance(query, bank, owners, 4)
+    # Against brute force on random cells: k = 1 is the nearest cell, k the k-th lowest per-image minimum.
+    generator = torch.Generator().manual_seed(0)
+    queries, images = torch.randn(40, 6, generator=generator), torch.randn(12, 9, 6, generator=generator)
+    flat, owners = images.reshape(-1, 6), torch.arange(12).repeat_interleave(9)
+    per_image = torch.cdist(queries, flat).view(40, 12, 9).amin(-1).sort(1).values
+    assert torch.equal(kth_image_distance(queries, flat, owners, 1), nearest_distance(queries, flat))
+    for k in (2, 3, 5):
+        assert torch.allclose(kth_image_distance(queries, flat, owners, k), per_image[:, k - 1], atol=1e-5)
 
 
 def _mixture(rng: np.random.Generator, defective: float, normal, defect) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +214,40 @@ def test_the_landing_share_is_the_share_of_images_that_stand_out(tmp_path):
     assert memory.landing_share(landed, QUIET) == pytest.approx(0.2, abs=0.06)
     clean = [Sample(p, -1) for p in _textures(tmp_path / "clean", 40, seed=6)]
     assert memory.landing_share(clean, QUIET) < 0.05
+
+
+@pytest.mark.slow  # fits detectors
+def test_a_defect_kept_in_fewer_landed_images_than_match_images_does_not_vouch_for_itself(tmp_path):
+    landed = _textures(tmp_path / "landed", 16, seed=1, defective=(3, 11))
+    # Four normals, four new defects, and the two landed defective images again (a defect seen before).
+    fresh = _textures(tmp_path / "fresh", 8, seed=2, defective=(4, 5, 6, 7)) + [landed[3], landed[11]]
+    scores = {}
+    for k in (1, 3):
+        # Nothing is dropped: the two landed defects stay in the memory, as in target_memory_all.
+        config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu", "map_sigma": 1.0,
+                                                 "drop_image_z": None, "match_images": k})
+        memory = build_detector("target_memory", config)
+        memory.fit([Sample(p, -1) for p in landed], [], QUIET)
+        scores[k] = memory.predict(memory.preprocessor.batch([load_image(p) for p in fresh])).pred_score
+        bundle = tmp_path / f"bundle_k{k}"
+        save_bundle(memory, str(bundle))
+        loaded = load_bundle(str(bundle))
+        assert loaded.config.match_images == k
+        assert torch.allclose(loaded.predict(memory.preprocessor.batch([load_image(p) for p in fresh])).pred_score,
+                              scores[k])
+    # With the nearest cell, a landed defect vouches for its own kind: seen again, it scores below the
+    # normals. With the third image, two landed copies are not enough: every defect scores above every normal.
+    assert scores[1][8:].max() < scores[1][:4].min()
+    assert scores[3][4:].min() > scores[3][:4].max()
+
+
+def test_a_target_memory_bundle_without_image_owners_scores_by_the_nearest_cell(tmp_path):
+    memory = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
+                                                                             "device": "cpu"}))
+    memory.load_tensors({"bank": torch.randn(10, 4)})  # as written before match_images existed
+    assert memory.config.match_images == 1
+    with pytest.raises(KeyError, match="unexpected"):
+        memory.load_tensors({"bank": torch.randn(10, 4), "bank_owners": torch.zeros(10), "extra": torch.zeros(1)})
 
 
 def test_target_memory_takes_the_source_backbone_network_and_input_size():

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_ad.adaptation.mutual import cells, greedy_coreset, mutual_scores, nearest_distance, score_against
+from ray_ad.adaptation.mutual import (
+    cells,
+    greedy_coreset,
+    kth_image_distance,
+    mutual_scores,
+    nearest_distance,
+    score_against,
+)
 from ray_ad.adaptation.threshold import (
     RULES,
     SHAPES,
@@ -32,7 +39,7 @@ from ray_ad.adaptation.threshold import (
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
-from ray_ad.methods.base import Detector, DetectorConfig, Runtime
+from ray_ad.methods.base import Detector, DetectorConfig, Runtime, check_tensor_keys
 from ray_ad.methods.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,11 @@ class TargetMemoryConfig(DetectorConfig):
     # images then no longer vouches for itself.
     scoring: str = "nearest"
     reference_images: int = 128
+    # "nearest" scoring: a cell's distance to the nearest cell of the k-th distinct landed image that
+    # matches it (mutual.kth_image_distance; 1 is PatchCore's nearest cell). A defect that the memory kept
+    # then vouches for a test defect only when k landed images share it. Chosen on magnetic_tile's
+    # contaminated landing (benchmarks/explorations/target_memory_kth_image.py; the adaptation README).
+    match_images: int = 3
     # How held-out landed scores become a threshold (adaptation/threshold.py); "share" takes the defect
     # share from the landed images' mutual scores (as the adaptation gate does).
     threshold_rule: str = "share"
@@ -98,6 +110,8 @@ class TargetMemoryConfig(DetectorConfig):
             raise ValueError(f"reference_images must be positive, got {self.reference_images}")
         if self.drop_image_rule not in DROP_RULES:
             raise ValueError(f"drop_image_rule must be one of {', '.join(DROP_RULES)}, got {self.drop_image_rule!r}")
+        if self.match_images < 1:
+            raise ValueError(f"match_images must be at least 1, got {self.match_images}")
         if self.scoring not in ("nearest", "mutual"):
             raise ValueError(f"scoring must be nearest or mutual, got {self.scoring!r}")
         if not 0 < self.false_alarm_rate < 0.5:
@@ -150,11 +164,19 @@ class TargetMemory(PatchCore):
             generator = torch.Generator().manual_seed(cfg.seed)
             kept = kept[torch.randperm(len(kept), generator=generator)[: cfg.reference_images]].sort().values
             self.bank = features[kept].reshape(-1, features.shape[-1]).to(self.device)
+            self.bank_owners = kept.repeat_interleave(features.shape[1]).to(self.device)
         else:
             candidates = features[keep_cell]
+            owners = torch.arange(len(features))[:, None].expand(keep_cell.shape)[keep_cell]
             if cfg.bank_size is not None:
-                candidates = candidates[greedy_coreset(candidates, cfg.bank_size, seed=cfg.seed)]
+                chosen = greedy_coreset(candidates, cfg.bank_size, seed=cfg.seed)
+                candidates, owners = candidates[chosen], owners[chosen]
+            if cfg.match_images > 1 and len(torch.unique(owners)) < cfg.match_images:
+                raise DataError(f"match_images={cfg.match_images} needs a memory of at least that many images; "
+                                f"{len(torch.unique(owners))} of the {len(train)} landed images are kept")
             self.bank = candidates.to(self.device)
+            self.bank_owners = owners.to(self.device)
+        self.bank_paths = [sample.path for sample in train]
         info = {
             "landed_images": len(train),
             "dropped_images": int((~keep_image).sum()),
@@ -216,7 +238,30 @@ class TargetMemory(PatchCore):
             references = self.bank.view(-1, h * w, c)
             fraction = self.config.mutual_fraction
             return torch.stack([score_against(q, references, fraction) for q in queries]).view(b, h, w)
+        if self.config.match_images > 1:
+            return kth_image_distance(queries.reshape(-1, c), self.bank, self.bank_owners,
+                                      self.config.match_images).view(b, h, w)
         return nearest_distance(queries.reshape(-1, c), self.bank).view(b, h, w)
+
+    def predict_without(self, images: torch.Tensor, excluded: list[tuple[str, ...]]) -> Any:
+        raise NotImplementedError("a target memory has no leave-images-out scoring (PatchCore's predict_without)")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        # Which landed image each bank cell came from: the k-th-image scoring needs it.
+        return {"bank": self.bank, "bank_owners": self.bank_owners.to(torch.int32)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "bank_owners" not in tensors:
+            # Written before match_images existed: fitted and calibrated with the nearest cell, so it scores so.
+            check_tensor_keys({"bank"}, tensors)
+            log.warning("target memory bundle without bank_owners: scoring by the nearest cell (match_images=1)")
+            self.config = replace(self.config, match_images=1)
+            self.bank, self.bank_owners = tensors["bank"].to(self.device), None
+        else:
+            check_tensor_keys({"bank", "bank_owners"}, tensors)
+            self.bank = tensors["bank"].to(self.device)
+            self.bank_owners = tensors["bank_owners"].long().to(self.device)
+        self.bank_paths = []
 
 
 __all__ = ["TargetMemory", "TargetMemoryConfig"]
