@@ -246,6 +246,7 @@ def test_a_target_memory_bundle_without_image_owners_scores_by_the_nearest_cell(
                                                                              "device": "cpu"}))
     memory.load_tensors({"bank": torch.randn(10, 4)})  # as written before match_images existed
     assert memory.config.match_images == 1
+    assert set(memory.tensors()) == {"bank"}  # and saved again as it was
     with pytest.raises(KeyError, match="unexpected"):
         memory.load_tensors({"bank": torch.randn(10, 4), "bank_owners": torch.zeros(10), "extra": torch.zeros(1)})
 

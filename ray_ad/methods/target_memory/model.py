@@ -250,7 +250,10 @@ class TargetMemory(PatchCore):
         raise NotImplementedError("a target memory has no leave-images-out scoring (PatchCore's predict_without)")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        # Which landed image each bank cell came from: the k-th-image scoring needs it.
+        # Which landed image each bank cell came from: the k-th-image scoring needs it (a bundle written
+        # before match_images existed has no record, and is saved again as it was).
+        if self.bank_owners is None:
+            return {"bank": self.bank}
         return {"bank": self.bank, "bank_owners": self.bank_owners.to(torch.int32)}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
