@@ -93,17 +93,27 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 327
     """
     out = []
     for query in queries.split(query_chunk):
-        best = torch.empty(len(query), 0, device=query.device)
-        best_index = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
-        for start in range(0, len(bank), chunk):
-            approx = torch.cdist(query, bank[start : start + chunk])
-            values, index = approx.topk(min(shortlist, approx.shape[1]), dim=1, largest=False)
-            best, order = torch.cat([best, values], 1).topk(min(shortlist, best.shape[1] + values.shape[1]),
-                                                           dim=1, largest=False)
-            best_index = torch.cat([best_index, index + start], 1).gather(1, order)
-        exact = (query[:, None, :] - bank[best_index]).pow(2).sum(-1).sqrt()  # [q, shortlist]
-        out.append(exact.amin(1))
+        out.append(_exact_distances(query, bank, _shortlist(query, bank, shortlist, chunk)).amin(1))
     return torch.cat(out) if out else torch.empty(0, device=queries.device)
+
+
+def _shortlist(query: torch.Tensor, bank: torch.Tensor, size: int, chunk: int) -> torch.Tensor:
+    """Indices ``[q, size]`` of the ``size`` nearest ``bank`` rows of each query row, by ``cdist`` over
+    bank chunks (its matrix-product rounding only decides the shortlist, not a distance)."""
+    best = torch.empty(len(query), 0, device=query.device)
+    best_index = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+    for start in range(0, len(bank), chunk):
+        approx = torch.cdist(query, bank[start : start + chunk])
+        values, index = approx.topk(min(size, approx.shape[1]), dim=1, largest=False)
+        best, order = torch.cat([best, values], 1).topk(min(size, best.shape[1] + values.shape[1]), dim=1,
+                                                       largest=False)
+        best_index = torch.cat([best_index, index + start], 1).gather(1, order)
+    return best_index
+
+
+def _exact_distances(query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Distances ``[q, s]`` from each query row to its shortlisted bank rows, from the difference vectors."""
+    return (query[:, None, :] - bank[index]).pow(2).sum(-1).sqrt()
 
 
 @torch.no_grad()
@@ -130,15 +140,8 @@ def kth_image_distance(queries: torch.Tensor, bank: torch.Tensor, owners: torch.
     shortlist = min(len(bank), max(32, 8 * k))
     out = []
     for query in queries.split(query_chunk):
-        best = torch.empty(len(query), 0, device=query.device)
-        best_index = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
-        for start in range(0, len(bank), chunk):
-            approx = torch.cdist(query, bank[start : start + chunk])
-            values, index = approx.topk(min(shortlist, approx.shape[1]), dim=1, largest=False)
-            best, order = torch.cat([best, values], 1).topk(min(shortlist, best.shape[1] + values.shape[1]),
-                                                           dim=1, largest=False)
-            best_index = torch.cat([best_index, index + start], 1).gather(1, order)
-        exact, order = (query[:, None, :] - bank[best_index]).pow(2).sum(-1).sqrt().sort(1)
+        best_index = _shortlist(query, bank, shortlist, chunk)
+        exact, order = _exact_distances(query, bank, best_index).sort(1)
         image = owners[best_index].gather(1, order)
         # A shortlisted cell opens a new image when no nearer cell of the list came from that image.
         opens = ~(image[:, :, None] == image[:, None, :]).tril(-1).any(2)
