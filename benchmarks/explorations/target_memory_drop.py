@@ -30,15 +30,10 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
-from unlabeled_thresholds import image_scores  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+from unlabeled_thresholds import dev_landing, image_scores  # noqa: E402
 
-from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
-from ray_ad.adaptation.mutual import cells, mutual_scores  # noqa: E402
 from ray_ad.adaptation.threshold import unlabeled_threshold  # noqa: E402
-from ray_ad.data import Sample, load_samples  # noqa: E402
-from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.target_memory.model import drop_mask  # noqa: E402
 from ray_ad.metrics import auroc, decision_metrics, f1_max  # noqa: E402
 
@@ -52,20 +47,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="target_memory_drop")
     args = parser.parse_args()
-    samples = load_samples(args.data)
-    landed, scored = contaminated_landing(samples)
-    fit_part, held_out = split_landing([s.path for s in landed], GateConfig())
-    defective = {s.path for s in landed if s.label == 1}
-    memory = build_detector("target_memory", method_config("target_memory", {}))
-    runtime = Runtime(False, args.cache_dir)
-    landed_cells = cells(memory.extract_features([Sample(p, -1) for p in fit_part], runtime, desc="landed"))
-    held_cells = cells(memory.extract_features([Sample(p, -1) for p in held_out], runtime, desc="held out"))
-    scored_cells = cells(memory.extract_features(scored, runtime, desc="scored"))
+    dev = dev_landing(args.data, args.cache_dir)
+    fit_part, held_out, scored, mutual = dev.fit_part, dev.held_out, dev.scored, dev.mutual
+    landed_cells, held_cells, scored_cells = dev.landed_cells, dev.held_cells, dev.scored_cells
+    defective = {s.path for s in dev.landed if s.label == 1}
     labels = np.array([s.label for s in scored])
-    cfg = memory.config
-    tick = time.perf_counter()
-    mutual = mutual_scores(landed_cells, cfg.mutual_fraction, cfg.mutual_references, cfg.seed).amax(1)
-    print(f"mutual scores in {time.perf_counter() - tick:.0f} s", flush=True)
+    cfg = dev.memory.config
     rows = {}
     for rule in args.rules:
         tick = time.perf_counter()

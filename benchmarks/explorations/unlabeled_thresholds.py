@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,41 @@ from ray_ad.adaptation.mutual import cells, mutual_scores, nearest_distance  # n
 from ray_ad.adaptation.threshold import fit_two_gaussians, unlabeled_threshold  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime  # noqa: E402
+from ray_ad.methods.base import Detector, Runtime  # noqa: E402
 from ray_ad.methods.target_memory.model import drop_mask  # noqa: E402
 from ray_ad.metrics import auroc, decision_metrics, f1_max  # noqa: E402
 
 FOLDS = 5
+
+
+@dataclass
+class DevLanding:
+    """magnetic_tile's contaminated landing (``_common.contaminated_landing``), split as the adaptation job
+    splits it, with the default target memory's cells of each part and the fit part's image mutual scores."""
+
+    landed: list[Sample]  # labelled: read for the figures only
+    scored: list[Sample]
+    fit_part: list[str]
+    held_out: list[str]
+    memory: Detector
+    landed_cells: torch.Tensor  # [fit part, L, C]
+    held_cells: torch.Tensor
+    scored_cells: torch.Tensor
+    mutual: torch.Tensor  # [fit part]: each image's largest mutual cell score
+
+
+def dev_landing(data: str, cache_dir: str) -> DevLanding:
+    landed, scored = contaminated_landing(load_samples(data))
+    fit_part, held_out = split_landing([s.path for s in landed], GateConfig())
+    memory = build_detector("target_memory", method_config("target_memory", {}))
+    cfg, runtime = memory.config, Runtime(False, cache_dir)
+    landed_cells = cells(memory.extract_features([Sample(p, -1) for p in fit_part], runtime, desc="landed"))
+    held_cells = cells(memory.extract_features([Sample(p, -1) for p in held_out], runtime, desc="held out"))
+    scored_cells = cells(memory.extract_features(scored, runtime, desc="scored"))
+    tick = time.perf_counter()
+    mutual = mutual_scores(landed_cells, cfg.mutual_fraction, cfg.mutual_references, cfg.seed).amax(1)
+    print(f"mutual scores in {time.perf_counter() - tick:.0f} s", flush=True)
+    return DevLanding(landed, scored, fit_part, held_out, memory, landed_cells, held_cells, scored_cells, mutual)
 
 
 def image_scores(features: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
@@ -69,17 +101,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="runs/feature_cache")
     parser.add_argument("--name", default="unlabeled_thresholds")
     args = parser.parse_args()
-    samples = load_samples(args.data)
-    landed, scored = contaminated_landing(samples)
+    dev = dev_landing(args.data, args.cache_dir)
+    landed, scored, fit_part, held_out = dev.landed, dev.scored, dev.fit_part, dev.held_out
+    landed_cells, held_cells, scored_cells, mutual = dev.landed_cells, dev.held_cells, dev.scored_cells, dev.mutual
     label_of = {s.path: s.label for s in landed}
-    fit_part, held_out = split_landing([s.path for s in landed], GateConfig())
-    memory = build_detector("target_memory", method_config("target_memory", {}))
-    cfg = memory.config
-    runtime = Runtime(False, args.cache_dir)
-    landed_cells = cells(memory.extract_features([Sample(p, -1) for p in fit_part], runtime, desc="landed"))
-    held_cells = cells(memory.extract_features([Sample(p, -1) for p in held_out], runtime, desc="held out"))
-    scored_cells = cells(memory.extract_features(scored, runtime, desc="scored"))
-    mutual = mutual_scores(landed_cells, cfg.mutual_fraction, cfg.mutual_references, cfg.seed).amax(1)
     keep = torch.ones(len(fit_part), dtype=torch.bool) if args.drop == "none" else ~drop_mask(mutual, args.drop)
     bank = landed_cells[keep].reshape(-1, landed_cells.shape[-1])
     held = image_scores(held_cells, bank)
