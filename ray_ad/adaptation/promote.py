@@ -21,6 +21,7 @@ from typing import Any
 from ray_ad.adaptation.gate import GateConfig, GateSet, acceptance_images, choose, gate_score, split_landing
 from ray_ad.config import apply_overrides, from_dict, override_section
 from ray_ad.data import Sample
+from ray_ad.evaluation import run_detector
 from ray_ad.methods import Detector
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
@@ -28,10 +29,11 @@ from ray_ad.pipeline import adapt_detector
 
 log = logging.getLogger(__name__)
 
-# target_memory drops the landed images its mutual scores flag (memory.drop_image_z); target_memory_all
-# keeps every landed image. Which is better depends on the batch (rare normal structures get dropped
-# with the defects), so the gate decides, per batch, without labels. The order is the gate's order of
-# preference (gate.choose): a candidate must beat every one before it by gate.margin.
+# target_memory drops the landed images its mutual scores flag (memory.drop_image_z; or the source's
+# scores, memory.drop_referee=source); target_memory_all keeps every landed image. Which is better
+# depends on the batch (rare normal structures get dropped with the defects), so the gate decides, per
+# batch, without labels. The order is the gate's order of preference (gate.choose): a candidate must
+# beat every one before it by gate.margin.
 CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
 # Fewer held-out images than this give no normal mode to stand out from: no suspects.
 MIN_IMAGES_FOR_SUSPECTS = 20
@@ -156,7 +158,11 @@ def _samples(paths: list[str]) -> list[Sample]:
 def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryConfig,
                    runtime: Runtime) -> TargetMemory:
     memory = TargetMemory.from_source(source, config)
-    memory.fit(_samples(fit_part), [], runtime)
+    referee = None
+    if config.drop_referee == "source" and config.drop_image_z is not None:
+        # The source as is scores every image the memory may keep; the drop reads those scores.
+        referee = run_detector(source, _samples(fit_part), progress=runtime.progress).scores
+    memory.fit(_samples(fit_part), [], runtime, referee_scores=referee)
     return memory
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import norm
 
 from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
@@ -205,6 +206,28 @@ def test_target_memory_drops_the_landed_defects_and_keeps_the_rest(tmp_path):
     assert (scores[:8] <= threshold).all() and (scores[8:] > threshold).all()
 
 
+@pytest.mark.slow  # fits detectors
+def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags(tmp_path):
+    landed = _textures(tmp_path / "landed", 24, seed=1, defective=(3, 11, 17))
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu", "drop_referee": "source"})
+    memory = build_detector("target_memory", config)
+    samples = [Sample(p, -1) for p in landed]
+    # A referee that flags 3 and 11 but not 17 (nor anything else): its scores decide, not the mutual scores.
+    # (The normals' scores: Gaussian quantiles, so that 24 images have a normal mode to stand out from.)
+    referee = np.full(len(landed), 5.0)
+    normals = [i for i in range(len(landed)) if i not in (3, 11)]
+    referee[normals] = 1.0 + 0.05 * norm.ppf((np.arange(len(normals)) + 0.5) / len(normals))
+    info = memory.fit(samples, [], QUIET, referee_scores=referee)
+    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11))
+    assert info["drop_referee"] == "source"
+    with pytest.raises(DataError, match="referee_scores"):
+        memory.fit(samples, [], QUIET)
+    with pytest.raises(DataError, match="24 finite image scores"):
+        memory.fit(samples, [], QUIET, referee_scores=referee[:20])
+    with pytest.raises(ConfigError, match="drop_referee"):
+        method_config("target_memory", {"drop_referee": "labels"})
+
+
 @pytest.mark.slow  # extracts features
 def test_the_landing_share_is_the_share_of_images_that_stand_out(tmp_path):
     config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu"})
@@ -348,6 +371,8 @@ def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():
     config, rest = split_overrides(["gate.margin=0.05", "memory.bank_size=100", "cfa.rank=4", "candidates=[source]"])
     assert config.gate.margin == 0.05 and config.memory.bank_size == 100 and config.candidates == ("source",)
     assert rest == ["cfa.rank=4"]
+    assert config.memory.drop_referee == "mutual"
+    assert split_overrides(["memory.drop_referee=source"])[0].memory.drop_referee == "source"
     with pytest.raises(ConfigError, match="gate.margn"):
         split_overrides(["gate.margn=0.1"])
     with pytest.raises(ConfigError, match="candidates"):
