@@ -29,11 +29,11 @@ from ray_ad.pipeline import adapt_detector
 
 log = logging.getLogger(__name__)
 
-# target_memory drops the landed images its mutual scores flag (memory.drop_image_z; or the source's
-# scores, memory.drop_referee=source); target_memory_all keeps every landed image. Which is better
-# depends on the batch (rare normal structures get dropped with the defects), so the gate decides, per
-# batch, without labels. The order is the gate's order of preference (gate.choose): a candidate must
-# beat every one before it by gate.margin.
+# target_memory drops the landed images the source line's scores flag (memory.drop_image_z,
+# memory.drop_referee; drop_referee=mutual: those its mutual scores flag); target_memory_all keeps
+# every landed image. Which is better depends on the batch (rare normal structures get dropped with
+# the defects), so the gate decides, per batch, without labels. The order is the gate's order of
+# preference (gate.choose): a candidate must beat every one before it by gate.margin.
 CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
 # Fewer held-out images than this give no normal mode to stand out from: no suspects.
 MIN_IMAGES_FOR_SUSPECTS = 20
@@ -44,7 +44,8 @@ SERVED = "served"
 class AdaptConfig:
     candidates: tuple[str, ...] = CANDIDATES  # ref_cfa is built only when the source is a ref_cfa model
     gate: GateConfig = field(default_factory=GateConfig)
-    memory: TargetMemoryConfig = field(default_factory=TargetMemoryConfig)
+    # The source line is the memory's referee for which landed images to drop (TargetMemoryConfig.drop_referee).
+    memory: TargetMemoryConfig = field(default_factory=lambda: TargetMemoryConfig(drop_referee="source"))
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.candidates) - set(CANDIDATES))

@@ -371,8 +371,9 @@ def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():
     config, rest = split_overrides(["gate.margin=0.05", "memory.bank_size=100", "cfa.rank=4", "candidates=[source]"])
     assert config.gate.margin == 0.05 and config.memory.bank_size == 100 and config.candidates == ("source",)
     assert rest == ["cfa.rank=4"]
-    assert config.memory.drop_referee == "mutual"
-    assert split_overrides(["memory.drop_referee=source"])[0].memory.drop_referee == "source"
+    # The adaptation's memory drops the images the source flags, also when other memory keys are set.
+    assert config.memory.drop_referee == "source" and AdaptConfig().memory.drop_referee == "source"
+    assert split_overrides(["memory.drop_referee=mutual"])[0].memory.drop_referee == "mutual"
     with pytest.raises(ConfigError, match="gate.margn"):
         split_overrides(["gate.margn=0.1"])
     with pytest.raises(ConfigError, match="candidates"):

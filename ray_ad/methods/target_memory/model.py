@@ -76,12 +76,13 @@ class TargetMemoryConfig(DetectorConfig):
     drop_image_rule: str = "z"
     # Which scores of the landed images the image drop reads: "mutual" (each image's largest mutual cell
     # score), or "source" (the source line's image scores, which ``fit`` then needs as
-    # ``referee_scores``; the adaptation job passes them). The source never saw the landing's defects,
-    # so under a domain shift its scores may still rank them where mutual scores, fooled by defects that
-    # recur and by rare normal kinds, rank them weakly. Off by default: on magnetic_tile seen by a new
-    # camera (the development set) it lifts the memory (0.821 -> 0.890 image AUROC, seed 0) but the
-    # source itself scores 0.928 there and is what the gate publishes; and where a source's scores have
-    # no images standing out (elpv mono -> poly) it drops none (the adaptation README).
+    # ``referee_scores``; the adaptation job passes them, and it is the adaptation's default). The
+    # source never saw the landing's defects, so under a domain shift its scores may still rank them
+    # where mutual scores, fooled by defects that recur and by rare normal kinds, rank them weakly: on
+    # magnetic_tile seen by a new camera (the development set), flag AUROC 0.96 against 0.65-0.66 over
+    # the landed images, and the memory 0.890 / 0.897 / 0.883 against 0.821 / 0.826 / 0.818 test image
+    # AUROC over three splits (benchmarks/explorations/source_referee_drop.py; the adaptation README).
+    # Standalone (``ray-ad train --method target_memory``) there is no source: "mutual".
     drop_referee: str = "mutual"
     drop_cell_z: float | None = None
     # None: every kept cell is in the bank (PatchCore at 100%). A number: greedy k-centre coreset to
