@@ -31,6 +31,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import machine, save  # noqa: E402
 from adaptation import TASKS, landing, source_model  # noqa: E402
+from adaptation_ensemble import robust_units  # noqa: E402
 from target_memory_kth_image import image_scores  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
@@ -45,11 +46,6 @@ from ray_ad.metrics import auroc, f1_max  # noqa: E402
 
 FLAGS = ("mutual", "source", "both")
 RULES = ("z", "mixture", "share")
-
-
-def robust_units(values: np.ndarray) -> np.ndarray:
-    centre = np.median(values)
-    return (values - centre) / max(1.4826 * np.median(np.abs(values - centre)), 1e-12)
 
 
 def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], cache_dir: str) -> dict:
@@ -75,7 +71,7 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
     landed_labels = np.array([label[p] for p in fit_part])
     test_labels = np.array([s.label for s in test])
     values = {"mutual": mutual, "source": source_scores,
-              "both": (robust_units(mutual) + robust_units(source_scores)) / 2}
+              "both": (robust_units(mutual, mutual) + robust_units(source_scores, source_scores)) / 2}
     rows = {}
     for flag in flags:
         scores = torch.as_tensor(values[flag], dtype=torch.float32)
