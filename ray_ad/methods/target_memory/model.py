@@ -174,7 +174,7 @@ class TargetMemory(PatchCore):
         if dropping or (calibration and cfg.threshold_rule == "share"):
             mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         if dropping:
-            keep_image, keep_cell = self._mutual_keep(mutual, referee)
+            keep_image, keep_cell = self._kept(mutual, referee)
         # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled).
         few = mutual is None or len(mutual) < MIN_IMAGES_TO_DROP  # no share: calibrate fits the scores' own
         self.defect_share = None if few else _share_standing_out(mutual)
@@ -223,7 +223,7 @@ class TargetMemory(PatchCore):
                             f"got shape {tuple(scores.shape)}")
         return scores
 
-    def _mutual_keep(self, mutual: torch.Tensor, referee: torch.Tensor | None = None
+    def _kept(self, mutual: torch.Tensor, referee: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which landed images ``[N]`` and cells ``[N, L]`` stay: images by ``referee`` (the source's image
         scores ``[N]``) when given, else by their largest mutual score; cells by their mutual scores ``[N, L]``."""
