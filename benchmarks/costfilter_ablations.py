@@ -34,6 +34,10 @@ ABLATIONS = {
     "depth32": ["matching_depth=32"],  # D = 32, our first default
     "eq5_loss": ["loss.mse=0"],  # Eq. 5 alone: without the MSE term the authors' code adds
     "paper_filter": ["filter.base_guidance=false"],  # the paper's filter: no base guidance
+    # Eq. 5's terms one at a time (run at D = 16, the defaults since the loss ablations were added)
+    "no_ssim": ["loss.ssim=0"],  # without L_SSIM
+    "no_soft_iou": ["loss.soft_iou=0"],  # without L_SoftIoU
+    "no_focal": ["loss.focal=0"],  # without L_Focal (SSIM, soft-IoU and MSE still train the map)
 }
 KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro", "model_seconds_per_image")
 

@@ -24,7 +24,7 @@ from ray_ad.data import Sample
 from ray_ad.evaluation import run_detector
 from ray_ad.methods import Detector
 from ray_ad.methods.base import Runtime
-from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
+from ray_ad.methods.target_memory import LandedCells, TargetMemory, TargetMemoryConfig
 from ray_ad.pipeline import adapt_detector
 
 log = logging.getLogger(__name__)
@@ -91,15 +91,16 @@ def adapt_candidates(
     """
     runtime = runtime or Runtime()
     fit_part, held_out = split_landing(images, config.gate)
-    gate_set = build_gate_set(source, target, held_out, config, runtime, fit_part)
+    landing = _LandingReader(source, fit_part, config.memory, runtime)
+    gate_set = build_gate_set(source, target, held_out, config, runtime, fit_part, landing)
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
     log.info(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
           f"({gate_set.source} ranking: {gate_set.counts})")
     builders = {
         "source": lambda: copy.deepcopy(source),
-        "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime),
+        "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime, landing),
         "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
-                                                    drop_cell_z=None), runtime),
+                                                    drop_cell_z=None), runtime, landing),
         "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, runtime),
     }
     candidates: dict[str, Detector] = {}
@@ -127,11 +128,12 @@ def adapt_candidates(
 
 def build_gate_set(
     source: Detector, target: str, held_out: list[str], config: AdaptConfig, runtime: Runtime | None = None,
-    fit_part: list[str] | None = None,
+    fit_part: list[str] | None = None, landing: _LandingReader | None = None,
 ) -> GateSet:
     """What the gate ranks on: the batch's ``_acceptance/`` images if it has them, else synthetic defects
     pasted into the held-out images that are no suspects (``gate.suspect_z``). With threshold rule
-    ``share``, the landing's defect share comes from the mutual scores of ``fit_part``."""
+    ``share``, the landing's defect share comes from the mutual scores of ``fit_part`` (read through
+    ``landing`` when given, which the memories then reuse)."""
     acceptance = acceptance_images(target)
     suspects = None
     if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
@@ -146,7 +148,8 @@ def build_gate_set(
         # A property of the landing, not of any candidate: every candidate's threshold flags that share
         # of its held-out scores. The referee is mutual scoring again (on the source's backbone).
         referee = TargetMemory.from_source(source, config.memory)
-        gate_set.landing_share = referee.landing_share(_samples(fit_part), runtime)
+        landed = landing.cells() if landing is not None else None
+        gate_set.landing_share = referee.landing_share(_samples(fit_part), runtime, landed)
         log.info("gate: the landing's defect share is %.3f (mutual scores of %s images)",
                  gate_set.landing_share, len(fit_part))
     return gate_set
@@ -156,14 +159,31 @@ def _samples(paths: list[str]) -> list[Sample]:
     return [Sample(path, -1) for path in paths]  # label -1: nothing downstream can read a label
 
 
+class _LandingReader:
+    """The fit part's cells on the memories' backbone, read on first use and shared by the landing's
+    defect share and every target memory (one backbone pass and one mutual scoring per job, not three
+    and two). The memory configs differ in drop rules only, never in backbone, grid or mutual settings."""
+
+    def __init__(self, source: Detector, fit_part: list[str], config: TargetMemoryConfig, runtime: Runtime) -> None:
+        self._reader = TargetMemory.from_source(source, config)
+        self._fit_part, self._runtime = fit_part, runtime
+        self._cells: LandedCells | None = None
+
+    def cells(self) -> LandedCells:
+        if self._cells is None:
+            self._cells = self._reader.read_landing(_samples(self._fit_part), self._runtime)
+        return self._cells
+
+
 def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryConfig,
-                   runtime: Runtime) -> TargetMemory:
+                   runtime: Runtime, landing: _LandingReader | None = None) -> TargetMemory:
     memory = TargetMemory.from_source(source, config)
     referee = None
     if config.drop_referee == "source" and config.drop_image_z is not None:
         # The source as is scores every image the memory may keep; the drop reads those scores.
         referee = run_detector(source, _samples(fit_part), progress=runtime.progress).scores
-    memory.fit(_samples(fit_part), [], runtime, referee_scores=referee)
+    landed = landing.cells() if landing is not None else None
+    memory.fit(_samples(fit_part), [], runtime, referee_scores=referee, landed=landed)
     return memory
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from scipy.stats import norm
 
+import ray_ad.methods.target_memory.model as model_module
 from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, kth_image_distance, mutual_scores, nearest_distance
@@ -228,6 +229,30 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
         method_config("target_memory", {"drop_referee": "labels"})
 
 
+@pytest.mark.slow  # fits detectors
+def test_landed_cells_read_once_fit_the_same_memory_and_are_checked(tmp_path, monkeypatch):
+    landed = [Sample(p, -1) for p in _textures(tmp_path / "landed", 24, seed=1, defective=(3, 11, 17))]
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu", "map_sigma": 1.0})
+    alone = build_detector("target_memory", config)
+    alone_info = alone.fit(landed, [], QUIET)
+    shared = build_detector("target_memory", config)
+    cells = shared.read_landing(landed, QUIET)
+    calls = []
+    real_mutual_scores = model_module.mutual_scores
+    monkeypatch.setattr(model_module, "mutual_scores", lambda *a, **k: calls.append(1) or real_mutual_scores(*a, **k))
+    share = shared.landing_share(landed, QUIET, cells)
+    info = shared.fit(landed, [], QUIET, landed=cells)
+    assert len(calls) == 1  # the drop reads the mutual scores the share computed
+    assert info["dropped_paths"] == alone_info["dropped_paths"] and share == pytest.approx(alone_info["defect_share"])
+    assert torch.equal(shared.bank, alone.bank) and torch.equal(shared.bank_owners, alone.bank_owners)
+    with pytest.raises(DataError, match="other images"):
+        shared.fit(landed[:-1], [], QUIET, landed=cells)
+    other = build_detector("target_memory", method_config(
+        "target_memory", {"backbone": {**TINY_BACKBONE, "local_pool": 3}, "device": "cpu"}))
+    with pytest.raises(DataError, match="backbone"):
+        other.fit(landed, [], QUIET, landed=cells)
+
+
 @pytest.mark.slow  # extracts features
 def test_the_landing_share_is_the_share_of_images_that_stand_out(tmp_path):
     config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu"})
@@ -403,6 +428,20 @@ def _small_adapt_config(**gate: object) -> AdaptConfig:
     return split_overrides([f"memory.backbone.{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
                            + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0"]
                            + [f"gate.{k}={v}" for k, v in gate.items()])[0]
+
+
+@pytest.mark.slow  # fits detectors
+def test_the_adaptation_reads_the_fit_part_once_for_the_share_and_both_memories(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    images = sorted(target_image_uris(_batch(tmp_path, "batch")))
+    reads, mutual = [], []
+    real_read, real_mutual_scores = TargetMemory.read_landing, model_module.mutual_scores
+    monkeypatch.setattr(TargetMemory, "read_landing", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
+    monkeypatch.setattr(model_module, "mutual_scores", lambda *a, **k: mutual.append(1) or real_mutual_scores(*a, **k))
+    outcome = adapt_candidates(source, str(tmp_path / "batch"), images, _small_adapt_config(), runtime=QUIET)
+    assert {"target_memory", "target_memory_all"} <= set(outcome.candidates)
+    assert outcome.landing_share is not None
+    assert len(reads) == 1 and len(mutual) == 1
 
 
 @pytest.mark.slow  # fits detectors

@@ -1,3 +1,3 @@
-from ray_ad.methods.target_memory.model import TargetMemory, TargetMemoryConfig
+from ray_ad.methods.target_memory.model import LandedCells, TargetMemory, TargetMemoryConfig
 
-__all__ = ["TargetMemory", "TargetMemoryConfig"]
+__all__ = ["LandedCells", "TargetMemory", "TargetMemoryConfig"]

@@ -134,6 +134,28 @@ class TargetMemoryConfig(DetectorConfig):
             raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
 
 
+@dataclass
+class LandedCells:
+    """A landed batch read once on a memory's backbone: its cells, and their mutual scores once asked for.
+
+    The adaptation job builds two memories of one batch and fits the landing's defect share to it; each
+    would otherwise run the backbone over every landed image again and score the batch against itself
+    again. ``TargetMemory.read_landing`` makes one; ``fit`` and ``landing_share`` take it.
+    """
+
+    paths: list[str]
+    backbone: BackboneConfig
+    features: torch.Tensor  # [N, L, C]: L cells of each landed image, on the CPU
+    _mutual: dict[tuple[float, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mutual(self, fraction: float, references: int, seed: int) -> torch.Tensor:
+        """Mutual scores ``[N, L]`` of every cell (computed on the first call for these settings)."""
+        key = (fraction, references, seed)
+        if key not in self._mutual:
+            self._mutual[key] = mutual_scores(self.features, fraction, references, seed)
+        return self._mutual[key]
+
+
 class TargetMemory(PatchCore):
     """PatchCore's bank, map and bundle format; its own fit (from unlabeled landed images) and scoring."""
 
@@ -155,24 +177,50 @@ class TargetMemory(PatchCore):
         backbone = replace(config.backbone, name=src.name, weights=src.weights, image_size=src.image_size)
         return cls(replace(config, backbone=backbone, device=source.config.device))
 
+    def read_landing(self, images: list[Sample], runtime: Runtime | None = None,
+                     desc: str = "landed images") -> LandedCells:
+        """The cells of ``images`` (unlabeled) on this memory's backbone, for ``fit`` and ``landing_share``."""
+        features = cells(self.extract_features(images, runtime or Runtime(), desc=desc)).cpu()
+        return LandedCells([sample.path for sample in images], self.config.backbone, features)
+
+    def _landing(self, images: list[Sample], runtime: Runtime | None, landed: LandedCells | None,
+                 desc: str) -> LandedCells:
+        """``landed`` checked against ``images`` and this memory's backbone, or ``images`` read now."""
+        if landed is None:
+            return self.read_landing(images, runtime, desc)
+        if landed.paths != [sample.path for sample in images]:
+            raise DataError(f"the landed cells given were read from {len(landed.paths)} other images than the "
+                            f"{len(images)} to fit on (first: {landed.paths[:1]} vs {[s.path for s in images[:1]]})")
+        if landed.backbone != self.config.backbone:
+            raise DataError(f"the landed cells given were read with backbone {landed.backbone}, this memory reads "
+                            f"{self.config.backbone}")
+        return landed
+
+    def _mutual(self, landed: LandedCells) -> torch.Tensor:
+        cfg = self.config
+        return landed.mutual(cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+
     def fit(self, train: list[Sample], calibration: list[Sample], runtime: Runtime | None = None,
-            referee_scores: np.ndarray | None = None) -> dict[str, Any]:
+            referee_scores: np.ndarray | None = None, landed: LandedCells | None = None) -> dict[str, Any]:
         """``train``: landed images (labels are never read); ``calibration``: held-out landed images;
-        ``referee_scores``: the source line's score of each ``train`` image (``drop_referee: source``)."""
+        ``referee_scores``: the source line's score of each ``train`` image (``drop_referee: source``);
+        ``landed``: ``train`` already read by ``read_landing`` (its mutual scores are reused too)."""
         if len(train) < 2:
             raise DataError(f"a target memory needs at least 2 landed images, got {len(train)}")
         referee = self._referee(len(train), referee_scores)
         runtime = runtime or Runtime()
-        features = cells(self.extract_features(train, runtime, desc="landed images"))
+        landed = self._landing(train, runtime, landed, "landed images")
+        features = landed.features
         cfg = self.config
         keep_image = torch.ones(len(features), dtype=torch.bool)
         keep_cell = keep_image[:, None].expand(features.shape[:2])
         dropping = cfg.drop_image_z is not None or cfg.drop_cell_z is not None
         mutual = None
-        # The landing's share is needed here only to calibrate now (the adaptation job computes it once
-        # for every candidate); it comes free with the mutual scores the drop rule computes anyway.
+        # The landing's share is needed here only to calibrate now (the adaptation job fits it once for
+        # every candidate); it comes free with the mutual scores the drop rule needs anyway, which a
+        # ``landed`` read before (the job's) already holds.
         if dropping or (calibration and cfg.threshold_rule == "share"):
-            mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
+            mutual = self._mutual(landed)
         if dropping:
             keep_image, keep_cell = self._kept(mutual, referee)
         # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled).
@@ -246,15 +294,15 @@ class TargetMemory(PatchCore):
         mutual = mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
         return _standing_out(mutual.amax(1), z).numpy()
 
-    def landing_share(self, images: list[Sample], runtime: Runtime | None = None) -> float:
+    def landing_share(self, images: list[Sample], runtime: Runtime | None = None,
+                      landed: LandedCells | None = None) -> float:
         """Share of ``images`` (unlabeled) that are defective, by two Gaussians fitted to their largest
         mutual cell scores (0 when one Gaussian explains them as well): a property of the landing, the
-        same for every candidate model, from every landed image rather than the gate's held-out few."""
+        same for every candidate model, from every landed image rather than the gate's held-out few.
+        ``landed``: ``images`` already read by ``read_landing``."""
         if len(images) < MIN_IMAGES_TO_DROP:
             return 0.0
-        features = cells(self.extract_features(images, runtime or Runtime(), desc="landed images (defect share)"))
-        cfg = self.config
-        return _share_standing_out(mutual_scores(features, cfg.mutual_fraction, cfg.mutual_references, cfg.seed))
+        return _share_standing_out(self._mutual(self._landing(images, runtime, landed, "landed images (defect share)")))
 
     def calibrate_unlabeled(self, images: list[Sample], runtime: Runtime | None = None) -> float:
         """Threshold from unlabeled, possibly contaminated held-out images of the domain (rule "share": the
@@ -303,7 +351,7 @@ class TargetMemory(PatchCore):
         self.bank_paths = []
 
 
-__all__ = ["TargetMemory", "TargetMemoryConfig"]
+__all__ = ["LandedCells", "TargetMemory", "TargetMemoryConfig"]
 
 
 def drop_mask(image_scores: torch.Tensor, rule: str = "z", z: float = 3.0) -> torch.Tensor:
