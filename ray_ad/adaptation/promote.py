@@ -138,7 +138,7 @@ def build_gate_set(
     suspects = None
     if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
         # The referee is mutual scoring among the held-out images, none of the candidates.
-        referee = TargetMemory.from_source(source, config.memory)
+        referee = landing.memory() if landing is not None else TargetMemory.from_source(source, config.memory)
         suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, runtime)
         if suspects.mean() > 0.5:  # a "mode" that half the images stand out from is no normal mode
             log.warning("gate: %s of %s held-out images stand out; no suspects", suspects.sum(), len(held_out))
@@ -147,9 +147,11 @@ def build_gate_set(
     if config.gate.threshold_rule == "share" and fit_part:
         # A property of the landing, not of any candidate: every candidate's threshold flags that share
         # of its held-out scores. The referee is mutual scoring again (on the source's backbone).
-        referee = TargetMemory.from_source(source, config.memory)
-        landed = landing.cells() if landing is not None else None
-        gate_set.landing_share = referee.landing_share(_samples(fit_part), runtime, landed)
+        if landing is None:
+            gate_set.landing_share = TargetMemory.from_source(source, config.memory).landing_share(
+                _samples(fit_part), runtime)
+        else:
+            gate_set.landing_share = landing.memory().landing_share(_samples(fit_part), runtime, landing.cells())
         log.info("gate: the landing's defect share is %.3f (mutual scores of %s images)",
                  gate_set.landing_share, len(fit_part))
     return gate_set
@@ -165,13 +167,20 @@ class _LandingReader:
     and two). The memory configs differ in drop rules only, never in backbone, grid or mutual settings."""
 
     def __init__(self, source: Detector, fit_part: list[str], config: TargetMemoryConfig, runtime: Runtime) -> None:
-        self._reader = TargetMemory.from_source(source, config)
+        self._source, self._config = source, config
         self._fit_part, self._runtime = fit_part, runtime
+        self._memory: TargetMemory | None = None
         self._cells: LandedCells | None = None
+
+    def memory(self) -> TargetMemory:
+        """An unfitted memory on the source's backbone (built on first use: it loads the backbone)."""
+        if self._memory is None:
+            self._memory = TargetMemory.from_source(self._source, self._config)
+        return self._memory
 
     def cells(self) -> LandedCells:
         if self._cells is None:
-            self._cells = self._reader.read_landing(_samples(self._fit_part), self._runtime)
+            self._cells = self.memory().read_landing(_samples(self._fit_part), self._runtime)
         return self._cells
 
 

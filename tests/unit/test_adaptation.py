@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -245,8 +246,10 @@ def test_landed_cells_read_once_fit_the_same_memory_and_are_checked(tmp_path, mo
     assert len(calls) == 1  # the drop reads the mutual scores the share computed
     assert info["dropped_paths"] == alone_info["dropped_paths"] and share == pytest.approx(alone_info["defect_share"])
     assert torch.equal(shared.bank, alone.bank) and torch.equal(shared.bank_owners, alone.bank_owners)
-    with pytest.raises(DataError, match="other images"):
+    with pytest.raises(DataError, match="24 images, not the 23"):
         shared.fit(landed[:-1], [], QUIET, landed=cells)
+    with pytest.raises(DataError, match=re.escape(f"image 0 is '{landed[0].path}' there and '{landed[-1].path}' here")):
+        shared.fit(landed[::-1], [], QUIET, landed=cells)
     other = build_detector("target_memory", method_config(
         "target_memory", {"backbone": {**TINY_BACKBONE, "local_pool": 3}, "device": "cpu"}))
     with pytest.raises(DataError, match="backbone"):

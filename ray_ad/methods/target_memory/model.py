@@ -188,9 +188,14 @@ class TargetMemory(PatchCore):
         """``landed`` checked against ``images`` and this memory's backbone, or ``images`` read now."""
         if landed is None:
             return self.read_landing(images, runtime, desc)
-        if landed.paths != [sample.path for sample in images]:
-            raise DataError(f"the landed cells given were read from {len(landed.paths)} other images than the "
-                            f"{len(images)} to fit on (first: {landed.paths[:1]} vs {[s.path for s in images[:1]]})")
+        paths = [sample.path for sample in images]
+        if landed.paths != paths:
+            if len(landed.paths) != len(paths):
+                raise DataError(f"the landed cells given were read from {len(landed.paths)} images, not the "
+                                f"{len(paths)} to fit on")
+            first = next(i for i, (a, b) in enumerate(zip(landed.paths, paths)) if a != b)
+            raise DataError(f"the landed cells given were read from other images than those to fit on: image {first} "
+                            f"is {landed.paths[first]!r} there and {paths[first]!r} here")
         if landed.backbone != self.config.backbone:
             raise DataError(f"the landed cells given were read with backbone {landed.backbone}, this memory reads "
                             f"{self.config.backbone}")
