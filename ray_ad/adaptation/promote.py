@@ -135,11 +135,11 @@ def build_gate_set(
     ``share``, the landing's defect share comes from the mutual scores of ``fit_part`` (read through
     ``landing`` when given, which the memories then reuse)."""
     acceptance = acceptance_images(target)
+    landing = landing or _LandingReader(source, fit_part or [], config.memory, runtime or Runtime())
     suspects = None
     if acceptance is None and config.gate.suspect_z is not None and len(held_out) >= MIN_IMAGES_FOR_SUSPECTS:
         # The referee is mutual scoring among the held-out images, none of the candidates.
-        referee = landing.memory() if landing is not None else TargetMemory.from_source(source, config.memory)
-        suspects = referee.mutual_suspects(_samples(held_out), config.gate.suspect_z, runtime)
+        suspects = landing.memory().mutual_suspects(_samples(held_out), config.gate.suspect_z, runtime)
         if suspects.mean() > 0.5:  # a "mode" that half the images stand out from is no normal mode
             log.warning("gate: %s of %s held-out images stand out; no suspects", suspects.sum(), len(held_out))
             suspects = None
@@ -147,11 +147,7 @@ def build_gate_set(
     if config.gate.threshold_rule == "share" and fit_part:
         # A property of the landing, not of any candidate: every candidate's threshold flags that share
         # of its held-out scores. The referee is mutual scoring again (on the source's backbone).
-        if landing is None:
-            gate_set.landing_share = TargetMemory.from_source(source, config.memory).landing_share(
-                _samples(fit_part), runtime)
-        else:
-            gate_set.landing_share = landing.memory().landing_share(_samples(fit_part), runtime, landing.cells())
+        gate_set.landing_share = landing.memory().landing_share(_samples(fit_part), runtime, landing.cells())
         log.info("gate: the landing's defect share is %.3f (mutual scores of %s images)",
                  gate_set.landing_share, len(fit_part))
     return gate_set

@@ -276,8 +276,7 @@ class TargetMemory(PatchCore):
                             f"got shape {tuple(scores.shape)}")
         return scores
 
-    def _kept(self, mutual: torch.Tensor, referee: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kept(self, mutual: torch.Tensor, referee: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which landed images ``[N]`` and cells ``[N, L]`` stay: images by ``referee`` (the source's image
         scores ``[N]``) when given, else by their largest mutual score; cells by their mutual scores ``[N, L]``."""
         cfg = self.config
