@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from ray_ad.errors import DataError
 from ray_ad.methods import build_detector
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.nagl.config import EpisodeConfig
-from ray_ad.methods.nagl.episodes import DomainPool, cell_mask, sample_episodes
+from ray_ad.methods.nagl.episodes import DomainPool, build_domain_pool, cell_mask, sample_episodes
 from ray_ad.methods.nagl.model import NoReferences
 from ray_ad.methods.nagl.network import NAGLNet, ResidualMining, abnormal_attention_mask, score_maps
 from ray_ad.methods.nagl.references import build_references
@@ -108,6 +109,41 @@ def test_training_episodes_give_a_share_of_abnormal_references_without_their_mas
     assert references(1.0).bool().all()  # every reference as a dataset without masks gives it
     whole = references(0.5).bool().all(-1).float().mean()
     assert 0.3 < whole < 0.7
+
+
+def test_paired_episodes_give_an_abnormal_query_a_reference_of_its_own_defect_type() -> None:
+    # Abnormal image i holds the value i in every feature, so an episode says which images it drew.
+    abnormal = torch.arange(6.0)[:, None, None].expand(6, 16, 4).clone()
+    kinds = ("crack", "crack", "crack", "stain", "stain", "blowhole")  # the blowhole has no partner
+    pool = DomainPool("d", torch.randn(5, 16, 4), abnormal, torch.ones(6, 16), kinds)
+
+    def drawn(pair: bool) -> tuple[list[str], list[str]]:
+        config = EpisodeConfig(batch_size=400, shots=(2,), anomaly_probability=1.0, pair_defects=pair)
+        episodes = sample_episodes([pool], config, torch.Generator().manual_seed(0))
+        refs, queries = episodes.F_a[:, 0, 0].long().tolist(), episodes.F_q[:, 0, 0].long().tolist()
+        assert all(r != q for r, q in zip(refs, queries, strict=True))  # never the query itself
+        return [kinds[i] for i in refs], [kinds[i] for i in queries]
+
+    refs, queries = drawn(pair=True)
+    partnered = [(r, q) for r, q in zip(refs, queries, strict=True) if q != "blowhole"]
+    assert partnered and all(r == q for r, q in partnered)
+    assert "blowhole" in queries  # a type without a second image still gets a reference (any other defect)
+    refs, queries = drawn(pair=False)
+    assert sum(r != q for r, q in zip(refs, queries, strict=True)) > 100  # unpaired: types mix
+
+
+def test_a_domain_pool_records_each_defect_s_type(tiny_mvtec: Path) -> None:
+    detector = build_detector("nagl", tiny_nagl_config())
+    samples = [s for s in load_samples(str(tiny_mvtec)) if s.label in (0, 1)]
+    train = replace(detector.config.train, synthetic_count=3, fill_sources=("texture",))
+    pool = build_domain_pool(detector.extractor, "tiny", samples, train, np.random.default_rng(0), "cpu", False)
+    assert pool.kinds == ("spot",) * 4 + ("synthetic:texture",) * 3  # the real defects' folder, then the pasted
+    assert len(pool.kinds) == len(pool.abnormal) == len(pool.masks)
+
+
+def test_a_domain_pool_refuses_defect_kinds_that_do_not_match_its_images() -> None:
+    with pytest.raises(ValueError, match="2 defect kinds for 3 abnormal images"):
+        DomainPool("d", torch.randn(2, 4, 3), torch.randn(3, 4, 3), torch.ones(3, 4), ("a", "b"))
 
 
 def test_training_estimates_the_region_of_a_maskless_reference_as_inference_does() -> None:

@@ -28,6 +28,10 @@ class EpisodeConfig:
     # for such a reference at inference (``unmasked_region``), not only on exact source masks. Ours; the
     # paper always has masks. Off: at 0.5 NAGL moves by at most a seed spread on elpv (README table).
     maskless_references: float = 0.0
+    # Pair an abnormal query with an abnormal reference of its own defect type (the authors' episodes;
+    # the paper's text does not say). Unpaired, the reference tells the query nothing about what to look
+    # for, and RM/AFL can learn to ignore it; paired, they are trained to find what the reference shows.
+    pair_defects: bool = False
     # Synthetic anomalies with their masks (data/synthetic.py): "auto" for domains that have no pixel
     # masks (elpv), "always" adds them to every domain (magnetic_tile + synthetic), "never" real only.
     synthetic: str = "always"

@@ -41,11 +41,24 @@ class DomainPool:
     normal: torch.Tensor  # [P_n, N, C] cell features of normal images
     abnormal: torch.Tensor  # [P_a, N, C] cell features of abnormal images
     masks: torch.Tensor  # [P_a, N] their cell masks (1 inside the defect)
+    # The defect type of each abnormal image (a real defect's folder, e.g. "MT_Crack"; "synthetic:<fill>"
+    # for a pasted one); empty: unknown, and ``train.pair_defects`` has nothing to pair by.
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.abnormal) < 2:
             raise DataError(f"domain {self.name!r}: episodes need at least 2 abnormal images (a reference and "
                             f"a query), got {len(self.abnormal)}")
+        if self.kinds and len(self.kinds) != len(self.abnormal):
+            raise ValueError(f"domain {self.name!r}: {len(self.kinds)} defect kinds for {len(self.abnormal)} "
+                             "abnormal images")
+
+    def same_kind(self, index: int, generator: torch.Generator) -> int | None:
+        """Another abnormal image of the same defect type as image ``index``, at random; None if none."""
+        if not self.kinds:
+            return None
+        others = [i for i, kind in enumerate(self.kinds) if kind == self.kinds[index] and i != index]
+        return others[int(torch.randint(len(others), (1,), generator=generator))] if others else None
 
 
 @dataclass
@@ -67,7 +80,9 @@ class Episodes:
 def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: torch.Generator) -> Episodes:
     """One domain at random, K at random from ``config.shots``, then per item: K distinct normal
     references, one abnormal reference (its mask replaced by the whole image with
-    ``maskless_references``), and a query that is neither (abnormal with ``anomaly_probability``)."""
+    ``maskless_references``), and a query that is neither (abnormal with ``anomaly_probability``).
+    With ``pair_defects`` an abnormal query's reference is another defect of its own type where the
+    domain has one (the authors' episodes pair them); a normal query's reference is any defect."""
     pool = pools[int(torch.randint(len(pools), (1,), generator=generator))]
     shots = config.shots[int(torch.randint(len(config.shots), (1,), generator=generator))]
     shots = min(shots, len(pool.normal) - 1)  # a normal query must remain outside the references
@@ -78,6 +93,9 @@ def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: t
         pair = torch.randperm(len(pool.abnormal), generator=generator)[:2]
         abnormal.append(pair[0])
         if float(torch.rand((), generator=generator)) < config.anomaly_probability:
+            if config.pair_defects:  # (no draw when off, so the episodes stay those of earlier versions)
+                paired = pool.same_kind(int(pair[1]), generator)
+                abnormal[-1] = pair[0] if paired is None else torch.tensor(paired)
             queries.append(pool.abnormal[pair[1]])
             query_masks.append(pool.masks[pair[1]])
             labels.append(1.0)
@@ -127,22 +145,24 @@ def build_domain_pool(
 
     normal_pixels = [_square(load_image(s.path), size)
                      for s in show_progress(normals, desc=f"{name}: normal images", enabled=progress, leave=False)]
-    abnormal_pixels, pixel_masks = [], []
+    abnormal_pixels, pixel_masks, kinds = [], [], []
     for s in show_progress(masked, desc=f"{name}: defects", enabled=progress, leave=False):
         image = load_image(s.path)
         mask = np.asarray(load_mask(s.mask_path, image.size).resize((size, size), Image.Resampling.NEAREST)) > 127
         if mask.any():  # a mask that vanishes at this resolution marks nothing to learn from
             abnormal_pixels.append(_square(image, size))
             pixel_masks.append(mask)
+            kinds.append(s.defect or "defect")
     for _ in range(synthetic_count):
         i, donor = rng.choice(len(normal_pixels), 2, replace=False)
-        image, mask, _ = pasted_anomaly(normal_pixels[i], normal_pixels[donor], rng, config.opacity,
-                                        config.fill_sources)
+        image, mask, fill = pasted_anomaly(normal_pixels[i], normal_pixels[donor], rng, config.opacity,
+                                           config.fill_sources)
         if mask.any():
             abnormal_pixels.append(image)
             pixel_masks.append(mask)
+            kinds.append(f"synthetic:{fill}")
     masks = torch.from_numpy(np.stack(pixel_masks)) if pixel_masks else torch.zeros(0, size, size, dtype=torch.bool)
-    return DomainPool(name, featurise(normal_pixels), featurise(abnormal_pixels), cell_mask(masks, grid))
+    return DomainPool(name, featurise(normal_pixels), featurise(abnormal_pixels), cell_mask(masks, grid), tuple(kinds))
 
 
 __all__ = ["DomainPool", "Episodes", "build_domain_pool", "cell_mask", "sample_episodes"]
