@@ -31,7 +31,8 @@ class EpisodeConfig:
     # Pair an abnormal query with an abnormal reference of its own defect type (the authors' episodes;
     # the paper's text does not say). Unpaired, the reference tells the query nothing about what to look
     # for, and RM/AFL can learn to ignore it; paired, they are trained to find what the reference shows.
-    pair_defects: bool = False
+    # On: chosen on the held-out procedural -> magnetic_tile task, no elpv read (README).
+    pair_defects: bool = True
     # Synthetic anomalies with their masks (data/synthetic.py): "auto" for domains that have no pixel
     # masks (elpv), "always" adds them to every domain (magnetic_tile + synthetic), "never" real only.
     synthetic: str = "always"

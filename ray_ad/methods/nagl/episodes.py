@@ -93,7 +93,7 @@ def sample_episodes(pools: list[DomainPool], config: EpisodeConfig, generator: t
         pair = torch.randperm(len(pool.abnormal), generator=generator)[:2]
         abnormal.append(pair[0])
         if float(torch.rand((), generator=generator)) < config.anomaly_probability:
-            if config.pair_defects:  # (no draw when off, so the episodes stay those of earlier versions)
+            if config.pair_defects:  # (no draw when off: the episodes of earlier versions)
                 paired = pool.same_kind(int(pair[1]), generator)
                 abnormal[-1] = pair[0] if paired is None else torch.tensor(paired)
             queries.append(pool.abnormal[pair[1]])
