@@ -27,18 +27,14 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
+from target_memory_kth_image import image_scores  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
-from ray_ad.adaptation.mutual import cells, kth_image_distance  # noqa: E402
+from ray_ad.adaptation.mutual import cells  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
 from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.metrics import auroc, f1_max  # noqa: E402
-
-
-def image_scores(queries: torch.Tensor, bank: torch.Tensor, owners: torch.Tensor, k: int) -> np.ndarray:
-    flat = queries.reshape(-1, queries.shape[-1])
-    return kth_image_distance(flat, bank, owners, k).view(len(queries), -1).amax(1).numpy()
 
 
 def main() -> None:
