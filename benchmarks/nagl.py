@@ -53,6 +53,7 @@ from ray_ad.methods.base import Runtime, upsample_map  # noqa: E402
 from ray_ad.methods.nagl.scoring import (  # noqa: E402
     anomaly_guided_score,
     cells,
+    centred_anomaly_score,
     fused_map,
     normal_guided_score,
     reference_statistics,
@@ -151,6 +152,8 @@ def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[
         detector.set_references(references)
         S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
                          for q, r in zip(F_q.split(16), res_q.split(16))])
+        if detector.config.centre_anomaly_map:
+            S_a = centred_anomaly_score(S_a)
         S = fused_map(S_n, S_a)
         nagl.append(figures(target, keep, S, top_mean(S, top), detector))
         anomaly_branch.append(figures(target, keep, S_a, top_mean(S_a, top), detector))

@@ -19,10 +19,11 @@ from ray_ad.methods.base import Runtime
 from ray_ad.methods.nagl.config import EpisodeConfig
 from ray_ad.methods.nagl.episodes import DomainPool, build_domain_pool, cell_mask, sample_episodes
 from ray_ad.methods.nagl.model import NoReferences
-from ray_ad.methods.nagl.network import NAGLNet, ResidualMining, abnormal_attention_mask, score_maps
+from ray_ad.methods.nagl.network import NAGLNet, ResidualMining, abnormal_attention_mask, branch_maps, score_maps
 from ray_ad.methods.nagl.references import build_references
 from ray_ad.methods.nagl.scoring import (
     cells,
+    centred_anomaly_score,
     defect_region,
     nearest_normal,
     normal_guided_score,
@@ -162,6 +163,23 @@ def test_training_estimates_the_region_of_a_maskless_reference_as_inference_does
     assert region.sum(-1).tolist() == [2.0, 2.0]
     torch.testing.assert_close(S, expected)
     assert not torch.allclose(S, unestimated)  # the whole image would attend to every reference cell
+
+
+def test_a_centred_anomaly_map_is_measured_from_each_query_s_median_cell() -> None:
+    S_a = torch.tensor([[0.2, 0.4, 0.9], [0.5, 0.5, 0.6]])
+    torch.testing.assert_close(centred_anomaly_score(S_a), torch.tensor([[-0.2, 0.0, 0.5], [0.0, 0.0, 0.1]]))
+    # wired through the branches: S_n as it was, S_a less each query's median cell
+    torch.manual_seed(4)
+    net = NAGLNet(dim=8, proxies=3, heads=2, alpha=-1e9).eval()
+    F_q, normal, F_a = torch.randn(2, 9, 8), torch.randn(1, 20, 8), torch.randn(1, 9, 8)
+    M_a = torch.zeros(1, 9)
+    M_a[0, :3] = 1
+    with torch.no_grad():
+        S_n, S_a = branch_maps(net, F_q, normal, F_a, M_a)
+        S_n_c, S_a_c = branch_maps(net, F_q, normal, F_a, M_a, centre_anomaly=True)
+    torch.testing.assert_close(S_n_c, S_n)
+    assert S_a_c.median(-1).values.abs().max() < 1e-6
+    torch.testing.assert_close(S_a_c, S_a - S_a.median(-1, keepdim=True).values)
 
 
 def test_image_score_is_the_mean_of_the_top_share() -> None:

@@ -99,6 +99,11 @@ class NAGLConfig(DetectorConfig):
     # defect region M^a its top `unmasked_region` share of cells by S_n: 0.02, the median defect area of
     # magnetic_tile's masks on the 32 x 32 grid (1.4%), rounded up. 0 keeps the whole image, as given.
     unmasked_region: float = 0.02
+    # S_a measured from the query's own median cell (S_a - median_i S_a), in training and at inference
+    # (ours). AFL's proxies P^ are weighted sums of the query's own features (V_2 = F^q), so S_a's level
+    # over a whole image follows how alike the image's cells are, not only its defects; centring keeps
+    # what sets a cell apart from the rest of its image. Off: the paper's S_a. See the README.
+    centre_anomaly_map: bool = False
     train: EpisodeConfig = field(default_factory=EpisodeConfig)
     loss: NAGLLossWeights = field(default_factory=NAGLLossWeights)
 

@@ -62,7 +62,8 @@ class NAGL(Detector):
         self.references: ReferenceSet | None = None
         self.branch = "nagl"
         self.threshold = config.decision_threshold
-        self.scoring = MapScoring(config.top_fraction, config.standardise, config.unmasked_region)
+        self.scoring = MapScoring(config.top_fraction, config.standardise, config.unmasked_region,
+                                  config.centre_anomaly_map)
         self._normal_cells: torch.Tensor | None = None  # [1, K*N, C]
         self._abnormal_cells: torch.Tensor | None = None  # [1, A*N, C] and their masks [1, A*N]
         self._abnormal_masks: torch.Tensor | None = None
@@ -160,7 +161,7 @@ class NAGL(Detector):
             return S, top_mean(S, self.config.top_fraction)
         net = self.net if self.branch == "nagl" and self._P_tilde is not None else None
         return score_maps(net, F_q, self._normal_cells, top_fraction=self.config.top_fraction, P_tilde=self._P_tilde,
-                          standardise=self.config.standardise)
+                          standardise=self.config.standardise, centre_anomaly=self.config.centre_anomaly_map)
 
     # ---------------------------------------------------------------- what a bundle stores
     def tensors(self) -> dict[str, torch.Tensor]:

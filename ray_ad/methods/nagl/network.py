@@ -15,6 +15,7 @@ from ray_ad.errors import ConfigError
 from ray_ad.methods.nagl.scoring import (
     abnormal_residual,
     anomaly_guided_score,
+    centred_anomaly_score,
     fused_map,
     normal_guided_score,
     reference_statistics,
@@ -112,26 +113,28 @@ class NAGLNet(nn.Module):
 @dataclass(frozen=True)
 class MapScoring:
     """How maps and image scores are made from the features (the config's ``top_fraction``, ``standardise``,
-    ``unmasked_region``)."""
+    ``unmasked_region``, ``centre_anomaly_map``)."""
 
     top_fraction: float = 0.01
     standardise: bool = True
     unmasked_region: float = 0.0  # region estimate for an abnormal reference whose mask is the whole image
+    centre_anomaly_map: bool = False
 
 
 def score_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
                M_a: torch.Tensor | None = None, top_fraction: float = 0.01,
                P_tilde: torch.Tensor | None = None, standardise: bool = True,
-               unmasked_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               unmasked_region: float = 0.0, centre_anomaly: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused map S ``[B, N]`` and the image score s = T(S) ``[B]`` of queries ``F_q [B, N, C]``
     (``branch_maps`` for the arguments)."""
-    S = fused_map(*branch_maps(net, F_q, normal_refs, F_a, M_a, P_tilde, standardise, unmasked_region))
+    S = fused_map(*branch_maps(net, F_q, normal_refs, F_a, M_a, P_tilde, standardise, unmasked_region,
+                               centre_anomaly))
     return S, top_mean(S, top_fraction)
 
 
 def branch_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Tensor, F_a: torch.Tensor | None = None,
                 M_a: torch.Tensor | None = None, P_tilde: torch.Tensor | None = None, standardise: bool = True,
-                unmasked_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                unmasked_region: float = 0.0, centre_anomaly: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two branches of queries ``F_q [B, N, C]``: S_n ``[B, N]`` and S_a ``[B, N]`` (None without an
     abnormal reference or network).
 
@@ -141,7 +144,8 @@ def branch_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Ten
     With ``standardise`` every feature is first put in the normal references' per-channel standard units
     (see the README: a CNN's non-negative features leave cosines little room otherwise). An abnormal
     reference whose mask marks every cell gets its defect region estimated (``scoring.abnormal_residual``,
-    ``unmasked_region`` > 0), as ``NAGL.set_references`` does for a line's references.
+    ``unmasked_region`` > 0), as ``NAGL.set_references`` does for a line's references. ``centre_anomaly``
+    measures S_a from each query's median cell (``scoring.centred_anomaly_score``).
     """
     if standardise:
         statistics = reference_statistics(normal_refs)
@@ -159,6 +163,8 @@ def branch_maps(net: nn.Module | None, F_q: torch.Tensor, normal_refs: torch.Ten
                 res_a, M_a = abnormal_residual(F_a, normal_refs[: F_a.shape[0]], M_a, unmasked_region)
         P_hat = net(res_q, F_q, P_tilde, F_a, res_a, M_a)  # RM (unless mined before), then AFL
         S_a = anomaly_guided_score(F_q, P_hat)
+        if centre_anomaly:
+            S_a = centred_anomaly_score(S_a)
     return normal_guided_score(s_n), S_a
 
 

@@ -62,6 +62,12 @@ def anomaly_guided_score(features: torch.Tensor, anomaly_proxies: torch.Tensor) 
     return similarity(features, anomaly_proxies).mean(-1)
 
 
+def centred_anomaly_score(S_a: torch.Tensor) -> torch.Tensor:
+    """S_a ``[B, N]`` less each query's median cell (``centre_anomaly_map``, ours): what sets a cell apart
+    from the rest of its own image, without the level that the whole image shares."""
+    return S_a - S_a.median(-1, keepdim=True).values
+
+
 def fused_map(normal_score: torch.Tensor, anomaly_score: torch.Tensor | None) -> torch.Tensor:
     """S = S_n + S_a (NAGL, overview step 5), halved as in the authors' ``(s_a + 1 - s_n) / 2`` so that S
     stays in [0, 1] (L_cls reads it as a probability). Without abnormal references: S = S_n."""
@@ -106,6 +112,7 @@ def top_mean(score_map: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 __all__ = [
-    "abnormal_residual", "anomaly_guided_score", "cells", "defect_region", "fused_map", "nearest_normal",
-    "normal_guided_score", "reference_statistics", "residual", "similarity", "standardised", "top_mean",
+    "abnormal_residual", "anomaly_guided_score", "cells", "centred_anomaly_score", "defect_region", "fused_map",
+    "nearest_normal", "normal_guided_score", "reference_statistics", "residual", "similarity", "standardised",
+    "top_mean",
 ]

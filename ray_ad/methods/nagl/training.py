@@ -45,7 +45,8 @@ class EpisodeLoop:
     def train_step(self) -> float:
         batch = sample_episodes(self.pools, self.config, self.generator).to(self.device)
         S_n, S_a = branch_maps(self.model, batch.F_q, batch.normal_refs, batch.F_a, batch.M_a,
-                               standardise=self.scoring.standardise, unmasked_region=self.scoring.unmasked_region)
+                               standardise=self.scoring.standardise, unmasked_region=self.scoring.unmasked_region,
+                               centre_anomaly=self.scoring.centre_anomaly_map)
         S = fused_map(S_n, S_a)
         loss, _ = nagl_loss(S, top_mean(S, self.scoring.top_fraction), batch.M_q, batch.y_q, self.weights, S_a)
         for group in self.optimiser.param_groups:
