@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ from ray_ad.data import ImageDataset, load_samples  # noqa: E402
 from ray_ad.data.procedural import write_domains  # noqa: E402
 from ray_ad.fewshot import Shots, draw_references  # noqa: E402
 from ray_ad.methods.base import Runtime, upsample_map  # noqa: E402
+from ray_ad.methods.nagl.references import ReferenceSet  # noqa: E402
 from ray_ad.methods.nagl.scoring import (  # noqa: E402
     anomaly_guided_score,
     cells,
@@ -130,30 +132,58 @@ def figures(target: Target, keep: np.ndarray, cell_scores: torch.Tensor, image_s
     return out
 
 
+@dataclass
+class ReferenceDraw:
+    """One draw of a target's references and every query cell searched against its normal references."""
+
+    references: ReferenceSet
+    keep: np.ndarray  # the target images scored (neither reference image is)
+    statistics: tuple[torch.Tensor, torch.Tensor] | None  # the normal references' units, with ``standardise``
+    F_q: torch.Tensor
+    res_q: torch.Tensor
+    S_n: torch.Tensor
+    knn: torch.Tensor
+
+
+@torch.no_grad()
+def draw_and_search(target: Target, detector, normal: int, draw: int) -> ReferenceDraw:
+    """Draw ``draw`` of K = ``normal`` normal references and one abnormal reference from the target, set on
+    ``detector``, and ``search`` of every test cell against the normal ones (shared by every generalist)."""
+    references, used = draw_references(target.uri, Shots(normal, 1), np.random.default_rng(draw),
+                                       detector.image_size)
+    keep = np.array([s.path not in used for s in target.samples])
+    detector.set_references(references)
+    statistics = reference_statistics(detector._normal_cells) if detector.config.standardise else None
+    F_q, res_q, s_n, knn = search(target.cells, detector._normal_cells, statistics)
+    return ReferenceDraw(references, keep, statistics, F_q, res_q, normal_guided_score(s_n), knn)
+
+
+@torch.no_grad()
+def anomaly_map(detector, drawn: ReferenceDraw) -> torch.Tensor:
+    """S_a of every test cell by one generalist against the draw's references (RM mined once when they are
+    set), centred when the generalist's config says so, as ``NAGL.predict`` scores."""
+    detector.set_references(drawn.references)
+    S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
+                     for q, r in zip(drawn.F_q.split(16), drawn.res_q.split(16))])
+    return centred_anomaly_score(S_a) if detector.config.centre_anomaly_map else S_a
+
+
 @torch.no_grad()
 def score_draw(target: Target, detectors: list, normal: int, draw: int) -> dict[str, dict[str, list[dict]]]:
     """Every row's figures for one draw of K = ``normal`` normal references and one abnormal reference:
     {setting: {row: [figures per trained seed]}}. Both settings (N_K and N_K+A1) share the normal
     references and score the same images (neither reference image is scored in either)."""
     first = detectors[0]
-    references, used = draw_references(target.uri, Shots(normal, 1), np.random.default_rng(draw), first.image_size)
-    keep = np.array([s.path not in used for s in target.samples])
-    first.set_references(references)
-    statistics = reference_statistics(first._normal_cells) if first.config.standardise else None
-    F_q, res_q, s_n, knn = search(target.cells, first._normal_cells, statistics)
+    drawn = draw_and_search(target, first, normal, draw)
+    keep, S_n, knn, statistics = drawn.keep, drawn.S_n, drawn.knn, drawn.statistics
     top = first.config.top_fraction
-    S_n = normal_guided_score(s_n)
     abnormal = standardised(statistics, first._abnormal_cells)[0] if statistics else first._abnormal_cells
     defect_cells = abnormal[:, first._abnormal_masks[0] > 0]
     naive = fused_map(S_n, torch.cat([similarity(c, defect_cells.expand(len(c), -1, -1)).amax(-1)
-                                      for c in F_q.split(16)]))
+                                      for c in drawn.F_q.split(16)]))
     nagl, anomaly_branch = [], []
     for detector in detectors:
-        detector.set_references(references)
-        S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
-                         for q, r in zip(F_q.split(16), res_q.split(16))])
-        if detector.config.centre_anomaly_map:
-            S_a = centred_anomaly_score(S_a)
+        S_a = anomaly_map(detector, drawn)
         S = fused_map(S_n, S_a)
         nagl.append(figures(target, keep, S, top_mean(S, top), detector))
         anomaly_branch.append(figures(target, keep, S_a, top_mean(S_a, top), detector))

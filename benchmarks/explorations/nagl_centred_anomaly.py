@@ -23,18 +23,10 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
-from nagl import Target, figures, resolve, search  # noqa: E402
+from nagl import Target, anomaly_map, draw_and_search, figures, resolve  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
-from ray_ad.fewshot import Shots, draw_references  # noqa: E402
-from ray_ad.methods.nagl.scoring import (  # noqa: E402
-    anomaly_guided_score,
-    centred_anomaly_score,
-    fused_map,
-    normal_guided_score,
-    reference_statistics,
-    top_mean,
-)
+from ray_ad.methods.nagl.scoring import centred_anomaly_score, fused_map, top_mean  # noqa: E402
 
 VARIANTS = ("as trained", "S_a centred at scoring")
 
@@ -42,21 +34,14 @@ VARIANTS = ("as trained", "S_a centred at scoring")
 @torch.no_grad()
 def score(target: Target, detectors: list, normal: int, draw: int) -> dict[str, list[dict[str, float]]]:
     """{variant: [figures per generalist]} for one draw of ``normal`` normal references and one abnormal."""
-    references, used = draw_references(target.uri, Shots(normal, 1), np.random.default_rng(draw),
-                                       detectors[0].image_size)
-    keep = np.array([s.path not in used for s in target.samples])
-    detectors[0].set_references(references)
-    F_q, res_q, s_n, _ = search(target.cells, detectors[0]._normal_cells,
-                                reference_statistics(detectors[0]._normal_cells))
-    S_n = normal_guided_score(s_n)
+    drawn = draw_and_search(target, detectors[0], normal, draw)
     out: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     for detector in detectors:
-        detector.set_references(references)
-        S_a = torch.cat([anomaly_guided_score(q, detector.net(r, q, detector._P_tilde))
-                         for q, r in zip(F_q.split(16), res_q.split(16))])
+        S_a = anomaly_map(detector, drawn)  # as trained: these generalists do not centre (checked in main)
         top = detector.config.top_fraction
-        for variant, S in zip(VARIANTS, (fused_map(S_n, S_a), fused_map(S_n, centred_anomaly_score(S_a) + 0.5))):
-            out[variant].append(figures(target, keep, S, top_mean(S, top), detector))
+        for variant, S in zip(VARIANTS, (fused_map(drawn.S_n, S_a),
+                                         fused_map(drawn.S_n, centred_anomaly_score(S_a) + 0.5))):
+            out[variant].append(figures(target, drawn.keep, S, top_mean(S, top), detector))
     return out
 
 
