@@ -13,13 +13,20 @@ from PIL import Image
 
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import load_samples
-from ray_ad.errors import DataError
+from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import build_detector
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.nagl.config import EpisodeConfig
 from ray_ad.methods.nagl.episodes import DomainPool, build_domain_pool, cell_mask, sample_episodes
 from ray_ad.methods.nagl.model import NoReferences
-from ray_ad.methods.nagl.network import NAGLNet, ResidualMining, abnormal_attention_mask, branch_maps, score_maps
+from ray_ad.methods.nagl.network import (
+    NAGLNet,
+    ResidualMining,
+    abnormal_attention_mask,
+    branch_maps,
+    score_maps,
+    sine_positions,
+)
 from ray_ad.methods.nagl.references import build_references
 from ray_ad.methods.nagl.scoring import (
     cells,
@@ -180,6 +187,38 @@ def test_a_centred_anomaly_map_is_measured_from_each_query_s_median_cell() -> No
     torch.testing.assert_close(S_n_c, S_n)
     assert S_a_c.median(-1).values.abs().max() < 1e-6
     torch.testing.assert_close(S_a_c, S_a - S_a.median(-1, keepdim=True).values)
+
+
+def test_sine_positions_encode_row_then_column_on_a_hand_checked_grid() -> None:
+    # 2 x 2 grid, 4 channels: both frequencies are 1, the axis steps are pi and 2 pi, so each axis reads
+    # [sin, cos] = [0, -1] for the first row (column) and [0, 1] for the second; a cell is [row, column]
+    expected = torch.tensor([[0.0, -1, 0, -1], [0, -1, 0, 1], [0, 1, 0, -1], [0, 1, 0, 1]])
+    torch.testing.assert_close(sine_positions(4, 4), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="square grid"):
+        sine_positions(6, 4)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        NAGLNet(dim=6, proxies=3, heads=2, alpha=-1e9, key_positions=True)
+
+
+def test_key_positions_make_the_proxies_depend_on_where_cells_are() -> None:
+    # Without positions, attention is blind to the order of the query's cells: shuffling them leaves the
+    # anomaly proxies P^ as they were. With the authors' key positions it does not.
+    torch.manual_seed(5)
+    F_q, F_a = torch.randn(1, 16, 8), torch.randn(1, 16, 8)
+    res_q, res_a, M_a = torch.randn(1, 16, 8), torch.randn(1, 16, 8), torch.ones(1, 16)
+    order = torch.randperm(16)
+    for key_positions, order_matters in ((False, False), (True, True)):
+        torch.manual_seed(6)
+        net = NAGLNet(dim=8, proxies=3, heads=2, alpha=-1e9, key_positions=key_positions).eval()
+        with torch.no_grad():
+            P_hat = net(res_q, F_q, F_a=F_a, res_a=res_a, M_a=M_a)
+            shuffled = net(res_q[:, order], F_q[:, order], F_a=F_a, res_a=res_a, M_a=M_a)
+        assert torch.allclose(P_hat, shuffled, atol=1e-5) != order_matters
+    # two abnormal references: each image's cells get the same embedding
+    with torch.no_grad():
+        two = net.mine(torch.cat([F_a, F_a], 1), torch.cat([res_a, res_a], 1), torch.ones(1, 32), cells=16)
+        one = net.mine(F_a, res_a, M_a)
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-4)
 
 
 def test_image_score_is_the_mean_of_the_top_share() -> None:

@@ -89,6 +89,10 @@ class NAGLConfig(DetectorConfig):
     # near zero, where every proxy attends alike.
     proxy_init_std: float = 0.02
     heads: int = 4  # attention heads of every layer (the authors': 4; d_model is the feature dimension C)
+    # Add the 2D sine embedding of each cell's place on the grid to the keys of RM's and AFL's
+    # cross-attention (K_1, K_2), as the authors' code does (the paper does not mention it). Off: the
+    # paper's text. See the README.
+    key_positions: bool = False
     mask_value: float = -1e9  # alpha in M' = alpha (1 - M^a)
     top_fraction: float = 0.01  # T_0.01: the image score is the mean of the top 1% of cells
     decision_threshold: float = 0.5  # on the image score, which L_cls trains as a probability

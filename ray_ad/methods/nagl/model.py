@@ -57,7 +57,7 @@ class NAGL(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = NAGLNet(self.extractor.out_channels, config.proxies, config.heads, config.mask_value,
-                               config.proxy_init_std)
+                               config.proxy_init_std, config.key_positions)
         self.net = self.net.to(self.device).eval()
         self.references: ReferenceSet | None = None
         self.branch = "nagl"
@@ -116,7 +116,7 @@ class NAGL(Detector):
             # Res(F^a, F^n), and the region of a whole-image mask estimated (0: it stays the whole image)
             res_a, M_a = abnormal_residual(F_a, normal, M_a, self.config.unmasked_region)
             self._abnormal_masks = M_a.flatten()[None]
-            self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks)  # RM, once per reference set
+            self._P_tilde = self.net.mine(F_a, res_a, self._abnormal_masks, grid * grid)  # RM, once per reference set
 
     def set_branch(self, branch: str) -> None:
         """What scores: ``nagl`` (S_n and S_a), ``normal`` (S_n alone: the kNN with the same normal

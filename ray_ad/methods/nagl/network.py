@@ -6,6 +6,7 @@ attention with a residual connection and a post-LayerNorm, and there is no feed-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,26 @@ from ray_ad.methods.nagl.scoring import (
     standardised,
     top_mean,
 )
+
+
+def sine_positions(cells: int, dim: int) -> torch.Tensor:
+    """The 2D sine embedding of a square grid's cells, ``[cells, dim]`` in row-major order (the DETR /
+    Mask2Former ``PositionEmbeddingSine`` the authors' code adds to its cross-attention keys, normalised to
+    [0, 2 pi] along each axis, temperature 10000): the first half of the channels encodes the row, the
+    second half the column, each as interleaved sin / cos pairs."""
+    grid = math.isqrt(cells)
+    if grid * grid != cells:
+        raise ConfigError(f"key positions need a square grid of cells, got {cells} cells")
+    if dim % 4:
+        raise ConfigError(f"key positions need a feature dimension divisible by 4, got {dim}")
+    half = dim // 2
+    steps = torch.arange(1, grid + 1, dtype=torch.float32) / (grid + 1e-6) * 2 * math.pi  # 1-based, as cumsum
+    frequencies = 10000 ** (2 * (torch.arange(half) // 2) / half)
+    angles = steps[:, None] / frequencies  # [grid, half]
+    axis = torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=2).flatten(1)  # [grid, half]
+    rows = axis[:, None, :].expand(grid, grid, half)
+    columns = axis[None, :, :].expand(grid, grid, half)
+    return torch.cat((rows, columns), dim=2).reshape(cells, dim)
 
 
 class AttentionLayer(nn.Module):
@@ -62,11 +83,14 @@ class ResidualMining(nn.Module):
         self.self_attention = AttentionLayer(dim, heads)  # SA_1
         self.heads, self.alpha = heads, alpha
 
-    def forward(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor) -> torch.Tensor:
-        """``F_a, res_a [B, N_a, C]``, ``M_a [B, N_a]`` -> the residual proxies P~ ``[B, M, C]``."""
+    def forward(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor,
+                key_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``F_a, res_a [B, N_a, C]``, ``M_a [B, N_a]`` -> the residual proxies P~ ``[B, M, C]``.
+        ``key_positions [N_a, C]``, if given, is added to the keys K_1 (not to the values)."""
         P = self.P[None].expand(F_a.shape[0], -1, -1)
         mask = abnormal_attention_mask(M_a, P.shape[1], self.heads, self.alpha).to(F_a.dtype)
-        mined = self.cross_attention(P, F_a, res_a, attn_mask=mask)
+        keys = F_a if key_positions is None else F_a + key_positions.to(F_a)
+        mined = self.cross_attention(P, keys, res_a, attn_mask=mask)
         return self.self_attention(mined, mined, mined)
 
 
@@ -79,35 +103,58 @@ class AnomalyFeatureLearning(nn.Module):
         self.cross_attention = AttentionLayer(dim, heads)
         self.self_attention = AttentionLayer(dim, heads)  # SA_2
 
-    def forward(self, P_tilde: torch.Tensor, res_q: torch.Tensor, F_q: torch.Tensor) -> torch.Tensor:
-        """``P_tilde [B, M, C]``, ``res_q, F_q [B, N, C]`` -> the anomaly proxies P^ ``[B, M, C]``."""
-        found = self.cross_attention(P_tilde, res_q, F_q)
+    def forward(self, P_tilde: torch.Tensor, res_q: torch.Tensor, F_q: torch.Tensor,
+                key_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``P_tilde [B, M, C]``, ``res_q, F_q [B, N, C]`` -> the anomaly proxies P^ ``[B, M, C]``.
+        ``key_positions [N, C]``, if given, is added to the keys K_2 (not to the values)."""
+        keys = res_q if key_positions is None else res_q + key_positions.to(res_q)
+        found = self.cross_attention(P_tilde, keys, F_q)
         return self.self_attention(found, found, found)
 
 
 class NAGLNet(nn.Module):
-    """RM followed by AFL: the only trained parameters of NAGL."""
+    """RM followed by AFL: the only trained parameters of NAGL.
 
-    def __init__(self, dim: int, proxies: int, heads: int, alpha: float, proxy_std: float = 0.02) -> None:
+    With ``key_positions`` the cross-attention keys of both carry the sine embedding of their cell's place
+    on the grid (``sine_positions``; the authors' code adds it to K_1 and K_2; the paper does not mention
+    it). Each image of several abnormal references gets the same embedding.
+    """
+
+    def __init__(self, dim: int, proxies: int, heads: int, alpha: float, proxy_std: float = 0.02,
+                 key_positions: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"the feature dimension {dim} is not divisible by heads={heads}; "
                               "pick a head count that divides it")
+        if key_positions and dim % 4:
+            raise ConfigError(f"key_positions needs a feature dimension divisible by 4, got {dim}")
         self.rm = ResidualMining(dim, proxies, heads, alpha, proxy_std)
         self.afl = AnomalyFeatureLearning(dim, heads)
+        self.key_positions = key_positions
+        self.dim = dim
 
-    def mine(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor) -> torch.Tensor:
-        """RM alone: the residual proxies P~ of a reference set (computed once per set at inference)."""
-        return self.rm(F_a, res_a, M_a)
+    def _positions(self, keys: int, cells: int) -> torch.Tensor | None:
+        """The embedding of ``keys`` key cells, images of ``cells`` cells each laid end to end (None: off)."""
+        if not self.key_positions:
+            return None
+        if keys % cells:
+            raise ConfigError(f"{keys} key cells are not whole images of {cells} cells")
+        return sine_positions(cells, self.dim).repeat(keys // cells, 1)
+
+    def mine(self, F_a: torch.Tensor, res_a: torch.Tensor, M_a: torch.Tensor, cells: int | None = None) -> torch.Tensor:
+        """RM alone: the residual proxies P~ of a reference set (computed once per set at inference).
+        ``cells``: cells per image (default: a single abnormal image, ``F_a.shape[1]``)."""
+        return self.rm(F_a, res_a, M_a, self._positions(F_a.shape[1], cells or F_a.shape[1]))
 
     def forward(self, res_q: torch.Tensor, F_q: torch.Tensor, P_tilde: torch.Tensor | None = None,
                 F_a: torch.Tensor | None = None, res_a: torch.Tensor | None = None,
                 M_a: torch.Tensor | None = None) -> torch.Tensor:
         """The anomaly proxies P^ ``[B, M, C]``: RM on the abnormal reference (unless its ``P_tilde`` is
         given), then AFL on the query. One forward for both, so a DDP wrapper sees every parameter."""
+        cells = F_q.shape[1]
         if P_tilde is None:
-            P_tilde = self.rm(F_a, res_a, M_a)
-        return self.afl(P_tilde.expand(F_q.shape[0], -1, -1), res_q, F_q)
+            P_tilde = self.mine(F_a, res_a, M_a, cells)
+        return self.afl(P_tilde.expand(F_q.shape[0], -1, -1), res_q, F_q, self._positions(cells, cells))
 
 
 @dataclass(frozen=True)
