@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,15 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
     info = memory.fit(samples, [], QUIET, referee_scores=referee)
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11))
     assert info["drop_referee"] == "source"
+    # A referee that flags nothing has no opinion: the mutual scores decide (they flag 3, 11 and 17, as
+    # the test above shows), unless silent_referee_fallback is off, which keeps every image.
+    silent = 1.0 + 0.05 * norm.ppf((np.arange(len(landed)) + 0.5) / len(landed))
+    info = memory.fit(samples, [], QUIET, referee_scores=silent)
+    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
+    assert info["drop_referee"] == "mutual (the source flagged none)"
+    keep_all = build_detector("target_memory", replace(config, silent_referee_fallback=False))
+    info = keep_all.fit(samples, [], QUIET, referee_scores=silent)
+    assert info["dropped_paths"] == [] and info["drop_referee"] == "source"
     with pytest.raises(DataError, match="referee_scores"):
         memory.fit(samples, [], QUIET)
     with pytest.raises(DataError, match="24 finite image scores"):
