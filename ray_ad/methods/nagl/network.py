@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from ray_ad.methods.nagl.scoring import (
 )
 
 
+@lru_cache(maxsize=8)  # one grid per model: built once, not on every training step (callers never write to it)
 def sine_positions(cells: int, dim: int) -> torch.Tensor:
     """The 2D sine embedding of a square grid's cells, ``[cells, dim]`` in row-major order (the DETR /
     Mask2Former ``PositionEmbeddingSine`` the authors' code adds to its cross-attention keys, normalised to
