@@ -57,6 +57,7 @@ class DevLanding:
     held_cells: torch.Tensor
     scored_cells: torch.Tensor
     mutual: torch.Tensor  # [fit part]: each image's largest mutual cell score
+    mutual_cells: torch.Tensor  # [fit part, L]: every cell's mutual score
 
 
 def dev_landing(data: str, cache_dir: str) -> DevLanding:
@@ -68,9 +69,10 @@ def dev_landing(data: str, cache_dir: str) -> DevLanding:
     held_cells = cells(memory.extract_features([Sample(p, -1) for p in held_out], runtime, desc="held out"))
     scored_cells = cells(memory.extract_features(scored, runtime, desc="scored"))
     tick = time.perf_counter()
-    mutual = mutual_scores(landed_cells, cfg.mutual_fraction, cfg.mutual_references, cfg.seed).amax(1)
+    mutual_cells = mutual_scores(landed_cells, cfg.mutual_fraction, cfg.mutual_references, cfg.seed)
     print(f"mutual scores in {time.perf_counter() - tick:.0f} s", flush=True)
-    return DevLanding(landed, scored, fit_part, held_out, memory, landed_cells, held_cells, scored_cells, mutual)
+    return DevLanding(landed, scored, fit_part, held_out, memory, landed_cells, held_cells, scored_cells,
+                      mutual_cells.amax(1), mutual_cells)
 
 
 def image_scores(features: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
