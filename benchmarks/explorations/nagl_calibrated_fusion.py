@@ -21,12 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
 from nagl import Target, anomaly_map, draw_and_search, figures, resolve  # noqa: E402
+from nagl_centred_anomaly import over_draws  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
 from ray_ad.methods.nagl.scoring import (  # noqa: E402
@@ -94,8 +94,7 @@ def main() -> None:
              "| fusion | image AUROC | ± seeds | pixel AUROC |", "|---|---:|---:|---:|"]
     draws = [score(target, detectors, draw, args.references) for draw in range(args.draws)]
     for variant in VARIANTS:
-        grid = {key: np.array([[f[key] for f in draw[variant]] for draw in draws]) for key in draws[0][variant][0]}
-        row = {key: {"mean": float(v.mean()), "seed_std": float(v.mean(0).std())} for key, v in grid.items()}
+        row = over_draws(draws, variant)
         report["rows"][f"{variant} {setting}"] = row
         pixel = f"{row['pixel_auroc']['mean']:.4f}" if "pixel_auroc" in row else "-"
         lines.append(f"| {variant} | {row['image_auroc']['mean']:.4f} | {row['image_auroc']['seed_std']:.4f} | "

@@ -45,6 +45,13 @@ def score(target: Target, detectors: list, normal: int, draw: int) -> dict[str, 
     return out
 
 
+def over_draws(draws: list[dict[str, list[dict[str, float]]]], variant: str) -> dict[str, dict[str, float]]:
+    """One variant's figures over the draws: per figure, the mean over draws and seeds and the spread of
+    the per-seed means (``draws``: one ``{variant: [figures per generalist]}`` per draw)."""
+    grid = {key: np.array([[f[key] for f in draw[variant]] for draw in draws]) for key in draws[0][variant][0]}
+    return {key: {"mean": float(v.mean()), "seed_std": float(v.mean(0).std())} for key, v in grid.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="elpv:mono, elpv:poly or magnetic_tile")
@@ -63,8 +70,7 @@ def main() -> None:
     for normal in (1, 4):
         draws = [score(target, detectors, normal, draw) for draw in range(args.draws)]
         for variant in VARIANTS:
-            grid = {key: np.array([[f[key] for f in draw[variant]] for draw in draws]) for key in draws[0][variant][0]}
-            row = {key: {"mean": float(v.mean()), "seed_std": float(v.mean(0).std())} for key, v in grid.items()}
+            row = over_draws(draws, variant)
             report["rows"][f"{variant} N{normal}+A1"] = row
             pixel = f"{row['pixel_auroc']['mean']:.4f}" if "pixel_auroc" in row else "-"
             lines.append(f"| {variant} | N{normal}+A1 | {row['image_auroc']['mean']:.4f} | "
