@@ -223,15 +223,26 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
     info = memory.fit(samples, [], QUIET, referee_scores=referee)
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11))
     assert info["drop_referee"] == "source"
-    # A referee that flags nothing has no opinion: the mutual scores decide (they flag 3, 11 and 17, as
-    # the test above shows), unless silent_referee_fallback is off, which keeps every image.
-    silent = 1.0 + 0.05 * norm.ppf((np.arange(len(landed)) + 0.5) / len(landed))
-    info = memory.fit(samples, [], QUIET, referee_scores=silent)
-    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
-    assert info["drop_referee"] == "mutual (the source flagged none)"
-    keep_all = build_detector("target_memory", replace(config, silent_referee_fallback=False))
-    info = keep_all.fit(samples, [], QUIET, referee_scores=silent)
-    assert info["dropped_paths"] == [] and info["drop_referee"] == "source"
+    # A referee whose scores have none standing out (Gaussian quantiles; it ranks images 0, 1, 2 highest,
+    # none of them a defect, to tell its ranking from the mutual scores'): by silent_referee_fallback,
+    # "share" drops its top share of the landing (the mutual share: 3 of 24 here), "mutual" lets the
+    # mutual scores decide (they flag 3, 11 and 17, as the test above shows), "none" keeps every image.
+    silent = 1.0 + 0.05 * norm.ppf((np.arange(len(landed))[::-1] + 0.5) / len(landed))
+    by_fallback = {}
+    for fallback in ("share", "mutual", "none"):
+        fitted = build_detector("target_memory", replace(config, silent_referee_fallback=fallback))
+        by_fallback[fallback] = fitted.fit(samples, [], QUIET, referee_scores=silent)
+    assert round(by_fallback["share"]["defect_share"] * len(landed)) == 3
+    assert sorted(by_fallback["share"]["dropped_paths"]) == landed[:3]
+    assert by_fallback["share"]["drop_referee"] == "source, its top share (none stood out)"
+    assert sorted(by_fallback["mutual"]["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
+    assert by_fallback["mutual"]["drop_referee"] == "mutual (the source flagged none)"
+    assert by_fallback["none"]["dropped_paths"] == [] and by_fallback["none"]["drop_referee"] == "source"
+    # Configs written before "share" said true / false.
+    assert replace(config, silent_referee_fallback=True).silent_referee_fallback == "mutual"
+    assert method_config("target_memory", {"silent_referee_fallback": False}).silent_referee_fallback == "none"
+    with pytest.raises(ConfigError, match="silent_referee_fallback.*'labels'"):
+        method_config("target_memory", {"silent_referee_fallback": "labels"})
     with pytest.raises(DataError, match="referee_scores"):
         memory.fit(samples, [], QUIET)
     with pytest.raises(DataError, match="24 finite image scores"):
