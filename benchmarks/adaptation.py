@@ -154,7 +154,7 @@ def run(task: str, seed: int, method: str, overrides: list[str], cache_dir: str,
     for name, detector in outcome.candidates.items():
         gate = outcome.gate[name]
         rows[name] = {**score(detector, test, gate["threshold"]), "gate_auroc": gate["gate_auroc"],
-                      "build_seconds": gate.get("build_seconds")}
+                      "build_seconds": gate.get("build_seconds"), "fit": gate.get("fit")}
         print(f"{task} seed {seed} | {name}: {rows[name]}", flush=True)
     reference = labelled_reference(target, seed, cache_dir)
     rows[LABELLED_REFERENCE] = score(reference, test, reference.threshold)

@@ -42,7 +42,7 @@ def memories_part(source, fit_part: list[str], config: AdaptConfig, shared: bool
     every_image = replace(config.memory, drop_image_z=None, drop_cell_z=None)
     memories = [_target_memory(source, fit_part, memory_config, runtime, landing)
                 for memory_config in (config.memory, every_image)]
-    return time.perf_counter() - tick, [memory.bank for memory in memories]
+    return time.perf_counter() - tick, [memory.bank for memory, _ in memories]
 
 
 def main() -> None:

@@ -96,12 +96,13 @@ def adapt_candidates(
     log.info("gate: %s on %s images held out of %s landed", gate_set.source, len(held_out), len(images))
     log.info(f"{len(images)} landed images: {len(fit_part)} to fit on, {len(held_out)} held out for the gate "
           f"({gate_set.source} ranking: {gate_set.counts})")
+    # Each builder returns the candidate and what its fit says about the landing (None: nothing to say).
     builders = {
-        "source": lambda: copy.deepcopy(source),
+        "source": lambda: (copy.deepcopy(source), None),
         "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime, landing),
         "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
                                                     drop_cell_z=None), runtime, landing),
-        "ref_cfa": lambda: _ref_cfa(source, fit_part, ref_cfa_overrides, runtime),
+        "ref_cfa": lambda: (_ref_cfa(source, fit_part, ref_cfa_overrides, runtime), None),
     }
     candidates: dict[str, Detector] = {}
     scores: dict[str, dict[str, Any]] = {}
@@ -109,10 +110,12 @@ def adapt_candidates(
         if name == "ref_cfa" and source.method != "ref_cfa":
             continue
         tick = time.perf_counter()
-        candidates[name] = builders[name]()
+        candidates[name], fit = builders[name]()
         build_seconds = time.perf_counter() - tick
         scores[name] = gate_score(candidates[name], gate_set, config.gate)
         scores[name]["build_seconds"] = build_seconds
+        if fit is not None:
+            scores[name]["fit"] = fit
         log.info(f"candidate {name}: gate AUROC {scores[name]['gate_auroc']:.3f} "
               f"(built in {build_seconds:.0f} s)")
     if served is not None:
@@ -180,16 +183,21 @@ class _LandingReader:
         return self._cells
 
 
+# What a memory's fit records in the job's evidence: which referee dropped how many landed images (the
+# dropped images' paths stay in the job's log, not in every status read).
+MEMORY_FIT_KEYS = ("landed_images", "dropped_images", "drop_referee", "bank_size", "defect_share")
+
+
 def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryConfig,
-                   runtime: Runtime, landing: _LandingReader | None = None) -> TargetMemory:
+                   runtime: Runtime, landing: _LandingReader | None = None) -> tuple[TargetMemory, dict[str, Any]]:
     memory = TargetMemory.from_source(source, config)
     referee = None
     if config.drop_referee == "source" and config.drop_image_z is not None:
         # The source as is scores every image the memory may keep; the drop reads those scores.
         referee = run_detector(source, _samples(fit_part), progress=runtime.progress).scores
     landed = landing.cells() if landing is not None else None
-    memory.fit(_samples(fit_part), [], runtime, referee_scores=referee, landed=landed)
-    return memory
+    info = memory.fit(_samples(fit_part), [], runtime, referee_scores=referee, landed=landed)
+    return memory, {key: info[key] for key in MEMORY_FIT_KEYS}
 
 
 def _ref_cfa(source: Detector, fit_part: list[str], overrides: list[str] | None, runtime: Runtime) -> Detector:

@@ -466,6 +466,11 @@ def test_the_adaptation_reads_the_fit_part_once_for_the_share_and_both_memories(
     assert {"target_memory", "target_memory_all"} <= set(outcome.candidates)
     assert outcome.landing_share is not None
     assert len(reads) == 1 and len(mutual) == 1
+    # The evidence says what each memory dropped, and by which referee.
+    fits = {name: outcome.evidence()["candidates"][name].get("fit") for name in outcome.candidates}
+    assert fits["source"] is None and fits["target_memory_all"]["dropped_images"] == 0
+    assert fits["target_memory"]["drop_referee"].startswith("source")
+    assert fits["target_memory"]["landed_images"] == len(images) - outcome.held_out
 
 
 @pytest.mark.slow  # fits detectors
