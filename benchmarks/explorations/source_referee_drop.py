@@ -41,7 +41,7 @@ from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods.base import Runtime  # noqa: E402
 from ray_ad.methods.target_memory import TargetMemory  # noqa: E402
-from ray_ad.methods.target_memory.model import drop_mask  # noqa: E402
+from ray_ad.methods.target_memory.model import drop_mask, top_share  # noqa: E402
 from ray_ad.metrics import auroc, f1_max  # noqa: E402
 
 FLAGS = ("mutual", "source", "both")
@@ -76,11 +76,7 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
     for flag in flags:
         scores = torch.as_tensor(values[flag], dtype=torch.float32)
         for rule in rules:
-            if rule == "share":
-                drop = torch.zeros(len(scores), dtype=torch.bool)
-                drop[scores.argsort(descending=True)[: round(share * len(scores))]] = True
-            else:
-                drop = drop_mask(scores, rule, 3.0)
+            drop = top_share(scores, share) if rule == "share" else drop_mask(scores, rule, 3.0)
             keep = ~drop
             bank = landed[keep].reshape(-1, landed.shape[-1])
             owners = torch.arange(int(keep.sum())).repeat_interleave(landed.shape[1])

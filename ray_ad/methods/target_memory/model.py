@@ -244,12 +244,13 @@ class TargetMemory(PatchCore):
         # ``landed`` read before (the job's) already holds.
         if dropping or (calibration and cfg.threshold_rule == "share"):
             mutual = self._mutual(landed)
-        referee_used = None
-        if dropping:
-            keep_image, keep_cell, referee_used = self._kept(mutual, referee)
-        # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled).
+        # The landing's defect share, for the "share" threshold rule (calibrate_unlabeled) and for how many
+        # images a silent source referee drops (silent_referee_fallback "share").
         few = mutual is None or len(mutual) < MIN_IMAGES_TO_DROP  # no share: calibrate fits the scores' own
         self.defect_share = None if few else _share_standing_out(mutual)
+        referee_used = None
+        if dropping:
+            keep_image, keep_cell, referee_used = self._kept(mutual, referee, self.defect_share or 0.0)
         if cfg.scoring == "mutual":
             kept = torch.nonzero(keep_image).flatten()
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -295,12 +296,12 @@ class TargetMemory(PatchCore):
                             f"got shape {tuple(scores.shape)}")
         return scores
 
-    def _kept(self, mutual: torch.Tensor, referee: torch.Tensor | None = None
+    def _kept(self, mutual: torch.Tensor, referee: torch.Tensor | None = None, share: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         """Which landed images ``[N]`` and cells ``[N, L]`` stay, and which referee dropped the images:
         images by ``referee`` (the source's image scores ``[N]``) when given, else by their largest mutual
-        score; when the referee flags none, as ``silent_referee_fallback`` says; cells by their mutual
-        scores ``[N, L]``."""
+        score; when the referee flags none, as ``silent_referee_fallback`` says (``share``: the landing's
+        defect share); cells by their mutual scores ``[N, L]``."""
         cfg = self.config
         keep_image = torch.ones(len(mutual), dtype=torch.bool)
         used = None
@@ -313,7 +314,7 @@ class TargetMemory(PatchCore):
                     dropped = drop_mask(mutual.amax(1), cfg.drop_image_rule, cfg.drop_image_z)
                     used = "mutual (the source flagged none)"
                 elif not dropped.any() and cfg.silent_referee_fallback == "share":
-                    dropped = top_share(referee, _share_standing_out(mutual))
+                    dropped = top_share(referee, share)
                     used = "source, its top share (none stood out)"
             keep_image = ~dropped
         keep_cell = keep_image[:, None].expand_as(mutual)
