@@ -238,6 +238,13 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
     assert sorted(by_fallback["mutual"]["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
     assert by_fallback["mutual"]["drop_referee"] == "mutual (the source flagged none)"
     assert by_fallback["none"]["dropped_paths"] == [] and by_fallback["none"]["drop_referee"] == "source"
+    # drop_image_rule "share" (the adaptation job's): the referee's top share of the landing, whatever stands
+    # out. The first referee flags only 3 and 11; the share (3 of 24) also drops its next-highest image.
+    by_share = build_detector("target_memory", replace(config, drop_image_rule="share"))
+    info = by_share.fit(samples, [], QUIET, referee_scores=referee)
+    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, normals[-1]))
+    assert info["drop_referee"] == "source, its top share"
+    assert AdaptConfig().memory.drop_image_rule == "share" and AdaptConfig().memory.drop_referee == "source"
     # Configs written before "share" said true / false.
     assert replace(config, silent_referee_fallback=True).silent_referee_fallback == "mutual"
     assert method_config("target_memory", {"silent_referee_fallback": False}).silent_referee_fallback == "none"
