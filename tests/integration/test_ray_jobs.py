@@ -139,7 +139,7 @@ def test_adapt_target_gates_every_candidate_and_publishes_the_winner_once_per_ta
     assert status["state"] == "succeeded" and status["version"] == version and status["source_line"] == "src"
     assert status["decision"] == "published" and status["served_version"] is None  # a new line
     candidates = status["gate"]["candidates"]
-    assert set(candidates) == {"source", "target_memory", "target_memory_all", "ref_cfa"}  # a ref_cfa source: all
+    assert set(candidates) == {"source", "target_memory", "ref_cfa"}  # a ref_cfa source: every default candidate
     best = max(candidates, key=lambda name: candidates[name]["gate_auroc"])
     # The source as is wins unless the best adaptation beats it by gate.margin (0.01).
     beats_source = candidates[best]["gate_auroc"] >= candidates["source"]["gate_auroc"] + 0.01

@@ -456,8 +456,10 @@ def _source(tmp_path: Path):
 
 
 def _small_adapt_config(**gate: object) -> AdaptConfig:
+    # Every candidate, the memory of every image too (not built by default): these tests compare the memories.
     return split_overrides([f"memory.backbone.{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
-                           + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0"]
+                           + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0",
+                              "candidates=[source,target_memory,target_memory_all,ref_cfa]"]
                            + [f"gate.{k}={v}" for k, v in gate.items()])[0]
 
 
