@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,21 @@ FLAGS = ("mutual", "source", "both")
 RULES = ("z", "mixture", "share")
 
 
-def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], cache_dir: str) -> dict:
+@dataclass
+class TaskLanding:
+    """One task's fit part of the landing and its test split on the memory's cells, with what refers them."""
+
+    landed: torch.Tensor  # [N, L, C] cells of the landed images to fit on
+    mutual: np.ndarray  # each landed image's largest mutual cell score
+    share: float  # the landing's defect share (two Gaussians over ``mutual``)
+    source_scores: np.ndarray  # the source line's image score of each landed image
+    test_cells: torch.Tensor
+    landed_labels: np.ndarray  # for the figures only
+    test_labels: np.ndarray
+
+
+def read_task(task: str, seed: int, method: str, cache_dir: str) -> TaskLanding:
+    """The fit part of ``task``'s landing (gate seed = ``seed``, as ``benchmarks/adaptation.py`` splits it)."""
     source_domain, target_domain = TASKS[task]
     target = landing(target_domain, cache_dir)
     runtime = Runtime(False, cache_dir)
@@ -60,7 +75,6 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
     landed = cells(memory.extract_features(unlabeled, runtime, desc="landed"))
     mutual = mutual_scores(landed, memory.config.mutual_fraction, memory.config.mutual_references,
                            memory.config.seed).amax(1).numpy()
-    share = fit_two_gaussians(mutual).share
     tick = time.perf_counter()
     source_scores = run_detector(source, unlabeled, progress=False).scores
     print(f"source scored {len(fit_part)} landed images in {time.perf_counter() - tick:.0f} s", flush=True)
@@ -68,8 +82,14 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
     test_cells = cells(memory.extract_features(test, runtime, desc="test"))
     # Labels from here on, for the figures only.
     label = {s.path: s.label for s in samples}
-    landed_labels = np.array([label[p] for p in fit_part])
-    test_labels = np.array([s.label for s in test])
+    return TaskLanding(landed, mutual, fit_two_gaussians(mutual).share, source_scores, test_cells,
+                       np.array([label[p] for p in fit_part]), np.array([s.label for s in test]))
+
+
+def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], cache_dir: str) -> dict:
+    parts = read_task(task, seed, method, cache_dir)
+    landed, mutual, share, source_scores = parts.landed, parts.mutual, parts.share, parts.source_scores
+    test_cells, landed_labels, test_labels = parts.test_cells, parts.landed_labels, parts.test_labels
     values = {"mutual": mutual, "source": source_scores,
               "both": (robust_units(mutual, mutual) + robust_units(source_scores, source_scores)) / 2}
     rows = {}
@@ -86,12 +106,13 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
                 "dropped_defective": int(landed_labels[drop.numpy()].sum()),
                 "image_auroc": auroc(test_scores, test_labels), "image_f1max": f1_max(test_scores, test_labels)}
             print(task, seed, flag, rule, rows[f"{flag}, {rule}"], flush=True)
-    return {"rows": rows, "landed": len(fit_part), "landed_defective": int(landed_labels.sum()), "share": share}
+    return {"rows": rows, "landed": len(landed), "landed_defective": int(landed_labels.sum()), "share": share}
 
 
-def report(args: argparse.Namespace, results: dict) -> None:
-    lines = [f"Which landed images the target memory drops, by which referee ({args.task}; memory scored with "
-             "match_images = 2)", "",
+def report(args: argparse.Namespace, results: dict, title: str | None = None) -> None:
+    """Each seed's rows (flag AUROC over the landed images, what was dropped, the memory's test figures)."""
+    lines = [title or f"Which landed images the target memory drops, by which referee ({args.task}; memory scored "
+             "with match_images = 2)", "",
              "| seed | flag, drop rule | flag AUROC (landing labels) | dropped (defective) | image AUROC | F1-max |",
              "|---|---|---:|---:|---:|---:|"]
     for seed, result in results.items():

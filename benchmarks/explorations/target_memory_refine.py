@@ -27,17 +27,10 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from _common import machine, save  # noqa: E402
-from adaptation import TASKS, landing, source_model  # noqa: E402
+from adaptation import TASKS  # noqa: E402
+from source_referee_drop import read_task, report  # noqa: E402
 from target_memory_kth_image import image_scores  # noqa: E402
 
-from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
-from ray_ad.adaptation.mutual import cells, mutual_scores  # noqa: E402
-from ray_ad.adaptation.threshold import fit_two_gaussians  # noqa: E402
-from ray_ad.data import Sample, load_samples  # noqa: E402
-from ray_ad.evaluation import run_detector  # noqa: E402
-from ray_ad.methods.base import Runtime  # noqa: E402
-from ray_ad.methods.target_memory import TargetMemory  # noqa: E402
 from ray_ad.methods.target_memory.model import drop_mask, top_share  # noqa: E402
 from ray_ad.metrics import auroc, f1_max  # noqa: E402
 
@@ -68,38 +61,22 @@ def first_drop(source_scores: np.ndarray, share: float) -> torch.Tensor:
 
 
 def run(task: str, seed: int, method: str, rounds: int, rules: list[str], cache_dir: str) -> dict:
-    source_domain, target_domain = TASKS[task]
-    target = landing(target_domain, cache_dir)
-    runtime = Runtime(False, cache_dir)
-    source = source_model("patchcore" if task == "magnetic_tile-shift" else method, source_domain, seed, cache_dir)
-    samples = load_samples(target, "landing")
-    fit_part, _ = split_landing([s.path for s in samples], GateConfig(seed=seed))
-    memory = TargetMemory.from_source(source)
-    unlabeled = [Sample(p, -1) for p in fit_part]
-    landed = cells(memory.extract_features(unlabeled, runtime, desc="landed"))
-    mutual = mutual_scores(landed, memory.config.mutual_fraction, memory.config.mutual_references,
-                           memory.config.seed).amax(1).numpy()
-    share = fit_two_gaussians(mutual).share
-    source_scores = run_detector(source, unlabeled, progress=False).scores
-    test = load_samples(target, "test")
-    test_cells = cells(memory.extract_features(test, runtime, desc="test"))
-    # Labels from here on, for the figures only.
-    label = {s.path: s.label for s in samples}
-    landed_labels = np.array([label[p] for p in fit_part])
-    test_labels = np.array([s.label for s in test])
+    parts = read_task(task, seed, method, cache_dir)
+    landed, share = parts.landed, parts.share
 
     def memory_row(keep: torch.Tensor, referee: np.ndarray) -> dict:
         bank = landed[keep].reshape(-1, landed.shape[-1])
         owners = torch.arange(int(keep.sum())).repeat_interleave(landed.shape[1])
-        test_scores = image_scores(test_cells, bank, owners, MATCH_IMAGES)
-        drop = ~keep
-        return {"referee_auroc": auroc(referee, landed_labels), "dropped": int(drop.sum()),
-                "dropped_defective": int(landed_labels[drop.numpy()].sum()),
-                "image_auroc": auroc(test_scores, test_labels), "image_f1max": f1_max(test_scores, test_labels)}
+        test_scores = image_scores(parts.test_cells, bank, owners, MATCH_IMAGES)
+        drop = ~keep  # labels from here on, for the figures only
+        return {"flag_auroc": auroc(referee, parts.landed_labels), "dropped": int(drop.sum()),
+                "dropped_defective": int(parts.landed_labels[drop.numpy()].sum()),
+                "image_auroc": auroc(test_scores, parts.test_labels),
+                "image_f1max": f1_max(test_scores, parts.test_labels)}
 
     rows = {}
-    keep0 = ~first_drop(source_scores, share)
-    rows["round 0 (today's memory)"] = memory_row(keep0, source_scores)
+    keep0 = ~first_drop(parts.source_scores, share)
+    rows["round 0 (today's memory)"] = memory_row(keep0, parts.source_scores)
     print(task, seed, "round 0", rows["round 0 (today's memory)"], flush=True)
     referees: dict[bytes, np.ndarray] = {}  # by the memory's kept images: round 1 is the same for every rule
     for rule in rules:
@@ -112,22 +89,7 @@ def run(task: str, seed: int, method: str, rounds: int, rules: list[str], cache_
             name = f"round {r}, {rule}"
             rows[name] = memory_row(keep, referee)
             print(task, seed, name, rows[name], flush=True)
-    return {"rows": rows, "landed": len(fit_part), "landed_defective": int(landed_labels.sum()), "share": share}
-
-
-def report(args: argparse.Namespace, results: dict) -> None:
-    lines = [f"The target memory refereeing its own next drop ({args.task}; match_images = 2; round 0 is "
-             "the memory's default drop, the source's z rule or its top share)", "",
-             "| seed | memory | referee AUROC over the landed images (their labels) | dropped (defective) | "
-             "image AUROC | F1-max |", "|---|---|---:|---:|---:|---:|"]
-    for seed, result in results.items():
-        for name, r in result["rows"].items():
-            lines.append(f"| {seed} | {name} | {r['referee_auroc']:.3f} | {r['dropped']} ({r['dropped_defective']}) | "
-                         f"{r['image_auroc']:.3f} | {r['image_f1max']:.3f} |")
-    lines += ["", "Landings: " + "; ".join(f"seed {s}: {r['landed']} images to fit on, {r['landed_defective']} "
-                                          f"defective, share fitted {r['share']:.3f}" for s, r in results.items())]
-    save(args.name, {"machine": machine(), "task": args.task, "results": results}, "\n".join(lines))
-    print("\n".join(lines))
+    return {"rows": rows, "landed": len(landed), "landed_defective": int(parts.landed_labels.sum()), "share": share}
 
 
 def main() -> None:
@@ -143,7 +105,8 @@ def main() -> None:
     results = {}
     for seed in args.seeds:  # saved after every seed
         results[seed] = run(args.task, seed, args.source_method, args.rounds, args.rules, args.cache_dir)
-        report(args, results)
+        report(args, results, f"The target memory refereeing its own next drop ({args.task}; match_images = 2; "
+               "round 0 is the memory's default drop; flag AUROC: the round's referee over the landed images)")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,7 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, normals[-1]))
     assert info["drop_referee"] == "source, its top share"
     assert AdaptConfig().memory.drop_image_rule == "share" and AdaptConfig().memory.drop_referee == "source"
+    assert "target_memory_all" not in AdaptConfig().candidates  # built only when asked for
     # Configs written before "share" said true / false.
     assert replace(config, silent_referee_fallback=True).silent_referee_fallback == "mutual"
     assert method_config("target_memory", {"silent_referee_fallback": False}).silent_referee_fallback == "none"

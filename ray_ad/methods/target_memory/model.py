@@ -69,8 +69,8 @@ class TargetMemoryConfig(DetectorConfig):
     # of its defective images landed among its normals (a development set that is no elpv target;
     # the adaptation README has the table): dropping images at 3 sigma helps there a little, dropping
     # cells hurts, because rare normal structures score as high as defects cell by cell. Whether to
-    # drop images at all is the gate's call per batch: ``adaptation/promote.py`` also builds the
-    # memory of every landed image (candidate ``target_memory_all``).
+    # drop images at all was the gate's call per batch (``adaptation/promote.py`` builds the memory of
+    # every landed image, candidate ``target_memory_all``, when ``candidates=[...]`` names it).
     drop_image_z: float | None = 3.0
     # How an image "stands out" by the referee's scores: "z" (more than ``drop_image_z`` robust spreads
     # above their normal mode), "mixture" (two Gaussians fitted to them by EM, as the threshold's mixture
