@@ -3,18 +3,19 @@
     .venv/bin/python benchmarks/explorations/target_memory_refine.py [--task magnetic_tile-shift] [--seeds 0]
         [--rounds 2] [--rules share z] [--name NAME]
 
-The target memory drops the landed images its referee flags (the source line's scores by default,
-its top share when none stands out) and keeps the rest. The defects it keeps are what cost it most
-of its gap to a clean memory. Once built, the memory is itself a referee, and one that has seen the
-landing's surface: each landed image is scored against it the way a new image would be (largest cell
-distance to the second distinct memory image that matches the cell), with its own image's cells out
-of the memory (cross-fitted: the landed images fall into ``FOLDS`` interleaved folds, each scored
-against the memory less its fold). The next memory drops the images that referee flags (``share``:
-the landing's defect share, the fallback's count; ``z``: 3 spreads above the normal mode) from the whole
-fit part, and so on for ``--rounds`` rounds (iterative trimming, as robust estimators refit on their
-inliers). Candidates' split as in ``benchmarks/adaptation.py`` (gate seed = seed). Labels are read
-only for the figures: each referee's AUROC over the landed images and each memory's test image AUROC
-and F1-max. Figures go to benchmarks/results/<name>.{json,md}.
+The target memory drops the landed images its referee flags (round 0 here: the source line's 3-sigma
+rule, its top share when none stands out; the default when this ran) and keeps the rest. The defects
+it keeps are what cost it most of its gap to a clean memory. Once built, the memory is itself a
+referee, and one that has seen the landing's surface: each landed image is scored against it the way
+a new image would be (largest cell distance to the second distinct memory image that matches the
+cell), with its own image's cells out of the memory (cross-fitted: the landed images fall into
+``FOLDS`` interleaved folds, each scored against the memory less its fold). The next memory drops
+the images that referee flags (``share``: the landing's defect share, the fallback's count; ``z``: 3
+spreads above the normal mode) from the whole fit part, and so on for ``--rounds`` rounds (iterative
+trimming, as robust estimators refit on their inliers). Candidates' split as in
+``benchmarks/adaptation.py`` (gate seed = seed). Labels are read only for the figures: each
+referee's AUROC over the landed images and each memory's test image AUROC and F1-max.
+Figures go to benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def memory_scores_of_landing(landed: torch.Tensor, keep: torch.Tensor) -> np.nda
 
 
 def first_drop(source_scores: np.ndarray, share: float) -> torch.Tensor:
-    """The memory's default drop: the source's z rule, its top share when nothing stands out."""
+    """The memory's drop when this ran (``drop_image_rule=z``): the source's 3-sigma rule, its top share
+    when nothing stands out. (Today's default, ``share``, is the top share always.)"""
     values = torch.as_tensor(source_scores, dtype=torch.float32)
     drop = drop_mask(values, "z", 3.0)
     return drop if drop.any() else top_share(values, share)
@@ -76,8 +78,8 @@ def run(task: str, seed: int, method: str, rounds: int, rules: list[str], cache_
 
     rows = {}
     keep0 = ~first_drop(parts.source_scores, share)
-    rows["round 0 (today's memory)"] = memory_row(keep0, parts.source_scores)
-    print(task, seed, "round 0", rows["round 0 (today's memory)"], flush=True)
+    rows["round 0 (the source's 3-sigma drop)"] = memory_row(keep0, parts.source_scores)
+    print(task, seed, "round 0", rows["round 0 (the source's 3-sigma drop)"], flush=True)
     referees: dict[bytes, np.ndarray] = {}  # by the memory's kept images: round 1 is the same for every rule
     for rule in rules:
         keep = keep0
@@ -106,7 +108,7 @@ def main() -> None:
     for seed in args.seeds:  # saved after every seed
         results[seed] = run(args.task, seed, args.source_method, args.rounds, args.rules, args.cache_dir)
         report(args, results, f"The target memory refereeing its own next drop ({args.task}; match_images = 2; "
-               "round 0 is the memory's default drop; flag AUROC: the round's referee over the landed images)")
+               "round 0 is the source's 3-sigma drop; flag AUROC: the round's referee over the landed images)")
 
 
 if __name__ == "__main__":

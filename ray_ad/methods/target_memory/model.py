@@ -313,20 +313,17 @@ class TargetMemory(PatchCore):
         cfg = self.config
         keep_image = torch.ones(len(mutual), dtype=torch.bool)
         used = None
-        if cfg.drop_image_z is not None and cfg.drop_image_rule == "share":
+        if cfg.drop_image_z is not None:
             scores, used = (mutual.amax(1), "mutual") if referee is None else (referee, "source")
-            keep_image, used = ~top_share(scores, share), f"{used}, its top share"
-        elif cfg.drop_image_z is not None:
-            if referee is None:
-                dropped, used = drop_mask(mutual.amax(1), cfg.drop_image_rule, cfg.drop_image_z), "mutual"
+            if cfg.drop_image_rule == "share":
+                dropped, used = top_share(scores, share), f"{used}, its top share"
             else:
-                dropped, used = drop_mask(referee, cfg.drop_image_rule, cfg.drop_image_z), "source"
-                if not dropped.any() and cfg.silent_referee_fallback == "mutual":
+                dropped = drop_mask(scores, cfg.drop_image_rule, cfg.drop_image_z)
+                if referee is not None and not dropped.any() and cfg.silent_referee_fallback == "mutual":
                     dropped = drop_mask(mutual.amax(1), cfg.drop_image_rule, cfg.drop_image_z)
                     used = "mutual (the source flagged none)"
-                elif not dropped.any() and cfg.silent_referee_fallback == "share":
-                    dropped = top_share(referee, share)
-                    used = "source, its top share (none stood out)"
+                elif referee is not None and not dropped.any() and cfg.silent_referee_fallback == "share":
+                    dropped, used = top_share(referee, share), "source, its top share (none stood out)"
             keep_image = ~dropped
         keep_cell = keep_image[:, None].expand_as(mutual)
         if cfg.drop_cell_z is not None:
