@@ -8,8 +8,9 @@ given seeds, each saved as ``results/costfilter_ablation_<name>[_seeds<S>].{json
 every saved run of each ablation (seeds from several runs pooled: one row per ablation, mean ± std over
 all its seeds) beside the defaults' row (``results/costfilter.json``), and saves
 ``results/costfilter_ablations.{json,md}``. Runs made with the same seed twice would be counted twice:
-give each run its own seeds. Every row says the matching depth D it ran at (the default changed from 32
-to 16 after most ablations were run), and seeds run at different D are never pooled.
+give each run its own seeds. Every row says the matching depth D and the training steps it ran at (the
+default D changed from 32 to 16 after most ablations were run, the steps from 600 to the paper's 2,560
+after all of them), and seeds run at a different D or budget are never pooled.
 """
 
 from __future__ import annotations
@@ -63,37 +64,39 @@ def runs_of(name: str) -> list[dict]:
         report = json.loads(path.read_text())
         if report.get("overrides") != ABLATIONS[name]:
             raise SystemExit(f"error: {path} ran {report.get('overrides')}, not {name}'s {ABLATIONS[name]}")
-        depth = depth_of(report)
-        if rows and depth != rows[0]["matching_depth"]:
-            raise SystemExit(f"error: {path} ran at D = {depth}, other runs of {name} at {rows[0]['matching_depth']}:"
-                             " re-run them at one D")
-        rows += [{**seed, "matching_depth": depth} for seed in report["bases"]["gaussian"]["filtered"]]
+        setting = setting_of(report)
+        if rows and setting != {key: rows[0][key] for key in setting}:
+            raise SystemExit(f"error: {path} ran at {setting}, other runs of {name} at "
+                             f"{ {key: rows[0][key] for key in setting} }: re-run them at one setting")
+        rows += [{**seed, **setting} for seed in report["bases"]["gaussian"]["filtered"]]
     return rows
 
 
-def depth_of(report: dict) -> int:
-    """The matching depth D a saved run used (every run saved its CostFilter config)."""
-    return int(report["bases"]["gaussian"]["config"]["matching_depth"])
+def setting_of(report: dict) -> dict[str, int]:
+    """The matching depth D and training steps a saved run used (every run saved its CostFilter config)."""
+    config = report["bases"]["gaussian"]["config"]
+    return {"matching_depth": int(config["matching_depth"]), "steps": int(config["train"]["steps"])}
 
 
 def table() -> None:
     saved_defaults = json.loads((RESULTS / "costfilter.json").read_text())
     defaults = saved_defaults["bases"]["gaussian"]
-    default_rows = [{**seed, "matching_depth": depth_of(saved_defaults)} for seed in defaults["filtered"]]
+    default_rows = [{**seed, **setting_of(saved_defaults)} for seed in defaults["filtered"]]
     rows = {"defaults (costfilter.json)": default_rows, **{name: runs_of(name) for name in ABLATIONS}}
     lines = ["# CostFilter-AD ablations, Gaussian base, magnetic_tile (mean ± std over the filter seeds run)", "",
-             "| filter | D | seeds | " + " | ".join(KEYS) + " |", "|---|---:|---:|" + "---:|" * len(KEYS),
-             "| gaussian base (no filter) | - | - | " + " | ".join(f"{defaults['base'][k]:.4f}" for k in KEYS) + " |"]
+             "| filter | D | steps | seeds | " + " | ".join(KEYS) + " |", "|---|---:|---:|---:|" + "---:|" * len(KEYS),
+             "| gaussian base (no filter) | - | - | - | "
+             + " | ".join(f"{defaults['base'][k]:.4f}" for k in KEYS) + " |"]
     report = {}
     for name, seeds in rows.items():
         if not seeds:
-            lines.append(f"| {name} | - | 0 | " + " | ".join("-" for _ in KEYS) + " |")
+            lines.append(f"| {name} | - | - | 0 | " + " | ".join("-" for _ in KEYS) + " |")
             continue
         summary = {k: (float(np.mean([s[k] for s in seeds])), float(np.std([s[k] for s in seeds]))) for k in KEYS}
-        depth = seeds[0]["matching_depth"]
-        report[name] = {"seeds": len(seeds), "matching_depth": depth, "overrides": ABLATIONS.get(name, []),
-                        "summary": summary}
-        lines.append(f"| {name} | {depth} | {len(seeds)} | "
+        depth, steps = seeds[0]["matching_depth"], seeds[0]["steps"]
+        report[name] = {"seeds": len(seeds), "matching_depth": depth, "steps": steps,
+                        "overrides": ABLATIONS.get(name, []), "summary": summary}
+        lines.append(f"| {name} | {depth} | {steps} | {len(seeds)} | "
                      + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in summary.values()) + " |")
     text = "\n".join(lines)
     print(text)
