@@ -27,7 +27,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
-from target_memory_kth_image import image_scores  # noqa: E402
+from target_memory_kth_image import image_scores, kept_memory  # noqa: E402
 from unlabeled_thresholds import dev_landing  # noqa: E402
 
 from ray_ad.adaptation.mutual import kth_image_distance  # noqa: E402
@@ -66,8 +66,7 @@ def main() -> None:
 
     def memory_row(flags: np.ndarray, seconds: float) -> dict[str, float]:
         keep = ~drop_mask(torch.as_tensor(flags, dtype=torch.float32), "z", 3.0)
-        bank = dev.landed_cells[keep].reshape(-1, dev.landed_cells.shape[-1])
-        owners = torch.arange(int(keep.sum())).repeat_interleave(dev.landed_cells.shape[1])
+        bank, owners = kept_memory(dev.landed_cells, keep)
         test = image_scores(dev.scored_cells, bank, owners, 2)
         dropped = ~keep.numpy()
         return {"flag_auroc": auroc(flags, fit_labels), "dropped": int(dropped.sum()),

@@ -33,7 +33,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from _common import machine, save  # noqa: E402
 from adaptation import TASKS, landing, source_model  # noqa: E402
 from adaptation_ensemble import robust_units  # noqa: E402
-from target_memory_kth_image import image_scores  # noqa: E402
+from target_memory_kth_image import image_scores, kept_memory  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.adaptation.mutual import cells, mutual_scores  # noqa: E402
@@ -98,8 +98,7 @@ def run(task: str, seed: int, method: str, flags: list[str], rules: list[str], c
         for rule in rules:
             drop = top_share(scores, share) if rule == "share" else drop_mask(scores, rule, 3.0)
             keep = ~drop
-            bank = landed[keep].reshape(-1, landed.shape[-1])
-            owners = torch.arange(int(keep.sum())).repeat_interleave(landed.shape[1])
+            bank, owners = kept_memory(landed, keep)
             test_scores = image_scores(test_cells, bank, owners, 2)
             rows[f"{flag}, {rule}"] = {
                 "flag_auroc": auroc(values[flag], landed_labels), "dropped": int(drop.sum()),

@@ -27,7 +27,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, contaminated_landing, machine, save  # noqa: E402
-from target_memory_kth_image import image_scores  # noqa: E402
+from target_memory_kth_image import image_scores, kept_memory  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.adaptation.mutual import cells  # noqa: E402
@@ -61,8 +61,7 @@ def main() -> None:
         scored_cells = cells(memory.extract_features(scored, runtime, desc="scored"))
         for memory_name, keep in keeps.items():
             tick = time.perf_counter()
-            bank = landed_cells[keep].reshape(-1, landed_cells.shape[-1])
-            owners = torch.arange(int(keep.sum())).repeat_interleave(landed_cells.shape[1])
+            bank, owners = kept_memory(landed_cells, keep)
             scores = image_scores(scored_cells, bank, owners, args.k)
             row = {"image_auroc": auroc(scores, labels), "image_f1max": f1_max(scores, labels),
                    "channels": int(landed_cells.shape[-1]), "seconds": time.perf_counter() - tick}

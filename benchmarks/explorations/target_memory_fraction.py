@@ -23,21 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+from target_memory_kth_image import image_scores, kept_memory  # noqa: E402
 from unlabeled_thresholds import dev_landing  # noqa: E402
 
-from ray_ad.adaptation.mutual import kth_image_distance, mutual_scores  # noqa: E402
+from ray_ad.adaptation.mutual import mutual_scores  # noqa: E402
 from ray_ad.adaptation.threshold import fit_two_gaussians  # noqa: E402
 from ray_ad.methods.target_memory.model import drop_mask  # noqa: E402
 from ray_ad.metrics import auroc, decision_metrics, f1_max  # noqa: E402
-
-
-def image_scores(queries: torch.Tensor, bank: torch.Tensor, owners: torch.Tensor) -> np.ndarray:
-    flat = queries.reshape(-1, queries.shape[-1])
-    return kth_image_distance(flat, bank, owners, 2).view(len(queries), -1).amax(1).numpy()
 
 
 def main() -> None:
@@ -59,9 +54,8 @@ def main() -> None:
         dropped = drop_mask(image_mutual, "z", 3.0)
         share = fit_two_gaussians(image_mutual.numpy()).share
         keep = ~dropped
-        bank = dev.landed_cells[keep].reshape(-1, dev.landed_cells.shape[-1])
-        owners = torch.arange(int(keep.sum())).repeat_interleave(dev.landed_cells.shape[1])
-        test, held = (image_scores(q, bank, owners) for q in (dev.scored_cells, dev.held_cells))
+        bank, owners = kept_memory(dev.landed_cells, keep)
+        test, held = (image_scores(q, bank, owners, 2) for q in (dev.scored_cells, dev.held_cells))
         threshold = float(np.quantile(held, 1 - share)) if share > 0 else float(held.max())
         row = {"flag_auroc": auroc(image_mutual.numpy(), landed_labels), "dropped": int(dropped.sum()),
                "dropped_defective": int(landed_labels[dropped.numpy()].sum()), "share": share,

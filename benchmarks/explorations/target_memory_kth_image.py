@@ -43,6 +43,13 @@ def image_scores(queries: torch.Tensor, bank: torch.Tensor, owners: torch.Tensor
     return kth_image_distance(flat, bank, owners, k).view(len(queries), -1).amax(1).numpy()
 
 
+def kept_memory(landed_cells: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory of the landed images ``keep`` selects (a mask or indices): every cell of theirs, and
+    which of them (0, 1, ... in their order) each cell came from, as ``image_scores`` takes them."""
+    kept = landed_cells[keep]
+    return kept.reshape(-1, kept.shape[-1]), torch.arange(len(kept)).repeat_interleave(kept.shape[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
@@ -63,8 +70,7 @@ def main() -> None:
                 "labelled normals only": torch.tensor([p in normal for p in fit_part])}
     rows = {}
     for memory_name, keep in ((name, memories[name]) for name in args.memories):
-        bank = landed_cells[keep].reshape(-1, landed_cells.shape[-1])
-        owners = torch.arange(int(keep.sum())).repeat_interleave(landed_cells.shape[1])
+        bank, owners = kept_memory(landed_cells, keep)
         for k in args.ks:
             tick = time.perf_counter()
             test, held = (image_scores(queries, bank, owners, k) for queries in (scored_cells, held_cells))

@@ -34,6 +34,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _common import DEFAULT_MAGNETIC_TILE, machine, save  # noqa: E402
+from target_memory_kth_image import kept_memory  # noqa: E402
 from unlabeled_thresholds import dev_landing  # noqa: E402
 
 from ray_ad.adaptation.mutual import _exact_distances, _shortlist  # noqa: E402
@@ -96,9 +97,8 @@ def main() -> None:
     variants = [("none", None)] + [(rule, level) for rule in ("excess", "softpatch") for level in levels]
     rows = {}
     for memory_name, keep in memories.items():
-        bank = dev.landed_cells[keep].reshape(-1, dev.landed_cells.shape[-1])
+        bank, owners = kept_memory(dev.landed_cells, keep)
         mutual = dev.mutual_cells[keep].flatten()
-        owners = torch.arange(int(keep.sum())).repeat_interleave(dev.landed_cells.shape[1])
         tick = time.perf_counter()
         lists = [(len(q), shortlists(q.reshape(-1, q.shape[-1]), bank)) for q in (dev.scored_cells, dev.held_cells)]
         print(f"{memory_name}: shortlists in {time.perf_counter() - tick:.0f} s", flush=True)

@@ -30,7 +30,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from adaptation import TASKS  # noqa: E402
 from source_referee_drop import read_task, report  # noqa: E402
-from target_memory_kth_image import image_scores  # noqa: E402
+from target_memory_kth_image import image_scores, kept_memory  # noqa: E402
 
 from ray_ad.methods.target_memory.model import drop_mask, top_share  # noqa: E402
 from ray_ad.metrics import auroc, f1_max  # noqa: E402
@@ -47,8 +47,7 @@ def memory_scores_of_landing(landed: torch.Tensor, keep: torch.Tensor) -> np.nda
     fold = torch.arange(len(landed)) % FOLDS  # interleaved: neighbours in file order share a folder
     for f in range(FOLDS):
         in_memory = kept[fold[kept] != f]
-        bank = landed[in_memory].reshape(-1, landed.shape[-1])
-        owners = torch.arange(len(in_memory)).repeat_interleave(landed.shape[1])
+        bank, owners = kept_memory(landed, in_memory)
         query = torch.nonzero(fold == f).flatten()  # kept or dropped, each scored against the memory less its fold
         scores[query.numpy()] = image_scores(landed[query], bank, owners, MATCH_IMAGES)
     return scores
@@ -67,8 +66,7 @@ def run(task: str, seed: int, method: str, rounds: int, rules: list[str], cache_
     landed, share = parts.landed, parts.share
 
     def memory_row(keep: torch.Tensor, referee: np.ndarray) -> dict:
-        bank = landed[keep].reshape(-1, landed.shape[-1])
-        owners = torch.arange(int(keep.sum())).repeat_interleave(landed.shape[1])
+        bank, owners = kept_memory(landed, keep)
         test_scores = image_scores(parts.test_cells, bank, owners, MATCH_IMAGES)
         drop = ~keep  # labels from here on, for the figures only
         return {"flag_auroc": auroc(referee, parts.landed_labels), "dropped": int(drop.sum()),
