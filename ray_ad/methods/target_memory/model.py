@@ -319,10 +319,11 @@ class TargetMemory(PatchCore):
                 dropped, used = top_share(scores, share), f"{used}, its top share"
             else:
                 dropped = drop_mask(scores, cfg.drop_image_rule, cfg.drop_image_z)
-                if referee is not None and not dropped.any() and cfg.silent_referee_fallback == "mutual":
+                silent_source = referee is not None and not dropped.any()
+                if silent_source and cfg.silent_referee_fallback == "mutual":
                     dropped = drop_mask(mutual.amax(1), cfg.drop_image_rule, cfg.drop_image_z)
                     used = "mutual (the source flagged none)"
-                elif referee is not None and not dropped.any() and cfg.silent_referee_fallback == "share":
+                elif silent_source and cfg.silent_referee_fallback == "share":
                     dropped, used = top_share(referee, share), "source, its top share (none stood out)"
             keep_image = ~dropped
         keep_cell = keep_image[:, None].expand_as(mutual)
