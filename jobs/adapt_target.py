@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--line", required=True, help="the new line to publish the adapted model as")
     parser.add_argument("--source-line", required=True,
-                        help="line whose CURRENT model is adapted (osd_irf, patchcore, ref_cfa or target_memory)")
+                        help="line whose CURRENT model is adapted (osd_irf, gaussian, patchcore, ref_cfa or "
+                             "target_memory)")
     parser.add_argument("--target", required=True, help="target URI: dataset or folder of images (labels unused)")
     parser.add_argument("--target-split", help="use only this split of a target dataset (default: every image)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="candidates=[...], gate.* (holdout_fraction, margin, false_alarm_rate, seed), "
-                             "memory.* (the target memory), or REF+CFA's cfa.*, train.*, target_init")
+                             "memory.* (the target memory), gaussian.* (the target Gaussian), or REF+CFA's cfa.*, "
+                             "train.*, target_init")
     parser.add_argument("--force", action="store_true",
                         help="publish the gate's winner even when it does not beat the served version")
     parser.add_argument("--eval-data", help="labelled target data to compare before/after on (e.g. elpv:poly)")

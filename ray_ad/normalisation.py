@@ -59,25 +59,44 @@ class FeatureNormaliser:
         return "std" if self.config.kind == "channel" else "whiten"
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, chunk: int = 64) -> FeatureNormaliser:
-        """Fit on a domain's training features ``[N, C, G, G]`` (N >= 2)."""
+    def fit(self, features: torch.Tensor, keep: torch.Tensor | None = None, chunk: int = 64) -> FeatureNormaliser:
+        """Fit on a domain's training features ``[N, C, G, G]`` (N >= 2).
+
+        ``keep`` (``position_whiten`` only): which cells ``[N, G, G]`` each position's mean and covariance
+        are estimated from (a robust fit leaves out the cells that stand out; ``trimmed_keep``); every
+        position must keep at least 2.
+        """
         if features.shape[0] < 2:
             raise ConfigError(f"feature normalisation needs at least 2 training images, got {features.shape[0]}")
         device = self.mean.device
         if self.config.kind == "channel":
+            if keep is not None:
+                raise ConfigError("a cell mask (keep) needs normalisation.kind position_whiten")
             self.mean = features.mean(dim=(0, 2, 3)).to(device)
             self.scale = features.std(dim=(0, 2, 3)).clamp_min(1e-6).to(device)
             return self
-        # Sums over images, chunked so that a large domain never needs a float64 copy of all its features.
         n, channels = features.shape[0], features.shape[1]
+        if keep is None:
+            counts = torch.full(features.shape[2:], float(n), dtype=torch.float64)
+        else:
+            if keep.shape != (n, *features.shape[2:]):
+                raise ConfigError(f"keep must be a cell mask of shape {(n, *features.shape[2:])}, "
+                                  f"got {tuple(keep.shape)}")
+            counts = keep.double().sum(0)
+            if counts.min() < 2:
+                raise ConfigError(f"every position needs at least 2 kept cells, one keeps {int(counts.min())}")
+        # Sums over images, chunked so that a large domain never needs a float64 copy of all its features.
         total = torch.zeros(features.shape[2], features.shape[3], channels, dtype=torch.float64)
         outer = torch.zeros(*total.shape, channels, dtype=torch.float64)
-        for part in features.split(chunk):
-            cells = part.permute(0, 2, 3, 1).double().cpu()  # [b, G, G, C]
+        for start in range(0, n, chunk):
+            cells = features[start : start + chunk].permute(0, 2, 3, 1).double().cpu()  # [b, G, G, C]
+            if keep is not None:
+                cells = cells * keep[start : start + chunk, ..., None].double().cpu()  # a dropped cell adds 0
             total += cells.sum(0)
             outer += torch.einsum("bhwc,bhwd->hwcd", cells, cells)
-        mean = total / n
-        covariance = (outer - n * mean[..., :, None] * mean[..., None, :]) / (n - 1)
+        mean = total / counts[..., None]
+        covariance = (outer - counts[..., None, None] * mean[..., :, None] * mean[..., None, :]) / (
+            counts[..., None, None] - 1)
         variance = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         identity = torch.eye(channels, dtype=torch.float64)
         covariance = covariance + self.config.ridge * variance[..., None, None] * identity
@@ -86,6 +105,31 @@ class FeatureNormaliser:
         whiten = (eigenvectors * eigenvalues.clamp_min(1e-12).rsqrt()[..., None, :]) @ eigenvectors.transpose(-1, -2)
         self.mean, self.scale = mean.float().to(device), whiten.float().to(device)
         return self
+
+    @torch.no_grad()
+    def trimmed_fit(self, features: torch.Tensor, trim: float, rounds: int = 2, chunk: int = 64) -> torch.Tensor:
+        """A ``position_whiten`` fit robust to a minority of outlying cells: fit on every cell, then
+        ``rounds`` times refit each position on the ``1 - trim`` of its cells nearest its current mean
+        in Mahalanobis distance (the concentration step of the Minimum Covariance Determinant estimator,
+        Rousseeuw & Van Driessen 1999, per position). Returns the cells ``[N, G, G]`` of the last fit."""
+        if not 0 <= trim < 1:
+            raise ConfigError(f"trim must be in [0, 1), got {trim}")
+        if rounds < 0:
+            raise ConfigError(f"trim rounds must be >= 0, got {rounds}")
+        keep = None
+        self.fit(features, chunk=chunk)
+        n = features.shape[0]
+        kept_per_position = n - int(trim * n)
+        if trim == 0 or kept_per_position == n:
+            return torch.ones(n, *features.shape[2:], dtype=torch.bool)
+        for _ in range(rounds):
+            distances = torch.cat([self(part.to(self.mean.device)).norm(dim=1).cpu()
+                                   for part in features.split(chunk)])  # [N, G, G]
+            ranks = distances.argsort(0).argsort(0)  # each cell's rank at its position, 0 = nearest
+            keep = ranks < kept_per_position
+            self.fit(features, keep, chunk)
+        return keep
+
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.config.kind == "channel":

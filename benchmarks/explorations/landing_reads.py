@@ -40,7 +40,9 @@ def memories_part(source, fit_part: list[str], config: AdaptConfig, shared: bool
     referee = TargetMemory.from_source(source, config.memory)
     referee.landing_share(_samples(fit_part), runtime, landing.cells() if landing else None)
     every_image = replace(config.memory, drop_image_z=None, drop_cell_z=None)
-    memories = [_target_memory(source, fit_part, memory_config, runtime, landing)
+    # Not shared: each memory reads the landing through a reader of its own, as before the shared read.
+    memories = [_target_memory(source, fit_part, memory_config, runtime,
+                               landing or _LandingReader(source, fit_part, memory_config, runtime))
                 for memory_config in (config.memory, every_image)]
     return time.perf_counter() - tick, [memory.bank for memory, _ in memories]
 

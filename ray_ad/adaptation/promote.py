@@ -18,28 +18,34 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from ray_ad.adaptation.gate import GateConfig, GateSet, acceptance_images, choose, gate_score, split_landing
+from ray_ad.adaptation.target_gaussian import MIN_IMAGES as MIN_GAUSSIAN_IMAGES
+from ray_ad.adaptation.target_gaussian import fit_target_gaussian, landing_gaussian_config
 from ray_ad.config import apply_overrides, from_dict, override_section
 from ray_ad.data import Sample
 from ray_ad.evaluation import run_detector
 from ray_ad.methods import Detector
 from ray_ad.methods.base import Runtime
+from ray_ad.methods.gaussian import GaussianConfig
 from ray_ad.methods.target_memory import LandedCells, TargetMemory, TargetMemoryConfig
 from ray_ad.pipeline import adapt_detector
 
 log = logging.getLogger(__name__)
 
 # target_memory drops the source line's top share of the landed images (memory.drop_image_rule,
-# memory.drop_referee; drop_referee=mutual: those its mutual scores flag); target_memory_all keeps
+# memory.drop_referee; drop_referee=mutual: those its mutual scores flag); target_gaussian fits a
+# per-position Gaussian on the images that drop keeps (target_gaussian.py); target_memory_all keeps
 # every landed image. The order is the gate's order of preference (gate.choose): a candidate must beat
 # every one before it by gate.margin.
-CANDIDATES = ("source", "target_memory", "target_memory_all", "ref_cfa")
+CANDIDATES = ("source", "target_memory", "target_gaussian", "target_memory_all", "ref_cfa")
 # What the job builds unless candidates=[...] says otherwise: not target_memory_all. Its gate AUROC is
 # biased upwards (the real defects among the held-out images count as untouched negatives, and a memory
 # that learnt the landing's defects as normal scores them low), so the gate ranked it above the memory
 # without the source's top share on every development split while that memory scored 6.8-8.4 points
 # higher on the test split (magnetic_tile seen by a new camera; the adaptation README). Rule fixed before the run.
-DEFAULT_CANDIDATES = ("source", "target_memory", "ref_cfa")
+DEFAULT_CANDIDATES = ("source", "target_memory", "target_gaussian", "ref_cfa")
 # Fewer held-out images than this give no normal mode to stand out from: no suspects.
 MIN_IMAGES_FOR_SUSPECTS = 20
 SERVED = "served"
@@ -56,6 +62,8 @@ class AdaptConfig:
     # against 0.876 / 0.885 / 0.865; benchmarks/explorations/source_referee_drop.py, the adaptation README).
     memory: TargetMemoryConfig = field(
         default_factory=lambda: TargetMemoryConfig(drop_referee="source", drop_image_rule="share"))
+    # The target Gaussian's cells and trim (its images are those the memory's drop keeps).
+    gaussian: GaussianConfig = field(default_factory=landing_gaussian_config)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.candidates) - set(CANDIDATES))
@@ -63,11 +71,12 @@ class AdaptConfig:
             raise ValueError(f"candidates {list(self.candidates)} must be a non-empty subset of {list(CANDIDATES)}")
 
 
-ADAPT_KEYS = ("candidates", "gate", "memory")
+ADAPT_KEYS = ("candidates", "gate", "memory", "gaussian")
 
 
 def split_overrides(overrides: list[str] | None) -> tuple[AdaptConfig, list[str]]:
-    """``--set`` items for the adaptation itself (candidates, gate.*, memory.*) and the rest (REF+CFA's)."""
+    """``--set`` items for the adaptation itself (candidates, gate.*, memory.*, gaussian.*) and the rest
+    (REF+CFA's)."""
     ours = [item for item in overrides or [] if override_section(item) in ADAPT_KEYS]
     rest = [item for item in overrides or [] if item not in ours]
     return from_dict(AdaptConfig, apply_overrides({}, ours)), rest
@@ -110,6 +119,7 @@ def adapt_candidates(
     builders = {
         "source": lambda: (copy.deepcopy(source), None),
         "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime, landing),
+        "target_gaussian": lambda: _target_gaussian(source, fit_part, config.gaussian, landing, runtime),
         "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
                                                     drop_cell_z=None), runtime, landing),
         "ref_cfa": lambda: (_ref_cfa(source, fit_part, ref_cfa_overrides, runtime), None),
@@ -120,8 +130,12 @@ def adapt_candidates(
         if name == "ref_cfa" and source.method != "ref_cfa":
             continue
         tick = time.perf_counter()
-        candidates[name], fit = builders[name]()
+        detector, fit = builders[name]()
         build_seconds = time.perf_counter() - tick
+        if detector is None:  # nothing to build it from (too few landed images): the others still compete
+            log.warning(f"candidate {name} not built: {fit['not_built']}")
+            continue
+        candidates[name] = detector
         scores[name] = gate_score(candidates[name], gate_set, config.gate)
         scores[name]["build_seconds"] = build_seconds
         if fit is not None:
@@ -180,6 +194,7 @@ class _LandingReader:
         self._fit_part, self._runtime = fit_part, runtime
         self._memory: TargetMemory | None = None
         self._cells: LandedCells | None = None
+        self._referee: np.ndarray | None = None
 
     def memory(self) -> TargetMemory:
         """An unfitted memory on the source's backbone (built on first use: it loads the backbone)."""
@@ -192,6 +207,14 @@ class _LandingReader:
             self._cells = self.memory().read_landing(_samples(self._fit_part), self._runtime)
         return self._cells
 
+    def referee_scores(self) -> np.ndarray | None:
+        """The source as is scores every landed image to fit on, once, when the drop reads it (None when not)."""
+        if self._config.drop_referee != "source" or self._config.drop_image_z is None:
+            return None
+        if self._referee is None:
+            self._referee = run_detector(self._source, _samples(self._fit_part), progress=self._runtime.progress).scores
+        return self._referee
+
 
 # What a memory's fit records in the job's evidence: which referee dropped how many landed images (the
 # dropped images' paths stay in the job's log, not in every status read).
@@ -199,15 +222,24 @@ MEMORY_FIT_KEYS = ("landed_images", "dropped_images", "drop_referee", "bank_size
 
 
 def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryConfig,
-                   runtime: Runtime, landing: _LandingReader | None = None) -> tuple[TargetMemory, dict[str, Any]]:
+                   runtime: Runtime, landing: _LandingReader) -> tuple[TargetMemory, dict[str, Any]]:
     memory = TargetMemory.from_source(source, config)
-    referee = None
-    if config.drop_referee == "source" and config.drop_image_z is not None:
-        # The source as is scores every image the memory may keep; the drop reads those scores.
-        referee = run_detector(source, _samples(fit_part), progress=runtime.progress).scores
-    landed = landing.cells() if landing is not None else None
-    info = memory.fit(_samples(fit_part), [], runtime, referee_scores=referee, landed=landed)
+    # The drop reads the source's scores of every landed image, read once for every candidate that drops.
+    referee = landing.referee_scores() if config.drop_image_z is not None else None
+    info = memory.fit(_samples(fit_part), [], runtime, referee_scores=referee, landed=landing.cells())
     return memory, {key: info[key] for key in MEMORY_FIT_KEYS}
+
+
+def _target_gaussian(source: Detector, fit_part: list[str], config: GaussianConfig, landing: _LandingReader,
+                     runtime: Runtime) -> tuple[Detector | None, dict[str, Any]]:
+    """The per-position Gaussian of the landed images the memory's drop keeps (None: too few of them)."""
+    keep, referee_used = landing.memory().kept_images(landing.cells(), landing.referee_scores())
+    kept = [path for path, kept in zip(fit_part, keep.tolist()) if kept]
+    if len(kept) < MIN_GAUSSIAN_IMAGES:
+        return None, {"not_built": f"{len(kept)} landed images kept, a Gaussian needs {MIN_GAUSSIAN_IMAGES}"}
+    detector, info = fit_target_gaussian(source, kept, config, runtime)
+    return detector, {"landed_images": len(fit_part), "dropped_images": len(fit_part) - len(kept),
+                      "drop_referee": referee_used, **info}
 
 
 def _ref_cfa(source: Detector, fit_part: list[str], overrides: list[str] | None, runtime: Runtime) -> Detector:

@@ -233,3 +233,12 @@ def check_tensor_keys(expected: set[str], given: dict[str, torch.Tensor]) -> Non
     missing, unexpected = expected - set(given), set(given) - expected
     if missing or unexpected:
         raise KeyError(f"missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")
+
+
+def on_source_backbone(config: DetectorConfig, source: Detector) -> DetectorConfig:
+    """``config`` with the source line's backbone network, weights, input size and device: a detector
+    built from a line's landed images reads an image as the line does, while its own feature layers,
+    grid and pooling say how cells are compared."""
+    src = source.config.backbone
+    backbone = dataclasses.replace(config.backbone, name=src.name, weights=src.weights, image_size=src.image_size)
+    return dataclasses.replace(config, backbone=backbone, device=source.config.device)

@@ -61,7 +61,7 @@ def test_publish_detect_land_adapt_detect(ray_cluster, s3_bucket, tmp_path):
         assert job["status"]["state"] == "succeeded" and job["status"]["target"] == batch
         # The job's gate evidence is visible over HTTP: every candidate's score and the decision.
         assert job["status"]["decision"] == "published"  # cam2 is a new line: nothing served to beat
-        assert set(job["status"]["gate"]["candidates"]) == {"source", "target_memory", "ref_cfa"}
+        assert set(job["status"]["gate"]["candidates"]) == {"source", "target_memory", "target_gaussian", "ref_cfa"}
         assert job["status"]["winner"] in job["status"]["gate"]["candidates"]
 
         assert [e["event"] for e in call(f"{url}/v1/landing/poll", b"", ADMIN)[1]["events"]] == ["succeeded"]

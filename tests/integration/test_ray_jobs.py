@@ -139,13 +139,16 @@ def test_adapt_target_gates_every_candidate_and_publishes_the_winner_once_per_ta
     assert status["state"] == "succeeded" and status["version"] == version and status["source_line"] == "src"
     assert status["decision"] == "published" and status["served_version"] is None  # a new line
     candidates = status["gate"]["candidates"]
-    assert set(candidates) == {"source", "target_memory", "ref_cfa"}  # a ref_cfa source: every default candidate
+    # A ref_cfa source: every default candidate.
+    assert set(candidates) == {"source", "target_memory", "target_gaussian", "ref_cfa"}
     best = max(candidates, key=lambda name: candidates[name]["gate_auroc"])
     # The source as is wins unless the best adaptation beats it by gate.margin (0.01).
     beats_source = candidates[best]["gate_auroc"] >= candidates["source"]["gate_auroc"] + 0.01
     winner = best if beats_source else "source"
     assert status["winner"] == winner
-    assert detector.method == ("target_memory" if winner.startswith("target_memory") else "ref_cfa")
+    served_as = {"source": "ref_cfa", "target_memory": "target_memory", "target_gaussian": "gaussian",
+                 "ref_cfa": "ref_cfa"}
+    assert detector.method == served_as[winner]
     assert detector.threshold == pytest.approx(candidates[winner]["threshold"])
     # The same target again: nothing is trained or published.
     assert job.main(argv) == 0

@@ -14,11 +14,13 @@ import torch
 from PIL import Image
 from scipy.stats import norm
 
+import ray_ad.adaptation.promote as promote_module
 import ray_ad.methods.target_memory.model as model_module
 from ray_ad import registry, storage
 from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, split_landing
 from ray_ad.adaptation.mutual import greedy_coreset, kth_image_distance, mutual_scores, nearest_distance
 from ray_ad.adaptation.promote import CANDIDATES, AdaptConfig, adapt_candidates, split_overrides
+from ray_ad.adaptation.target_gaussian import fit_target_gaussian
 from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import Sample, load_samples, write_manifest
@@ -458,9 +460,10 @@ def _source(tmp_path: Path):
 
 def _small_adapt_config(**gate: object) -> AdaptConfig:
     # Every candidate, the memory of every image too (not built by default): these tests compare the memories.
-    return split_overrides([f"memory.backbone.{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
-                           + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0",
-                              "candidates=[source,target_memory,target_memory_all,ref_cfa]"]
+    small_cells = [f"{part}.backbone.{k}={v}" for part in ("memory", "gaussian")
+                   for k, v in TINY_BACKBONE.items() if k != "image_size"]
+    return split_overrides(small_cells + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0", "gaussian.map_sigma=1.0",
+                                          "candidates=[source,target_memory,target_gaussian,target_memory_all,ref_cfa]"]
                            + [f"gate.{k}={v}" for k, v in gate.items()])[0]
 
 
@@ -472,15 +475,26 @@ def test_the_adaptation_reads_the_fit_part_once_for_the_share_and_both_memories(
     real_read, real_mutual_scores = TargetMemory.read_landing, model_module.mutual_scores
     monkeypatch.setattr(TargetMemory, "read_landing", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
     monkeypatch.setattr(model_module, "mutual_scores", lambda *a, **k: mutual.append(1) or real_mutual_scores(*a, **k))
+    referee_reads = []
+    real_run = promote_module.run_detector
+    monkeypatch.setattr(promote_module, "run_detector", lambda *a, **k: referee_reads.append(1) or real_run(*a, **k))
     outcome = adapt_candidates(source, str(tmp_path / "batch"), images, _small_adapt_config(), runtime=QUIET)
-    assert {"target_memory", "target_memory_all"} <= set(outcome.candidates)
+    assert {"target_memory", "target_gaussian", "target_memory_all"} <= set(outcome.candidates)
     assert outcome.landing_share is not None
     assert len(reads) == 1 and len(mutual) == 1
+    assert len(referee_reads) == 1  # the source scores the fit part once, for the memory and the Gaussian
     # The evidence says what each memory dropped, and by which referee.
     fits = {name: outcome.evidence()["candidates"][name].get("fit") for name in outcome.candidates}
     assert fits["source"] is None and fits["target_memory_all"]["dropped_images"] == 0
     assert fits["target_memory"]["drop_referee"].startswith("source")
     assert fits["target_memory"]["landed_images"] == len(images) - outcome.held_out
+    # The Gaussian fits on what the memory's drop keeps: the same images dropped, by the same referee.
+    gaussian = fits["target_gaussian"]
+    assert (gaussian["dropped_images"], gaussian["drop_referee"]) == (fits["target_memory"]["dropped_images"],
+                                                                     fits["target_memory"]["drop_referee"])
+    assert gaussian["fitted_images"] + gaussian["calibration_images"] == gaussian["landed_images"] - gaussian[
+        "dropped_images"]
+    assert outcome.candidates["target_gaussian"].method == "gaussian"
 
 
 @pytest.mark.slow  # fits detectors
@@ -587,3 +601,34 @@ def test_a_small_landing_keeps_every_image_and_still_fits(tmp_path):
     assert coreset.fit([Sample(p, -1) for p in landed], [], QUIET)["bank_size"] == 50
     with pytest.raises(ConfigError, match="reference_images"):
         method_config("target_memory", {"reference_images": 0})
+
+
+@pytest.mark.slow  # fits detectors
+def test_a_target_gaussian_fits_the_kept_images_on_the_source_backbone(tmp_path):
+    source = _source(tmp_path)
+    landed = _textures(tmp_path / "landed", 12, seed=11)
+    config = method_config("gaussian", {"backbone": {**TINY_BACKBONE, "image_size": 32}, "device": "cpu",
+                                        "map_sigma": 1.0})
+    detector, info = fit_target_gaussian(source, landed, config, QUIET)
+    assert detector.method == "gaussian" and detector.config.backbone.image_size == source.config.backbone.image_size
+    assert (info["fitted_images"], info["calibration_images"]) == (10, 2)  # every tenth kept image calibrates
+    # Fitted on the ten others: the same as a gaussian fitted on them by hand.
+    by_hand = build_detector("gaussian", replace(detector.config))
+    features = by_hand.extract_features([Sample(p, -1) for p in landed], QUIET)
+    by_hand.fit_features(features[[i for i in range(12) if i % 10]])
+    assert torch.allclose(by_hand.normaliser.mean, detector.normaliser.mean)
+    with pytest.raises(DataError, match="at least 3 kept landed images"):
+        fit_target_gaussian(source, landed[:2], config, QUIET)
+
+
+@pytest.mark.slow  # fits detectors
+def test_a_candidate_with_too_few_images_to_fit_is_left_out_and_the_others_still_compete(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    images = sorted(target_image_uris(_batch(tmp_path, "batch")))
+    monkeypatch.setattr(promote_module, "MIN_GAUSSIAN_IMAGES", 1000)  # more than any landing here keeps
+    config = split_overrides([f"{part}.backbone.{k}={v}" for part in ("memory", "gaussian")
+                              for k, v in TINY_BACKBONE.items() if k != "image_size"]
+                             + ["gate.holdout_fraction=0.3", "candidates=[source,target_memory,target_gaussian]"])[0]
+    outcome = adapt_candidates(source, str(tmp_path / "batch"), images, config, runtime=QUIET)
+    assert set(outcome.candidates) == {"source", "target_memory"} == set(outcome.gate)
+    assert outcome.winner in outcome.candidates

@@ -52,3 +52,7 @@ def test_bad_values_are_named():
         build_detector("gaussian", method_config("gaussian", {"score_terms": "max", "device": "cpu"}))
     with pytest.raises((ValueError, ConfigError), match="normalisation.kind"):
         method_config("gaussian", {"normalisation": {"kind": "pca"}})
+    with pytest.raises((ValueError, ConfigError), match="trim must be in"):
+        method_config("gaussian", {"trim": 1.5})
+    with pytest.raises((ValueError, ConfigError), match="trim needs normalisation.kind position_whiten"):
+        method_config("gaussian", {"trim": 0.1, "normalisation": {"kind": "channel"}})

@@ -86,3 +86,40 @@ def test_invert_gives_back_the_features_that_were_normalised(kind):
     others = torch.randn(3, 6, 4, 4, generator=generator) * 5  # not the fitted ones: any features invert
     assert torch.allclose(normaliser.invert(normaliser(others)), others, atol=1e-4)
     assert not torch.allclose(normaliser(others), others, atol=1e-1)  # the normalisation did change them
+
+
+def test_a_cell_mask_fits_each_position_on_its_kept_cells_only():
+    features = correlated_features(n=120)
+    keep = torch.ones(120, 3, 3, dtype=torch.bool)
+    keep[:40, 0, 1] = False  # position (0, 1) keeps images 40..119, every other position all of them
+    config = NormalisationConfig("position_whiten")
+    masked = FeatureNormaliser(config, 5, 3).fit(features, keep)
+    later = FeatureNormaliser(config, 5, 3).fit(features[40:])
+    every = FeatureNormaliser(config, 5, 3).fit(features)
+    assert torch.allclose(masked.mean[0, 1], later.mean[0, 1], atol=1e-5)
+    assert torch.allclose(masked.scale[0, 1], later.scale[0, 1], atol=1e-4)
+    assert torch.allclose(masked.mean[2, 2], every.mean[2, 2], atol=1e-5)
+    assert not torch.allclose(masked.mean[0, 1], every.mean[0, 1], atol=1e-3)
+    with pytest.raises(ConfigError, match="at least 2 kept cells"):
+        FeatureNormaliser(config, 5, 3).fit(features, torch.zeros(120, 3, 3, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="shape"):
+        FeatureNormaliser(config, 5, 3).fit(features, keep[:, :2])
+
+
+def test_a_trimmed_fit_leaves_out_a_minority_of_outlying_cells():
+    features = correlated_features(n=400)
+    clean = FeatureNormaliser(NormalisationConfig("position_whiten"), 5, 3).fit(features[80:])
+    contaminated = features.clone()
+    contaminated[:80, :, 1, 1] += 40  # a fifth of the images hold a defect at position (1, 1)
+    plain = FeatureNormaliser(NormalisationConfig("position_whiten"), 5, 3).fit(contaminated)
+    robust = FeatureNormaliser(NormalisationConfig("position_whiten"), 5, 3)
+    keep = robust.trimmed_fit(contaminated, trim=0.25)
+    assert keep[:80, 1, 1].sum() == 0 and keep[80:, 1, 1].float().mean() > 0.9  # the defects left out
+    assert (plain.mean[1, 1] - clean.mean[1, 1]).abs().max() > 5  # the plain fit is pulled towards them
+    assert (robust.mean[1, 1] - clean.mean[1, 1]).abs().max() < 1.0
+    # A defect is far from the robust fit's normal mode and near the plain one's.
+    defect = contaminated[:1]
+    assert robust(defect)[0, :, 1, 1].norm() > 3 * plain(defect)[0, :, 1, 1].norm()
+    assert robust.trimmed_fit(features, trim=0.0).all()  # no trim: every cell, the plain fit
+    with pytest.raises(ConfigError, match="trim"):
+        robust.trimmed_fit(features, trim=1.0)

@@ -30,9 +30,20 @@ class GaussianConfig(DetectorConfig):
     normalisation: NormalisationConfig = field(
         default_factory=lambda: NormalisationConfig(kind="position_whiten", ridge=0.01))
     score_terms: Literal["diff+nll", "diff", "nll"] = "diff+nll"  # OSD-IRF's Eq. 9 terms, on z
+    # Robust fit for training images that may hold defects (a landed batch, a line's unvetted data): each
+    # position's mean and whitening refitted ``trim_rounds`` times on the ``1 - trim`` of its cells
+    # nearest the current fit (FeatureNormaliser.trimmed_fit). 0: every cell, as PaDiM.
+    trim: float = 0.0
+    trim_rounds: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.trim < 1:
+            raise ValueError(f"trim must be in [0, 1), got {self.trim}")
+        if self.trim_rounds < 0:
+            raise ValueError(f"trim_rounds must be >= 0, got {self.trim_rounds}")
+        if self.trim > 0 and self.normalisation.kind != "position_whiten":
+            raise ValueError(f"trim needs normalisation.kind position_whiten, got {self.normalisation.kind!r}")
         if self.score_terms not in SCORE_TERMS:
             raise ValueError(f"score_terms must be one of {', '.join(SCORE_TERMS)}; got {self.score_terms!r}")
 
@@ -54,8 +65,11 @@ class GaussianDetector(Detector):
         return {"train_images": len(train)}
 
     def fit_features(self, features: torch.Tensor) -> None:
-        """Each position's mean and whitening from training features ``[N, C, G, G]``."""
-        self.normaliser.fit(features)
+        """Each position's mean and whitening from training features ``[N, C, G, G]`` (trimmed: ``trim``)."""
+        if self.config.trim > 0:
+            self.normaliser.trimmed_fit(features, self.config.trim, self.config.trim_rounds)
+        else:
+            self.normaliser.fit(features)
 
     @torch.no_grad()
     def calibrate(self, normals: list[Sample], runtime: Runtime | None = None) -> None:

@@ -40,7 +40,7 @@ from ray_ad.adaptation.threshold import (
 from ray_ad.backbones import BackboneConfig
 from ray_ad.data import Sample
 from ray_ad.errors import DataError
-from ray_ad.methods.base import Detector, DetectorConfig, Runtime, check_tensor_keys
+from ray_ad.methods.base import Detector, DetectorConfig, Runtime, check_tensor_keys, on_source_backbone
 from ray_ad.methods.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,7 @@ class TargetMemory(PatchCore):
         The feature layers, grid and pooling stay the memory's own: they set how cells are compared,
         not how an image is read.
         """
-        config = config or TargetMemoryConfig()
-        src = source.config.backbone
-        backbone = replace(config.backbone, name=src.name, weights=src.weights, image_size=src.image_size)
-        return cls(replace(config, backbone=backbone, device=source.config.device))
+        return cls(on_source_backbone(config or TargetMemoryConfig(), source))
 
     def read_landing(self, images: list[Sample], runtime: Runtime | None = None,
                      desc: str = "landed images") -> LandedCells:
@@ -331,6 +328,18 @@ class TargetMemory(PatchCore):
             centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
             keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
         return keep_image, keep_cell, used
+
+    def kept_images(self, landed: LandedCells, referee_scores: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, str | None]:
+        """Which landed images ``[N]`` this memory's image drop keeps, and which referee dropped the
+        rest (None: no drop): what ``fit`` keeps, for another candidate fitted on the same images."""
+        if self.config.drop_image_z is None:
+            return torch.ones(len(landed.paths), dtype=torch.bool), None
+        referee = self._referee(len(landed.paths), referee_scores)
+        mutual = self._mutual(landed)
+        share = _share_standing_out(mutual)
+        keep_image, _, used = self._kept(mutual, referee, share)
+        return keep_image, used
 
     def mutual_suspects(self, images: list[Sample], z: float, runtime: Runtime | None = None) -> np.ndarray:
         """Which of ``images`` (unlabeled) stand out from the others: largest mutual cell score more than
