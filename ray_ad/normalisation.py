@@ -63,7 +63,7 @@ class FeatureNormaliser:
         """Fit on a domain's training features ``[N, C, G, G]`` (N >= 2).
 
         ``keep`` (``position_whiten`` only): which cells ``[N, G, G]`` each position's mean and covariance
-        are estimated from (a robust fit leaves out the cells that stand out; ``trimmed_keep``); every
+        are estimated from (a robust fit leaves out the cells that stand out: ``trimmed_fit``); every
         position must keep at least 2.
         """
         if features.shape[0] < 2:

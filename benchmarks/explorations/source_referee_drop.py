@@ -118,8 +118,14 @@ def report(args: argparse.Namespace, results: dict, title: str | None = None) ->
         for name, r in result["rows"].items():
             lines.append(f"| {seed} | {name} | {r['flag_auroc']:.3f} | {r['dropped']} ({r['dropped_defective']}) | "
                          f"{r['image_auroc']:.3f} | {r['image_f1max']:.3f} |")
-    lines += ["", "Landings: " + "; ".join(f"seed {s}: {r['landed']} images to fit on, {r['landed_defective']} "
-                                          f"defective, share fitted {r['share']:.3f}" for s, r in results.items())]
+    save_report(args, results, lines)
+
+
+def save_report(args: argparse.Namespace, results: dict, lines: list[str]) -> None:
+    """``lines`` (a table) with a line on each seed's landing, saved as ``args.name`` and printed."""
+    lines = [*lines, "", "Landings: " + "; ".join(
+        f"seed {s}: {r['landed']} images to fit on, {r['landed_defective']} defective, share fitted {r['share']:.3f}"
+        for s, r in results.items())]
     save(args.name, {"machine": machine(), "task": args.task, "results": results}, "\n".join(lines))
     print("\n".join(lines))
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from _common import machine, save  # noqa: E402
 from adaptation import TASKS, landing, source_model  # noqa: E402
+from source_referee_drop import save_report  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
 from ray_ad.adaptation.threshold import unlabeled_threshold  # noqa: E402
@@ -115,10 +115,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
         figures = " | ".join(f"{c['image_auroc']:.3f} ({c['image_f1max']:.3f}; {c['f1_shipped']:.2f})" for c in cells)
         means = [np.mean([c[key] for c in cells]) for key in ("image_auroc", "image_f1max")]
         lines.append(f"| {name} | {figures} | {means[0]:.3f} | {means[1]:.3f} |")
-    lines += ["", "Landings: " + "; ".join(f"seed {s}: {r['landed']} images to fit on, {r['landed_defective']} "
-                                          f"defective, share fitted {r['share']:.3f}" for s, r in results.items())]
-    save(args.name, {"machine": machine(), "task": args.task, "results": results}, "\n".join(lines))
-    print("\n".join(lines))
+    save_report(args, results, lines)
 
 
 def main() -> None:
