@@ -116,12 +116,12 @@ class FeatureNormaliser:
             raise ConfigError(f"trim must be in [0, 1), got {trim}")
         if rounds < 0:
             raise ConfigError(f"trim rounds must be >= 0, got {rounds}")
-        keep = None
         self.fit(features, chunk=chunk)
         n = features.shape[0]
+        keep = torch.ones(n, *features.shape[2:], dtype=torch.bool)
         kept_per_position = n - int(trim * n)
-        if trim == 0 or kept_per_position == n:
-            return torch.ones(n, *features.shape[2:], dtype=torch.bool)
+        if kept_per_position == n:  # nothing to trim
+            return keep
         for _ in range(rounds):
             distances = torch.cat([self(part.to(self.mean.device)).norm(dim=1).cpu()
                                    for part in features.split(chunk)])  # [N, G, G]
@@ -129,7 +129,6 @@ class FeatureNormaliser:
             keep = ranks < kept_per_position
             self.fit(features, keep, chunk)
         return keep
-
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.config.kind == "channel":

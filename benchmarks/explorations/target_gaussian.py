@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,12 @@ from adaptation import TASKS, landing, source_model  # noqa: E402
 from source_referee_drop import save_report  # noqa: E402
 
 from ray_ad.adaptation.gate import GateConfig, split_landing  # noqa: E402
+from ray_ad.adaptation.target_gaussian import CALIBRATION_EVERY  # noqa: E402
 from ray_ad.adaptation.threshold import unlabeled_threshold  # noqa: E402
 from ray_ad.data import Sample, load_samples  # noqa: E402
 from ray_ad.evaluation import run_detector  # noqa: E402
 from ray_ad.methods import build_detector, method_config  # noqa: E402
-from ray_ad.methods.base import Runtime  # noqa: E402
+from ray_ad.methods.base import Runtime, on_source_backbone  # noqa: E402
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig  # noqa: E402
 from ray_ad.methods.target_memory.model import top_share  # noqa: E402
 from ray_ad.metrics import auroc, decision_metrics, f1_max  # noqa: E402
@@ -50,9 +50,7 @@ def gaussian_on(source, pool: tuple[int, ...], trim: float, seed: int):
     config = method_config("gaussian", {"backbone": {"layers": [1, 2, 3], "grid_size": 16,
                                                      "local_pool": list(pool) if len(pool) > 1 else pool[0]},
                                         "trim": trim, "seed": seed})
-    src = source.config.backbone
-    backbone = replace(config.backbone, name=src.name, weights=src.weights, image_size=src.image_size)
-    return build_detector("gaussian", replace(config, backbone=backbone, device=source.config.device))
+    return build_detector("gaussian", on_source_backbone(config, source))
 
 
 def scores_of(detector, features: torch.Tensor) -> np.ndarray:
@@ -84,7 +82,9 @@ def run(args: argparse.Namespace, seed: int) -> dict:
                     for name, part in (("landed", landed), ("held", held), ("test", test))}
         for drop in args.drops:
             kept = torch.nonzero(~drops[drop]).flatten()
-            calibration, train = kept[::10], kept[torch.arange(len(kept)) % 10 != 0]
+            # As the adaptation's fit_target_gaussian splits them.
+            every = torch.arange(len(kept)) % CALIBRATION_EVERY == 0
+            calibration, train = kept[every], kept[~every]
             for trim in args.trims:
                 tick = time.perf_counter()
                 detector = gaussian_on(source, pool, trim, seed)

@@ -121,5 +121,6 @@ def test_a_trimmed_fit_leaves_out_a_minority_of_outlying_cells():
     defect = contaminated[:1]
     assert robust(defect)[0, :, 1, 1].norm() > 3 * plain(defect)[0, :, 1, 1].norm()
     assert robust.trimmed_fit(features, trim=0.0).all()  # no trim: every cell, the plain fit
+    assert robust.trimmed_fit(features, trim=0.2, rounds=0).all()  # no refit round: every cell
     with pytest.raises(ConfigError, match="trim"):
         robust.trimmed_fit(features, trim=1.0)
