@@ -1,7 +1,7 @@
 """A per-position Gaussian fitted on the landing itself: which cells, which drop, how much trimming?
 
     .venv/bin/python benchmarks/explorations/target_gaussian.py [--task magnetic_tile-shift] [--seeds 0 1 2]
-        [--pools 1 3,11] [--drops none source] [--trims 0 0.1 0.25] [--name NAME]
+        [--pools 1 3,11] [--drops none source self cross] [--trims 0 0.1 0.25] [--name NAME]
 
 The target memory is a kNN over the landed cells: one landed defect in the bank vouches for a test
 defect like it, so it must drop what is defective first. A density (the ``gaussian`` detector: each
@@ -10,7 +10,10 @@ covariance instead, and a trimmed fit (``trim``: each position refitted on the c
 current fit, MCD's concentration step) leaves the outlying ones out. Variants, each on the source
 line's backbone network, weights and input size:
 - cells: lite0 stages 1-3 on a 16 x 16 grid, raw (pool 1) or at two context sizes (pool 3,11);
-- drop: none, or the source line's top share of the landed images (the target memory's default drop);
+- drop: none, or the source line's top share of the landed images (the target memory's default drop),
+  or the Gaussian as its own referee: fitted after the source's drop, it scores every landed image (``self``:
+  in sample; ``cross``: each half of the kept images by a fit on the other half) and the landing's share
+  of its highest is dropped instead before the refit;
 - trim: share of each position's cells left out of the refit (2 rounds).
 A tenth of the kept images (every tenth) calibrates the Gaussian's score terms; it is fitted on the
 rest. Landing and split as ``benchmarks/adaptation.py`` makes them (gate seed = seed). Labels are read
@@ -57,11 +60,38 @@ def scores_of(detector, features: torch.Tensor) -> np.ndarray:
     return torch.cat([detector.predict_features(part).pred_score for part in features.split(64)]).numpy()
 
 
+def fitted(source, pool, seed, features: torch.Tensor, kept: torch.Tensor):
+    """A Gaussian fitted on ``features[kept]`` but every CALIBRATION_EVERY-th, which calibrate it."""
+    every = torch.arange(len(kept)) % CALIBRATION_EVERY == 0
+    detector = gaussian_on(source, pool, 0.0, seed)
+    detector.fit_features(features[kept[~every]])
+    detector.calibrate_features(features[kept[every]])
+    return detector
+
+
+def second_drop(source, pool, seed, features: torch.Tensor, first: torch.Tensor, share: float,
+                how: str) -> torch.Tensor:
+    """The Gaussian as its own referee: fit on what the source's drop keeps, score every landed image
+    (``self``: in sample; ``cross``: each half of the kept images by a fit on the other half, the dropped
+    ones by both halves' mean), and drop the landing's share of the highest."""
+    kept = torch.nonzero(~first).flatten()
+    if how == "self":
+        scores = torch.as_tensor(scores_of(fitted(source, pool, seed, features, kept), features))
+    else:
+        halves = (kept[0::2], kept[1::2])
+        by_half = [torch.as_tensor(scores_of(fitted(source, pool, seed, features, half), features))
+                   for half in halves]
+        scores = (by_half[0] + by_half[1]) / 2
+        scores[halves[0]] = by_half[1][halves[0]]
+        scores[halves[1]] = by_half[0][halves[1]]
+    return top_share(scores, share)
+
+
 def run(args: argparse.Namespace, seed: int) -> dict:
     source_domain, target_domain = TASKS[args.task]
     target = landing(target_domain, args.cache_dir)
     runtime = Runtime(False, args.cache_dir)
-    source = source_model("patchcore" if args.task == "magnetic_tile-shift" else args.source_method,
+    source = source_model("patchcore" if args.task.startswith("magnetic_tile") else args.source_method,
                           source_domain, seed, args.cache_dir)
     samples = load_samples(target, "landing")
     fit_part, held_out = split_landing([s.path for s in samples], GateConfig(seed=seed))
@@ -81,6 +111,8 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         features = {name: reader.extract_features(part, runtime, desc=name)
                     for name, part in (("landed", landed), ("held", held), ("test", test))}
         for drop in args.drops:
+            if drop in ("self", "cross"):
+                drops[drop] = second_drop(source, pool, seed, features["landed"], drops["source"], share, drop)
             kept = torch.nonzero(~drops[drop]).flatten()
             # As the adaptation's fit_target_gaussian splits them.
             every = torch.arange(len(kept)) % CALIBRATION_EVERY == 0
@@ -123,7 +155,7 @@ def main() -> None:
     parser.add_argument("--task", default="magnetic_tile-shift", choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--pools", nargs="+", default=["1", "3,11"])
-    parser.add_argument("--drops", nargs="+", default=["none", "source"], choices=["none", "source"])
+    parser.add_argument("--drops", nargs="+", default=["none", "source"], choices=["none", "source", "self", "cross"])
     parser.add_argument("--trims", nargs="+", type=float, default=[0.0, 0.1, 0.25])
     parser.add_argument("--source-method", default="ref_cfa")
     parser.add_argument("--cache-dir", default="runs/feature_cache")

@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 # target_memory drops the source line's top share of the landed images (memory.drop_image_rule,
 # memory.drop_referee; drop_referee=mutual: those its mutual scores flag); target_gaussian fits a
-# per-position Gaussian on the images that drop keeps (target_gaussian.py); target_memory_all keeps
-# every landed image. The order is the gate's order of preference (gate.choose): a candidate must beat
-# every one before it by gate.margin.
-CANDIDATES = ("source", "target_memory", "target_gaussian", "target_memory_all", "ref_cfa")
+# per-position Gaussian on the images that drop keeps (target_gaussian.py); target_gaussian_all and
+# target_memory_all keep every landed image. The order is the gate's order of preference (gate.choose):
+# a candidate must beat every one before it by gate.margin.
+CANDIDATES = ("source", "target_memory", "target_gaussian", "target_gaussian_all", "target_memory_all", "ref_cfa")
 # What the job builds unless candidates=[...] says otherwise: not target_memory_all. Its gate AUROC is
 # biased upwards (the real defects among the held-out images count as untouched negatives, and a memory
 # that learnt the landing's defects as normal scores them low), so the gate ranked it above the memory
@@ -120,6 +120,8 @@ def adapt_candidates(
         "source": lambda: (copy.deepcopy(source), None),
         "target_memory": lambda: _target_memory(source, fit_part, config.memory, runtime, landing),
         "target_gaussian": lambda: _target_gaussian(source, fit_part, config.gaussian, landing, runtime),
+        "target_gaussian_all": lambda: _target_gaussian(source, fit_part, config.gaussian, landing, runtime,
+                                                        drop=False),
         "target_memory_all": lambda: _target_memory(source, fit_part, replace(config.memory, drop_image_z=None,
                                                     drop_cell_z=None), runtime, landing),
         "ref_cfa": lambda: (_ref_cfa(source, fit_part, ref_cfa_overrides, runtime), None),
@@ -231,9 +233,13 @@ def _target_memory(source: Detector, fit_part: list[str], config: TargetMemoryCo
 
 
 def _target_gaussian(source: Detector, fit_part: list[str], config: GaussianConfig, landing: _LandingReader,
-                     runtime: Runtime) -> tuple[Detector | None, dict[str, Any]]:
-    """The per-position Gaussian of the landed images the memory's drop keeps (None: too few of them)."""
-    keep, referee_used = landing.memory().kept_images(landing.cells(), landing.referee_scores())
+                     runtime: Runtime, drop: bool = True) -> tuple[Detector | None, dict[str, Any]]:
+    """The per-position Gaussian of the landed images the memory's drop keeps (``drop=False``: of every
+    landed image; None: too few of them)."""
+    if drop:
+        keep, referee_used = landing.memory().kept_images(landing.cells(), landing.referee_scores())
+    else:
+        keep, referee_used = np.ones(len(fit_part), dtype=bool), None
     kept = [path for path, kept in zip(fit_part, keep.tolist()) if kept]
     if len(kept) < MIN_GAUSSIAN_IMAGES:
         return None, {"not_built": f"{len(kept)} landed images kept, a Gaussian needs {MIN_GAUSSIAN_IMAGES}"}

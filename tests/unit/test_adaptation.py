@@ -463,7 +463,8 @@ def _small_adapt_config(**gate: object) -> AdaptConfig:
     small_cells = [f"{part}.backbone.{k}={v}" for part in ("memory", "gaussian")
                    for k, v in TINY_BACKBONE.items() if k != "image_size"]
     return split_overrides(small_cells + ["gate.holdout_fraction=0.3", "memory.map_sigma=1.0", "gaussian.map_sigma=1.0",
-                                          "candidates=[source,target_memory,target_gaussian,target_memory_all,ref_cfa]"]
+                                          "candidates=[source,target_memory,target_gaussian,target_gaussian_all,"
+                                          "target_memory_all,ref_cfa]"]
                            + [f"gate.{k}={v}" for k, v in gate.items()])[0]
 
 
@@ -495,6 +496,10 @@ def test_the_adaptation_reads_the_fit_part_once_for_the_share_and_both_memories(
     assert gaussian["fitted_images"] + gaussian["calibration_images"] == gaussian["landed_images"] - gaussian[
         "dropped_images"]
     assert outcome.candidates["target_gaussian"].method == "gaussian"
+    # Its undropped twin fits every landed image to fit on, and says no referee dropped any.
+    everything = fits["target_gaussian_all"]
+    assert (everything["dropped_images"], everything["drop_referee"]) == (0, None)
+    assert everything["fitted_images"] + everything["calibration_images"] == everything["landed_images"]
 
 
 @pytest.mark.slow  # fits detectors
