@@ -60,10 +60,11 @@ def scores_of(detector, features: torch.Tensor) -> np.ndarray:
     return torch.cat([detector.predict_features(part).pred_score for part in features.split(64)]).numpy()
 
 
-def fitted(source, pool, seed, features: torch.Tensor, kept: torch.Tensor):
-    """A Gaussian fitted on ``features[kept]`` but every CALIBRATION_EVERY-th, which calibrate it."""
+def fitted(source, pool, seed, features: torch.Tensor, kept: torch.Tensor, trim: float = 0.0):
+    """A Gaussian fitted on ``features[kept]`` but every CALIBRATION_EVERY-th, which calibrate it (as the
+    adaptation's fit_target_gaussian splits them)."""
     every = torch.arange(len(kept)) % CALIBRATION_EVERY == 0
-    detector = gaussian_on(source, pool, 0.0, seed)
+    detector = gaussian_on(source, pool, trim, seed)
     detector.fit_features(features[kept[~every]])
     detector.calibrate_features(features[kept[every]])
     return detector
@@ -114,14 +115,9 @@ def run(args: argparse.Namespace, seed: int) -> dict:
             if drop in ("self", "cross"):
                 drops[drop] = second_drop(source, pool, seed, features["landed"], drops["source"], share, drop)
             kept = torch.nonzero(~drops[drop]).flatten()
-            # As the adaptation's fit_target_gaussian splits them.
-            every = torch.arange(len(kept)) % CALIBRATION_EVERY == 0
-            calibration, train = kept[every], kept[~every]
             for trim in args.trims:
                 tick = time.perf_counter()
-                detector = gaussian_on(source, pool, trim, seed)
-                detector.fit_features(features["landed"][train])
-                detector.calibrate_features(features["landed"][calibration])
+                detector = fitted(source, pool, seed, features["landed"], kept, trim)
                 test_scores = scores_of(detector, features["test"])
                 threshold = unlabeled_threshold(scores_of(detector, features["held"]), rule="share", share=share)
                 name = f"pool {','.join(map(str, pool))}, drop {drop}, trim {trim:g}"
