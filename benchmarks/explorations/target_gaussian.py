@@ -1,7 +1,7 @@
 """A per-position Gaussian fitted on the landing itself: which cells, which drop, how much trimming?
 
     .venv/bin/python benchmarks/explorations/target_gaussian.py [--task magnetic_tile-shift] [--seeds 0 1 2]
-        [--pools 1 3,11] [--drops none source self cross] [--trims 0 0.1 0.25] [--name NAME]
+        [--pools 1 3,11] [--drops none source mutual consensus auto self cross] [--trims 0 0.1 0.25] [--name NAME]
 
 The target memory is a kNN over the landed cells: one landed defect in the bank vouches for a test
 defect like it, so it must drop what is defective first. A density (the ``gaussian`` detector: each
@@ -11,6 +11,11 @@ current fit, MCD's concentration step) leaves the outlying ones out. Variants, e
 line's backbone network, weights and input size:
 - cells: lite0 stages 1-3 on a 16 x 16 grid, raw (pool 1) or at two context sizes (pool 3,11);
 - drop: none, or the source line's top share of the landed images (the target memory's default drop),
+  or the same share by another referee: the images' largest mutual cell scores (``mutual``, independent of
+  the source's training) or the mean of each image's ranks under the source and the mutual scores
+  (``consensus``); ``auto``: the source's drop when its scores of the landed images separate into two
+  Gaussians at least as far apart (Ashman's D) as the mutual scores do, else the consensus drop (as
+  ``TargetMemoryConfig.drop_referee`` makes each);
   or the Gaussian as its own referee: fitted after the source's drop, it scores every landed image (``self``:
   in sample; ``cross``: each half of the kept images by a fit on the other half) and the landing's share
   of its highest is dropped instead before the refit;
@@ -99,10 +104,19 @@ def run(args: argparse.Namespace, seed: int) -> dict:
     landed, held = [Sample(p, -1) for p in fit_part], [Sample(p, -1) for p in held_out]
     test = load_samples(target, "test")
     tick = time.perf_counter()
-    share = TargetMemory.from_source(source, TargetMemoryConfig()).landing_share(landed, runtime)
-    referee = torch.as_tensor(run_detector(source, landed, progress=False).scores)
-    print(f"{args.task} seed {seed}: share {share:.3f}, referee read in {time.perf_counter() - tick:.0f} s", flush=True)
-    drops = {"none": torch.zeros(len(landed), dtype=torch.bool), "source": top_share(referee, share)}
+    memory = TargetMemory.from_source(source, TargetMemoryConfig())
+    cells = memory.read_landing(landed, runtime)
+    share = memory.landing_share(landed, runtime, cells)
+    referee = run_detector(source, landed, progress=False).scores
+    # The referees' drops as the adaptation job makes them (TargetMemory.kept_images, rule "share").
+    drops = {"none": torch.zeros(len(landed), dtype=torch.bool)}
+    for name in ("source", "mutual", "consensus", "auto"):
+        judge = TargetMemory.from_source(source, TargetMemoryConfig(drop_referee=name, drop_image_rule="share"))
+        keep, used = judge.kept_images(cells, referee)
+        drops[name] = ~keep
+        print(f"{args.task} seed {seed}: drop {name}: {used}", flush=True)
+    seconds = time.perf_counter() - tick
+    print(f"{args.task} seed {seed}: share {share:.3f}; referees read in {seconds:.0f} s", flush=True)
     label = {s.path: s.label for s in samples}
     landed_labels = np.array([label[p] for p in fit_part])  # for the figures only
     test_labels = np.array([s.label for s in test])
@@ -152,7 +166,8 @@ def main() -> None:
     parser.add_argument("--task", default="magnetic_tile-shift", choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--pools", nargs="+", default=["1", "3,11"])
-    parser.add_argument("--drops", nargs="+", default=["none", "source"], choices=["none", "source", "self", "cross"])
+    parser.add_argument("--drops", nargs="+", default=["none", "source"],
+                        choices=["none", "source", "mutual", "consensus", "auto", "self", "cross"])
     parser.add_argument("--trims", nargs="+", type=float, default=[0.0, 0.1, 0.25])
     parser.add_argument("--source-method", default="ref_cfa")
     parser.add_argument("--cache-dir", default="runs/feature_cache")

@@ -165,6 +165,15 @@ class TwoGaussians:
     defect_std: float
     share: float
 
+    @property
+    def separation(self) -> float:
+        """Ashman's D: the two means' distance in the components' pooled spread, sqrt(2) |mu_d - mu_n| /
+        sqrt(s_n^2 + s_d^2) (0 when one Gaussian explains the scores as well). Above 2 the two modes are
+        clearly apart."""
+        if self.share == 0:
+            return 0.0
+        return math.sqrt(2) * abs(self.defect_mean - self.normal_mean) / math.hypot(self.normal_std, self.defect_std)
+
 
 def fit_two_gaussians(scores: np.ndarray, seed: int = 0) -> TwoGaussians:
     """EM fit of two Gaussians to ``scores``; ``share`` is 0 when one Gaussian explains them as well

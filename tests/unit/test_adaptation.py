@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import replace
@@ -21,7 +22,13 @@ from ray_ad.adaptation.gate import GateConfig, GateSet, choose, gate_score, spli
 from ray_ad.adaptation.mutual import greedy_coreset, kth_image_distance, mutual_scores, nearest_distance
 from ray_ad.adaptation.promote import CANDIDATES, AdaptConfig, adapt_candidates, split_overrides
 from ray_ad.adaptation.target_gaussian import fit_target_gaussian
-from ray_ad.adaptation.threshold import defect_share, fit_two_gaussians, normal_mode, unlabeled_threshold
+from ray_ad.adaptation.threshold import (
+    TwoGaussians,
+    defect_share,
+    fit_two_gaussians,
+    normal_mode,
+    unlabeled_threshold,
+)
 from ray_ad.bundle import load_bundle, save_bundle
 from ray_ad.data import Sample, load_samples, write_manifest
 from ray_ad.data.images import load_image
@@ -29,7 +36,7 @@ from ray_ad.errors import ConfigError, DataError
 from ray_ad.methods import build_detector, method_config
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.target_memory import TargetMemory, TargetMemoryConfig
-from ray_ad.methods.target_memory.model import drop_mask
+from ray_ad.methods.target_memory.model import drop_mask, mean_rank
 from ray_ad.metrics import decision_metrics
 from ray_ad.pipeline import target_image_uris
 from tests.conftest import texture
@@ -259,6 +266,55 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
         memory.fit(samples, [], QUIET, referee_scores=referee[:20])
     with pytest.raises(ConfigError, match="drop_referee"):
         method_config("target_memory", {"drop_referee": "labels"})
+
+
+def test_mean_rank_averages_each_referees_ranks():
+    assert mean_rank(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([3.0, 1.0, 2.0])).tolist() == [1.0, 1.0, 1.0]
+    assert mean_rank(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 3.0, 2.0])).tolist() == [0.0, 2.0, 1.0]
+    with pytest.raises(ConfigError, match="consensus.*'share'.*'z'"):
+        method_config("target_memory", {"drop_referee": "consensus", "drop_image_rule": "z"})
+
+
+@pytest.mark.slow  # fits detectors
+def test_the_consensus_referee_drops_a_defect_the_source_ranks_under_a_normal(tmp_path):
+    landed = _textures(tmp_path / "landed", 24, seed=1, defective=(3, 11, 17))
+    samples = [Sample(p, -1) for p in landed]
+    config = method_config("target_memory", {"backbone": TINY_BACKBONE, "device": "cpu",
+                                             "drop_referee": "consensus", "drop_image_rule": "share"})
+    memory = build_detector("target_memory", config)
+    cells = memory.read_landing(samples, QUIET)
+    mutual = cells.mutual(config.mutual_fraction, config.mutual_references, config.seed).amax(1)
+    assert set(mutual.argsort()[-3:].tolist()) == {3, 11, 17}  # the mutual scores rank the defects highest
+    # The source ranks 3 and 11 highest, then the normal the mutual scores rank lowest, then 17.
+    normal = int(mutual.argmin())
+    order = [i for i in range(24) if i not in (3, 11, 17, normal)] + [17, normal, 11, 3]
+    referee = np.empty(24)  # Gaussian quantiles in that order: one mode, nothing stands out
+    referee[order] = norm.ppf((np.arange(24) + 0.5) / 24)
+    info = memory.fit(samples, [], QUIET, referee_scores=referee, landed=cells)
+    assert round(info["defect_share"] * 24) == 3
+    assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, 17))
+    assert info["drop_referee"] == "consensus of the source and the mutual scores, its top share"
+    alone = build_detector("target_memory", replace(config, drop_referee="source"))
+    alone_info = alone.fit(samples, [], QUIET, referee_scores=referee, landed=cells)
+    assert sorted(alone_info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, normal))
+    with pytest.raises(DataError, match="'consensus' needs the source line's scores"):
+        memory.fit(samples, [], QUIET, landed=cells)
+    # "auto": that referee has one mode (separation 0) where the mutual scores have two: the consensus.
+    auto = build_detector("target_memory", replace(config, drop_referee="auto"))
+    keep, used = auto.kept_images(cells, referee)
+    assert sorted(np.flatnonzero(~keep.numpy()).tolist()) == [3, 11, 17]
+    assert used.startswith("consensus of the source and the mutual scores (separation 0.00 against")
+    # A source whose scores put 3, 11 and the normal far above the rest: two clear modes, so it decides alone.
+    sharp = norm.ppf((np.arange(24) + 0.5) / 24)
+    sharp[[3, 11, normal]] = [1e4, 1e4 + 1, 1e4 + 2]
+    keep, used = auto.kept_images(cells, sharp)
+    assert sorted(np.flatnonzero(~keep.numpy()).tolist()) == sorted([3, 11, normal]) and used.startswith("source (")
+
+
+def test_two_gaussians_separation_is_ashmans_d():
+    assert TwoGaussians(0.0, 1.0, 3.0, 1.0, 0.2).separation == pytest.approx(3.0)
+    assert TwoGaussians(0.0, 1.0, 1.0, 0.0, 0.5).separation == pytest.approx(math.sqrt(2))
+    assert TwoGaussians(0.0, 1.0, 0.0, 1.0, 0.0).separation == 0.0  # one Gaussian: nothing apart
 
 
 @pytest.mark.slow  # fits detectors

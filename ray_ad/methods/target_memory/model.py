@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 MIN_IMAGES_TO_DROP = 8
 DROP_RULES = ("z", "mixture")  # drop_mask's rules, by the scores alone
 IMAGE_DROP_RULES = (*DROP_RULES, "share")  # and the one that also reads the landing's defect share
-DROP_REFEREES = ("mutual", "source")
+DROP_REFEREES = ("mutual", "source", "consensus", "auto")
+REFEREES_READING_THE_SOURCE = ("source", "consensus", "auto")
 SILENT_REFEREE_FALLBACKS = ("share", "mutual", "none")
 
 
@@ -90,6 +91,12 @@ class TargetMemoryConfig(DetectorConfig):
     # the landed images, and the memory 0.890 / 0.897 / 0.883 against 0.821 / 0.826 / 0.818 test image
     # AUROC over three splits (benchmarks/explorations/source_referee_drop.py; the adaptation README).
     # Standalone (``ray-ad train --method target_memory``) there is no source: "mutual".
+    # "consensus" (rule "share" only): each image's mean rank under the source's scores and under its largest
+    # mutual cell score, two referees that err differently (the source where the new domain's look is new to
+    # it, the mutual scores where defects recur or normal kinds are rare).
+    # "auto" (rule "share" only): "source" when the source's scores of the landed images part into two modes
+    # at least as clearly as the mutual scores do (two Gaussians' separation, Ashman's D), else "consensus":
+    # the landing shows whether the source can still tell its defects apart.
     drop_referee: str = "mutual"
     # When the source referee flags no landed image by rule "z" or "mixture" (under a domain shift its
     # scores of the landing can all move and spread, so none stands out from their normal mode), the
@@ -146,6 +153,10 @@ class TargetMemoryConfig(DetectorConfig):
                              f"got {self.drop_image_rule!r}")
         if self.drop_referee not in DROP_REFEREES:
             raise ValueError(f"drop_referee must be one of {', '.join(DROP_REFEREES)}, got {self.drop_referee!r}")
+        if self.drop_referee in ("consensus", "auto") and self.drop_image_rule != "share":
+            # Mean ranks are uniform whatever the landing: only a count from elsewhere can cut them.
+            raise ValueError(f"drop_referee {self.drop_referee!r} ranks images and needs drop_image_rule 'share', "
+                             f"got {self.drop_image_rule!r}")
         if self.match_images < 1:
             raise ValueError(f"match_images must be at least 1, got {self.match_images}")
         if isinstance(self.silent_referee_fallback, bool):  # a config written before "share"
@@ -288,12 +299,14 @@ class TargetMemory(PatchCore):
         return info
 
     def _referee(self, count: int, referee_scores: np.ndarray | None) -> torch.Tensor | None:
-        """The source's image scores the drop reads (``drop_referee: source``), checked; else None."""
-        if self.config.drop_referee != "source" or self.config.drop_image_z is None:
+        """The source's image scores the drop reads (``drop_referee: source`` or ``consensus``), checked;
+        else None."""
+        if self.config.drop_referee not in REFEREES_READING_THE_SOURCE or self.config.drop_image_z is None:
             return None
         if referee_scores is None:
-            raise DataError("drop_referee 'source' needs the source line's scores of the landed images "
-                            "(referee_scores); the adaptation job passes them, or set memory.drop_referee=mutual")
+            raise DataError(f"drop_referee {self.config.drop_referee!r} needs the source line's scores of the "
+                            "landed images (referee_scores); the adaptation job passes them, or set "
+                            "memory.drop_referee=mutual")
         scores = torch.as_tensor(np.asarray(referee_scores, dtype=np.float32))
         if scores.shape != (count,) or not torch.isfinite(scores).all():
             raise DataError(f"referee_scores must be {count} finite image scores, one per landed image; "
@@ -304,14 +317,17 @@ class TargetMemory(PatchCore):
               ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         """Which landed images ``[N]`` and cells ``[N, L]`` stay, and which referee dropped the images:
         images by ``referee`` (the source's image scores ``[N]``) when given, else by their largest mutual
-        score, under ``drop_image_rule`` (``share``: the referee's top ``share`` of the images, the landing's
-        defect share); under "z" or "mixture", when the source referee flags none, as
-        ``silent_referee_fallback`` says; cells by their mutual scores ``[N, L]``."""
+        score (``drop_referee: consensus``: by their mean rank under both), under ``drop_image_rule``
+        (``share``: the referee's top ``share`` of the images, the landing's defect share); under "z" or
+        "mixture", when the source referee flags none, as ``silent_referee_fallback`` says; cells by their
+        mutual scores ``[N, L]``."""
         cfg = self.config
         keep_image = torch.ones(len(mutual), dtype=torch.bool)
         used = None
         if cfg.drop_image_z is not None:
             scores, used = (mutual.amax(1), "mutual") if referee is None else (referee, "source")
+            if referee is not None and cfg.drop_referee in ("consensus", "auto"):
+                scores, used = self._consensus_or_source(referee, mutual.amax(1))
             if cfg.drop_image_rule == "share":
                 dropped, used = top_share(scores, share), f"{used}, its top share"
             else:
@@ -328,6 +344,17 @@ class TargetMemory(PatchCore):
             centre, spread = normal_mode(mutual[keep_image].flatten().numpy())
             keep_cell = keep_cell & (mutual <= centre + cfg.drop_cell_z * spread)
         return keep_image, keep_cell, used
+
+    def _consensus_or_source(self, referee: torch.Tensor, mutual: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The drop's scores ``[N]`` and what they are, under ``drop_referee`` "consensus" or "auto"."""
+        consensus = mean_rank(referee, mutual), "consensus of the source and the mutual scores"
+        if self.config.drop_referee == "consensus":
+            return consensus
+        source_d, mutual_d = (fit_two_gaussians(scores.numpy()).separation for scores in (referee, mutual))
+        evidence = f"(separation {source_d:.2f} against the mutual scores' {mutual_d:.2f})"
+        if source_d >= mutual_d:
+            return referee, f"source {evidence}"
+        return consensus[0], f"{consensus[1]} {evidence}"
 
     def kept_images(self, landed: LandedCells, referee_scores: np.ndarray | None = None
                     ) -> tuple[torch.Tensor, str | None]:
@@ -430,6 +457,12 @@ def top_share(image_scores: torch.Tensor, share: float) -> torch.Tensor:
     dropped = torch.zeros(len(image_scores), dtype=torch.bool)
     dropped[image_scores.argsort(descending=True)[: round(share * len(image_scores))]] = True
     return dropped
+
+
+def mean_rank(*scores: torch.Tensor) -> torch.Tensor:
+    """Each image's mean rank (0: lowest) under several referees' scores ``[N]`` each; equal scores are
+    ranked by position."""
+    return torch.stack([torch.as_tensor(score).argsort(stable=True).argsort().float() for score in scores]).mean(0)
 
 
 def _share_standing_out(mutual: torch.Tensor) -> float:
