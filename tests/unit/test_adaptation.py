@@ -253,7 +253,7 @@ def test_with_the_source_as_referee_the_memory_drops_the_images_the_source_flags
     info = by_share.fit(samples, [], QUIET, referee_scores=referee)
     assert sorted(info["dropped_paths"]) == sorted(landed[i] for i in (3, 11, normals[-1]))
     assert info["drop_referee"] == "source, its top share"
-    assert AdaptConfig().memory.drop_image_rule == "share" and AdaptConfig().memory.drop_referee == "source"
+    assert AdaptConfig().memory.drop_image_rule == "share" and AdaptConfig().memory.drop_referee == "auto"
     assert "target_memory_all" not in AdaptConfig().candidates  # built only when asked for
     # Configs written before "share" said true / false.
     assert replace(config, silent_referee_fallback=True).silent_referee_fallback == "mutual"
@@ -486,8 +486,8 @@ def test_split_overrides_separates_adaptation_keys_and_refuses_unknown_ones():
     config, rest = split_overrides(["gate.margin=0.05", "memory.bank_size=100", "cfa.rank=4", "candidates=[source]"])
     assert config.gate.margin == 0.05 and config.memory.bank_size == 100 and config.candidates == ("source",)
     assert rest == ["cfa.rank=4"]
-    # The adaptation's memory drops the images the source flags, also when other memory keys are set.
-    assert config.memory.drop_referee == "source" and AdaptConfig().memory.drop_referee == "source"
+    # The adaptation's memory drops by the source or the consensus ("auto"), also when other memory keys are set.
+    assert config.memory.drop_referee == "auto" and AdaptConfig().memory.drop_referee == "auto"
     assert split_overrides(["memory.drop_referee=mutual"])[0].memory.drop_referee == "mutual"
     with pytest.raises(ConfigError, match="gate.margn"):
         split_overrides(["gate.margn=0.1"])
@@ -543,7 +543,8 @@ def test_the_adaptation_reads_the_fit_part_once_for_the_share_and_both_memories(
     # The evidence says what each memory dropped, and by which referee.
     fits = {name: outcome.evidence()["candidates"][name].get("fit") for name in outcome.candidates}
     assert fits["source"] is None and fits["target_memory_all"]["dropped_images"] == 0
-    assert fits["target_memory"]["drop_referee"].startswith("source")
+    referee = fits["target_memory"]["drop_referee"]  # "auto": which referee, and the separations that chose it
+    assert referee.startswith(("source (separation", "consensus of the source")) and "the mutual scores'" in referee
     assert fits["target_memory"]["landed_images"] == len(images) - outcome.held_out
     # The Gaussian fits on what the memory's drop keeps: the same images dropped, by the same referee.
     gaussian = fits["target_gaussian"]
