@@ -299,7 +299,7 @@ class TargetMemory(PatchCore):
         return info
 
     def _referee(self, count: int, referee_scores: np.ndarray | None) -> torch.Tensor | None:
-        """The source's image scores the drop reads (``drop_referee: source`` or ``consensus``), checked;
+        """The source's image scores the drop reads (``drop_referee`` source, consensus or auto), checked;
         else None."""
         if self.config.drop_referee not in REFEREES_READING_THE_SOURCE or self.config.drop_image_z is None:
             return None
