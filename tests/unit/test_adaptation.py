@@ -658,6 +658,10 @@ def test_a_small_landing_keeps_every_image_and_still_fits(tmp_path):
                                                                              "device": "cpu"}))
     info = memory.fit([Sample(p, -1) for p in landed], [], QUIET)
     assert info["dropped_images"] == 0 and info["bank_size"] == 4 * 64
+    # As the adaptation job builds it (referee "auto", rule "share"): too few images to compare referees.
+    auto = build_detector("target_memory", replace(memory.config, drop_referee="auto", drop_image_rule="share"))
+    info = auto.fit([Sample(p, -1) for p in landed], [], QUIET, referee_scores=np.array([0.1, 0.9, 0.2, 0.3]))
+    assert info["dropped_images"] == 0 and info["drop_referee"].startswith("source (4 landed images are too few")
     coreset = build_detector("target_memory", method_config("target_memory", {"backbone": TINY_BACKBONE,
                                                                               "device": "cpu", "bank_size": 50}))
     assert coreset.fit([Sample(p, -1) for p in landed], [], QUIET)["bank_size"] == 50

@@ -350,6 +350,8 @@ class TargetMemory(PatchCore):
         consensus = mean_rank(referee, mutual), "consensus of the source and the mutual scores"
         if self.config.drop_referee == "consensus":
             return consensus
+        if len(referee) < MIN_IMAGES_TO_DROP:  # no modes to compare (and no share: nothing is dropped)
+            return referee, f"source ({len(referee)} landed images are too few to compare referees)"
         source_d, mutual_d = (fit_two_gaussians(scores.numpy()).separation for scores in (referee, mutual))
         evidence = f"(separation {source_d:.2f} against the mutual scores' {mutual_d:.2f})"
         if source_d >= mutual_d:
