@@ -30,7 +30,6 @@ from ray_ad.methods import Detector
 from ray_ad.methods.base import Runtime
 from ray_ad.methods.gaussian import GaussianConfig
 from ray_ad.methods.target_memory import LandedCells, TargetMemory, TargetMemoryConfig
-from ray_ad.methods.target_memory.model import REFEREES_READING_THE_SOURCE
 from ray_ad.pipeline import adapt_detector
 
 log = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ class _LandingReader:
 
     def referee_scores(self) -> np.ndarray | None:
         """The source as is scores every landed image to fit on, once, when the drop reads it (None when not)."""
-        if self._config.drop_referee not in REFEREES_READING_THE_SOURCE or self._config.drop_image_z is None:
+        if not self._config.reads_source_scores:
             return None
         if self._referee is None:
             self._referee = run_detector(self._source, _samples(self._fit_part), progress=self._runtime.progress).scores

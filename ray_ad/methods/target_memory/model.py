@@ -48,7 +48,7 @@ MIN_IMAGES_TO_DROP = 8
 DROP_RULES = ("z", "mixture")  # drop_mask's rules, by the scores alone
 IMAGE_DROP_RULES = (*DROP_RULES, "share")  # and the one that also reads the landing's defect share
 DROP_REFEREES = ("mutual", "source", "consensus", "auto")
-REFEREES_READING_THE_SOURCE = ("source", "consensus", "auto")
+RANKING_REFEREES = ("consensus", "auto")  # mean ranks: they need a count from elsewhere (rule "share")
 SILENT_REFEREE_FALLBACKS = ("share", "mutual", "none")
 
 
@@ -134,6 +134,11 @@ class TargetMemoryConfig(DetectorConfig):
     false_alarm_rate: float = 0.01
     threshold_shape: str = "mixture"  # threshold.py: "mixture" (two Gaussians by EM), "gaussian" or "gumbel"
 
+    @property
+    def reads_source_scores(self) -> bool:
+        """Whether the image drop reads the source line's scores of the landed images (``referee_scores``)."""
+        return self.drop_image_z is not None and self.drop_referee in ("source", *RANKING_REFEREES)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.mutual_fraction <= 1:
@@ -153,7 +158,7 @@ class TargetMemoryConfig(DetectorConfig):
                              f"got {self.drop_image_rule!r}")
         if self.drop_referee not in DROP_REFEREES:
             raise ValueError(f"drop_referee must be one of {', '.join(DROP_REFEREES)}, got {self.drop_referee!r}")
-        if self.drop_referee in ("consensus", "auto") and self.drop_image_rule != "share":
+        if self.drop_referee in RANKING_REFEREES and self.drop_image_rule != "share":
             # Mean ranks are uniform whatever the landing: only a count from elsewhere can cut them.
             raise ValueError(f"drop_referee {self.drop_referee!r} ranks images and needs drop_image_rule 'share', "
                              f"got {self.drop_image_rule!r}")
@@ -301,7 +306,7 @@ class TargetMemory(PatchCore):
     def _referee(self, count: int, referee_scores: np.ndarray | None) -> torch.Tensor | None:
         """The source's image scores the drop reads (``drop_referee`` source, consensus or auto), checked;
         else None."""
-        if self.config.drop_referee not in REFEREES_READING_THE_SOURCE or self.config.drop_image_z is None:
+        if not self.config.reads_source_scores:
             return None
         if referee_scores is None:
             raise DataError(f"drop_referee {self.config.drop_referee!r} needs the source line's scores of the "
@@ -326,7 +331,7 @@ class TargetMemory(PatchCore):
         used = None
         if cfg.drop_image_z is not None:
             scores, used = (mutual.amax(1), "mutual") if referee is None else (referee, "source")
-            if referee is not None and cfg.drop_referee in ("consensus", "auto"):
+            if referee is not None and cfg.drop_referee in RANKING_REFEREES:
                 scores, used = self._consensus_or_source(referee, mutual.amax(1))
             if cfg.drop_image_rule == "share":
                 dropped, used = top_share(scores, share), f"{used}, its top share"
