@@ -24,6 +24,19 @@ def test_embedded_package_weights_load_into_timm():
     assert extractor.mean == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.slow  # full-size backbone
+def test_nagl_default_backbone_is_lite2_with_its_embedded_weights():
+    from ray_ad.methods.nagl.config import NAGLConfig
+
+    config = NAGLConfig().backbone
+    assert config.name == "tf_efficientnet_lite2" and config.weight_source == "package:efficientnet-lite2"
+    body = build_body(config)
+    state = load_state_dict("package:efficientnet-lite2", "tf_efficientnet_lite2")
+    assert torch.equal(body.conv_stem.weight, state["_conv_stem.weight"])  # ImageNet, not a random start
+    features = FeatureExtractor(config)(torch.zeros(1, 3, 64, 64))
+    assert features.shape == (1, 48 + 120, 32, 32)  # stages 2 and 3: C = 168 (the README's d_model)
+
+
 def test_random_init_only_by_name_and_missing_file_is_an_error(tmp_path):
     FeatureExtractor(BackboneConfig(weights="random", image_size=64, grid_size=4))
     with pytest.raises(WeightsError, match="weight file not found: .*missing.safetensors"):
