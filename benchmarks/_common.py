@@ -21,6 +21,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 
 
+def require_dataset(data: str) -> None:
+    """Stop with a clear error when a local dataset folder (``--data``) is missing."""
+    if not Path(data).exists():
+        raise SystemExit(f"error: dataset not found at {data} (pass --data)")
+
+
 def splits(data: str, calibration_fraction: float = 0.1):
     """(train normals, held-out calibration normals, test) exactly as ``ray-ad train`` makes them."""
     train, calibration = training_split(data, calibration_fraction)

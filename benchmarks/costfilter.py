@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, RESULTS, machine, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, RESULTS, machine, require_dataset, save, splits  # noqa: E402
 from magnetic_tile import pixel_auroc_per_defect  # noqa: E402
 
 from ray_ad.bundle import load_bundle, save_bundle  # noqa: E402
@@ -112,8 +112,7 @@ def main() -> None:
     parser.add_argument("--fleet", nargs="*", default=[], help="other lines' data for a fleet filter (e.g. elpv:mono)")
     parser.add_argument("--name", default="costfilter")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
     if args.base_model and len(args.bases) != 1:
         sys.exit(f"error: --base-model replaces one base, but --bases names {len(args.bases)}")
     configure_logging()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, machine, require_dataset, save, splits  # noqa: E402
 from costfilter import base_config  # noqa: E402
 
 from ray_ad.config import apply_overrides  # noqa: E402
@@ -138,8 +138,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
     parser.add_argument("--name", default="costfilter_cost")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
     configure_logging()
     runtime = Runtime(cache_dir=args.cache_dir)
     report = {"machine": machine(), "threads": torch.get_num_threads(), "images": args.images,

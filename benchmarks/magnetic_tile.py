@@ -31,6 +31,7 @@ from _common import (  # noqa: E402
     auroc_against,
     backbone_seconds_per_image,
     machine,
+    require_dataset,
     save,
     splits,
 )
@@ -81,8 +82,7 @@ def main() -> None:
     parser.add_argument("--model", help="score this saved OSD-IRF bundle instead of training one (--config is "
                                         "then read from the bundle)")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
 
     train, calibration, test = splits(args.data)
     rows, extra = {}, {}

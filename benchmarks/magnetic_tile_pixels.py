@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MAGNETIC_TILE, auroc_against, machine, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, auroc_against, machine, require_dataset, save, splits  # noqa: E402
 from magnetic_tile import CONFIGS, pixel_auroc_by_negatives  # noqa: E402
 
 from ray_ad.bundle import load_bundle  # noqa: E402
@@ -81,8 +81,7 @@ def main() -> None:
     parser.add_argument("--name", default="magnetic_tile_pixels")
     parser.add_argument("--no-knobs", action="store_true", help="skip the map_sigma re-scoring (two more passes)")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
 
     train, calibration, test = splits(args.data)
     if args.model:

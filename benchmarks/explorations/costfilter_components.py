@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, RESULTS, require_dataset, save, splits  # noqa: E402
 from costfilter import base_config, fits_base_in_call  # noqa: E402
 
 from ray_ad import metrics  # noqa: E402
@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a CostFilter config value")
     parser.add_argument("--name", default="costfilter_components")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
     train, calibration, test = splits(args.data)
     runtime = Runtime(cache_dir=str(RESULTS / "cache"))
     method, values = base_config(args.base)

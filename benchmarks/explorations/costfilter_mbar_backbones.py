@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import DEFAULT_MAGNETIC_TILE, RESULTS, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, RESULTS, require_dataset, save, splits  # noqa: E402
 
 from ray_ad import metrics  # noqa: E402
 from ray_ad.backbones import BackboneConfig  # noqa: E402
@@ -66,8 +66,7 @@ def main() -> None:
                         default=["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
     parser.add_argument("--name", default="costfilter_mbar_backbones")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
     train, calibration, test = splits(args.data)
     runtime = Runtime(cache_dir=str(RESULTS / "cache"))
     report, lines = {}, ["| backbone | map | pixel AUROC | AU-PRO | image AUROC |", "|---|---|---:|---:|---:|"]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 # benchmarks/ (the shared _common and the main benchmarks) and this folder (the other explorations)
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from _common import DEFAULT_MAGNETIC_TILE, machine, save, splits  # noqa: E402
+from _common import DEFAULT_MAGNETIC_TILE, machine, require_dataset, save, splits  # noqa: E402
 from magnetic_tile import CONFIGS, pixel_auroc_by_negatives  # noqa: E402
 
 from ray_ad.backbones.extractor import BackboneConfig, FeatureExtractor  # noqa: E402
@@ -125,8 +125,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_MAGNETIC_TILE))
     parser.add_argument("--name", default="magnetic_tile_features")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"error: dataset not found at {args.data} (pass --data)")
+    require_dataset(args.data)
     recipe = yaml.safe_load((CONFIGS / "osd_irf_magnetic_tile.yaml").read_text())
     ridge = float(recipe["normalisation"]["ridge"])
     train_samples, _, test_samples = splits(args.data)  # the detector's split: whitening fitted on train only
