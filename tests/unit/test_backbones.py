@@ -7,6 +7,7 @@ from ray_ad.backbones import BackboneConfig, FeatureExtractor
 from ray_ad.backbones.extractor import build_body
 from ray_ad.backbones.weights import load_state_dict
 from ray_ad.errors import WeightsError
+from ray_ad.methods.nagl.config import NAGLConfig
 
 
 @pytest.mark.slow  # full-size backbone passes
@@ -26,8 +27,6 @@ def test_embedded_package_weights_load_into_timm():
 
 @pytest.mark.slow  # full-size backbone
 def test_nagl_default_backbone_is_lite2_with_its_embedded_weights():
-    from ray_ad.methods.nagl.config import NAGLConfig
-
     config = NAGLConfig().backbone
     assert config.name == "tf_efficientnet_lite2" and config.weight_source == "package:efficientnet-lite2"
     body = build_body(config)
